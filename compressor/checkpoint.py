@@ -1,0 +1,188 @@
+"""The factorized checkpoint: writing it (atomically, as a sibling directory renamed at the end) and loading it.
+
+Layout: an ordinary Hugging Face directory. Tensor names are the original ones, except that a factorized
+linear `X` stores `X.down.weight` (r x in) and `X.up.weight` (out x r, plus `X.up.bias`). config.json keeps
+the base config and adds a custom `model_type` ("lowrank_<base>"), `architectures`, an `auto_map` into the
+bundled `modeling_lowrank.py`, and a `lowrank` block (format version, method, ratio, ranks, provenance).
+A custom model_type makes a plain transformers load fail loudly instead of building random weights.
+"""
+
+import json
+import os
+import shutil
+import time
+
+from .errors import LowrankError, UsageError
+from .modeling_lowrank import CLASS_PREFIX, FORMAT_VERSION, MODEL_TYPE_PREFIX, lowrank_class
+from .shards import ShardWriter
+
+MODELING_FILE = "modeling_lowrank.py"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+NOT_COPIED = {"config.json", MODELING_FILE, "README.md", "compression_report.json", "compression_report.md"}
+
+
+def check_output(output, source_dir, overwrite):
+    """Refuse an output that exists (without --overwrite) or that overlaps the input model."""
+    out = os.path.abspath(output)
+    if os.path.exists(out) and not overwrite:
+        raise UsageError(f"{output} already exists; pass --overwrite to replace it")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"{output} exists and is not a directory")
+    if source_dir:
+        src = os.path.abspath(source_dir)
+        if out == src or out.startswith(src + os.sep) or src.startswith(out + os.sep):
+            raise UsageError(f"{output} overlaps the input model {source_dir}; write the output somewhere else")
+    parent = os.path.dirname(out) or "."
+    if not os.path.isdir(parent):
+        raise UsageError(f"the parent directory of {output} does not exist")
+
+
+def staging_dir(output):
+    out = os.path.abspath(output)
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.lowrank-partial")
+
+
+def publish(staging, output):
+    """Move the finished staging directory into place; an existing output (--overwrite) goes only at the end."""
+    out = os.path.abspath(output)
+    if os.path.exists(out):
+        trash = f"{staging}-old"
+        os.replace(out, trash)
+        os.replace(staging, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+def unique_state_dict(model):
+    """The state dict with tied tensors stored once: a tied copy (e.g. lm_head tied to the embeddings) is dropped."""
+    state = model.state_dict()
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    tied_targets = set(tied) if not isinstance(tied, dict) else set(tied.keys())
+    owners = {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else (name,)
+        owners.setdefault(key, []).append(name)
+    keep = set()
+    for names in owners.values():
+        untied = [name for name in names if name not in tied_targets]
+        keep.add((untied or names)[0])
+    return {name: tensor for name, tensor in state.items() if name in keep}
+
+
+def auto_map_for(model):
+    """auto_map entries into the bundled modeling file, for every Auto class that knows the base model type."""
+    import transformers
+
+    base_type = model.config.model_type
+    entries = {"AutoConfig": f"modeling_lowrank.{CLASS_PREFIX}{type(model.config).__name__}"}
+    for auto_name in sorted(n for n in dir(transformers) if n.startswith("AutoModel")):
+        mapping = getattr(getattr(getattr(transformers, auto_name), "_model_mapping", None), "_model_mapping", None)
+        class_name = (mapping or {}).get(base_type)
+        if isinstance(class_name, (list, tuple)):
+            class_name = class_name[0]
+        if isinstance(class_name, str) and hasattr(transformers, class_name):
+            entries[auto_name] = f"modeling_lowrank.{CLASS_PREFIX}{class_name}"
+    return entries
+
+
+def checkpoint_config(model, block):
+    """config.json of the factorized checkpoint: the base config, re-typed, plus the `lowrank` block."""
+    config = model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "auto_map", "_commit_hash"):
+        config.pop(key, None)
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    config["model_type"] = MODEL_TYPE_PREFIX + model.config.model_type
+    config["architectures"] = [CLASS_PREFIX + type(model).__name__]
+    config["auto_map"] = auto_map_for(model)
+    config["lowrank"] = block
+    return config
+
+
+def _copy_extra_files(source, model, tokenizer, staging):
+    if source.kind == "dir":
+        for name in sorted(os.listdir(source.path)):
+            path = os.path.join(source.path, name)
+            if os.path.isfile(path) and name not in NOT_COPIED and not name.endswith(WEIGHT_SUFFIXES):
+                shutil.copy2(path, os.path.join(staging, name))
+        return
+    # GGUF files and hub ids: save what transformers rebuilt from them.
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(staging)
+
+
+def write_checkpoint(model, output, *, source, tokenizer, block, extra_files, max_shard_bytes):
+    """Write the factorized `model` to `output` through a staging sibling renamed at the end.
+
+    `extra_files(weight_bytes, weight_files, seconds)` is called once the weights are written and returns
+    {file name: text} (reports, model card) to add. Returns the checkpoint's weight file names.
+    """
+    staging = staging_dir(output)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        start = time.perf_counter()
+        writer = ShardWriter(staging, max_shard_bytes)
+        for name, tensor in unique_state_dict(model).items():
+            writer.add(name, tensor)
+        files = writer.finish()
+        weight_bytes = sum(os.path.getsize(os.path.join(staging, name)) for name in files)
+        extra = extra_files(weight_bytes, files, time.perf_counter() - start)
+        _copy_extra_files(source, model, tokenizer, staging)
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(checkpoint_config(model, block), f, indent=2, sort_keys=True)
+            f.write("\n")
+        shutil.copyfile(os.path.join(os.path.dirname(__file__), MODELING_FILE), os.path.join(staging, MODELING_FILE))
+        for name, text in extra.items():
+            with open(os.path.join(staging, name), "w") as f:
+                f.write(text)
+        publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return files
+
+
+def read_lowrank_config(path):
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path} is not a model directory (no config.json)") from None
+    except json.JSONDecodeError as error:
+        raise LowrankError(f"{path}/config.json is not valid JSON ({error})") from None
+    block = config.get("lowrank")
+    if not str(config.get("model_type", "")).startswith(MODEL_TYPE_PREFIX) or not isinstance(block, dict):
+        raise UsageError(f"{path} is not a lowrank factorized checkpoint")
+    if int(block.get("format_version", 0)) > FORMAT_VERSION:
+        raise UsageError(
+            f"{path} uses lowrank checkpoint format {block['format_version']}, newer than this lowrank "
+            f"understands ({FORMAT_VERSION}); upgrade lowrank"
+        )
+    return config
+
+
+def register(config):
+    """Register the checkpoint's classes with transformers' Auto classes, so that they load without remote code."""
+    import transformers
+
+    auto_map = config["auto_map"]
+    config_class = lowrank_class(auto_map["AutoConfig"].rpartition(".")[2])
+    transformers.AutoConfig.register(config["model_type"], config_class, exist_ok=True)
+    for auto_name, reference in auto_map.items():
+        if auto_name.startswith("AutoModel") and hasattr(transformers, auto_name):
+            getattr(transformers, auto_name).register(config_class, lowrank_class(reference.rpartition(".")[2]),
+                                                      exist_ok=True)
+
+
+def load_pretrained(path, **kwargs):
+    """Load a lowrank checkpoint as a transformers model with LowRankLinear modules (no remote code needed).
+
+    Keyword arguments go to `from_pretrained` (dtype, device_map, ...). The model class is the original
+    architecture's (e.g. LlamaForCausalLM), subclassed to hold the factorized layers.
+    """
+    config = read_lowrank_config(path)
+    register(config)
+    return lowrank_class(config["architectures"][0]).from_pretrained(path, **kwargs)

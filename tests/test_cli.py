@@ -1,0 +1,144 @@
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tree_digest
+from safetensors.torch import load_file, save_file
+
+from lowrank.cli import main
+
+FAST = ["--num-samples", "8", "--seq-len", "64", "--batch-size", "4"]
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return done.value.code, out, err
+
+
+def assert_clean_failure(code, err, expected_code, message, output):
+    assert code == expected_code, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0] and err.strip().splitlines()[-1] == errors[0], err
+    assert "Traceback" not in err
+    assert not os.path.exists(output)
+    parent = os.path.dirname(os.path.abspath(output))
+    assert not [name for name in os.listdir(parent) if "lowrank-partial" in name]
+
+
+def test_compress_json_is_clean_stdout(llama_dir, calib_file, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    code, stdout, err = run(["compress", llama_dir, "--ratio", "0.6", "-o", out, "--calib", calib_file,
+                             "--json", *FAST], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["ratio"]["requested"] == 0.6 and report["method"]["name"] == "whiten"
+    assert "kept" in err and "removed" in err and out in err  # the summary goes to stderr
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "not-a-model", "no-target", "ratio-zero", "ratio-big", "method", "exists", "inside", "shard-size"],
+)
+def test_usage_errors_exit_2(case, llama_dir, model_copy, calib_file, tmp_path, capsys):
+    model = model_copy(llama_dir)
+    before = tree_digest(model)
+    out = str(tmp_path / "out")
+    args = {
+        "missing": (["compress", str(tmp_path / "nope"), "-o", out], "no such file"),
+        "not-a-model": (["compress", str(tmp_path), "-o", out], "not a model directory"),
+        "no-target": (["compress", model, "-o", out, "--targets", "re:.*nothing.*"], "no linear layer matches"),
+        "ratio-zero": (["compress", model, "-o", out, "--ratio", "0"], "--ratio must be in (0, 1]"),
+        "ratio-big": (["compress", model, "-o", out, "--ratio", "1.5"], "--ratio must be in (0, 1]"),
+        "method": (["compress", model, "-o", out, "--method", "magic"], "unknown method"),
+        "exists": (["compress", model, "-o", str(tmp_path)], "already exists"),
+        "inside": (["compress", model, "-o", os.path.join(model, "sub")], "overlaps the input"),
+        "shard-size": (["compress", model, "-o", out, "--max-shard-size", "big"], "cannot read size"),
+    }[case]
+    argv, message = args
+    code, _, err = run([*argv, "--calib", calib_file, *FAST], capsys)
+    check_output = out if case not in ("exists", "inside") else str(tmp_path / "never")
+    assert_clean_failure(code, err, 2, message, check_output)
+    assert tree_digest(model) == before  # the input is never modified
+
+
+def _corrupt(model):
+    path = os.path.join(model, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write(b"{not json at all")
+
+
+def _truncate(model):
+    path = os.path.join(model, "model.safetensors")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 1000)
+
+
+def _nan(model):
+    path = os.path.join(model, "model.safetensors")
+    tensors = load_file(path)
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 4] = float("inf")
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [(_corrupt, "is corrupt"), (_truncate, "is truncated"), (_nan, "NaN or Inf"), (None, "needs 6,400,000")],
+)
+def test_failures_exit_1(case, message, llama_dir, model_copy, calib_file, tmp_path, capsys):
+    model = model_copy(llama_dir)
+    argv = FAST
+    if case is not None:
+        case(model)
+    else:
+        argv = ["--num-samples", "100000", "--seq-len", "64"]
+    before = tree_digest(model)
+    out = str(tmp_path / "out")
+    code, _, err = run(["compress", model, "-o", out, "--calib", calib_file, *argv], capsys)
+    assert_clean_failure(code, err, 1, message, out)
+    assert tree_digest(model) == before
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    run_ = subprocess.run([sys.executable, "-m", "lowrank", "compress", str(tmp_path / "nope"), "--debug"],
+                          capture_output=True, text=True, timeout=120)
+    assert run_.returncode != 0 and "Traceback" in run_.stderr and "UsageError" in run_.stderr
+
+
+def test_overwrite_replaces_the_output(llama_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    code, _, err = run(["compress", llama_dir, "-o", str(out), "--calib", calib_file, "--overwrite", "-q", *FAST],
+                       capsys)
+    assert code == 0, err
+    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
+    assert err.strip() == ""  # -q: nothing on stderr
+
+
+def test_help_is_fast_and_states_the_ratio_definition():
+    probe = "import sys, lowrank, lowrank.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]"  # importing the CLI pulls in neither torch nor transformers
+    env = {**os.environ, "COLUMNS": "200", "TERMINAL_WIDTH": "200"}
+    result = subprocess.run([sys.executable, "-m", "lowrank", "compress", "--help"], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 0
+    assert "KEPT" in result.stdout and "removes 20%" in result.stdout
+    script = os.path.join(os.path.dirname(sys.executable), "lowrank")
+    assert os.path.exists(script) or shutil.which("lowrank")  # the console script is installed
+
+
+def test_version(capsys):
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out.startswith("lowrank ")
