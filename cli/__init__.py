@@ -35,7 +35,9 @@ def _root(
     """Post-training low-rank compression of Hugging Face models."""
 
 
-from . import compress as _compress  # noqa: E402,F401  (registers the command)
+from . import compensate as _compensate  # noqa: E402,F401  (registers the commands)
+from . import compress as _compress  # noqa: E402,F401
+from . import densify as _densify, env as _env, evaluate as _evaluate, report as _report  # noqa: E402,F401
 
 
 def main(argv=None):

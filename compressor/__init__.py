@@ -4,6 +4,12 @@ The public API is imported lazily, so `import lowrank` (and `lowrank --help`) st
 
     lowrank.compress(model, output, ratio=0.5, method="whiten", ...)   factorize and write a checkpoint
     lowrank.load_pretrained(path, **from_pretrained_kwargs)            load a factorized checkpoint
+    lowrank.evaluate(model, baseline=..., data=...)                    perplexity, agreement, speed (a dict)
+    lowrank.record_evaluation(evaluation, report_path)                append it to a report's evaluations
+    lowrank.read_report(path)                                          a validated report (ReportError if not)
+    lowrank.densify(checkpoint, output)                                factors multiplied back, plain checkpoint
+    lowrank.env_info()                                                 versions, device, platform
+    lowrank.compensate(original, compressed, output, rank=32)          EoRA repair adapter
 """
 
 __version__ = "0.1.0"
@@ -11,9 +17,15 @@ __version__ = "0.1.0"
 _API = {
     "compress": ("lowrank.compression", "compress"),
     "load_pretrained": ("lowrank.checkpoint", "load_pretrained"),
+    "compensate": ("lowrank.eora", "compensate"),
     "compress_model": ("lowrank.pipeline", "compress_model"),
     "Settings": ("lowrank.pipeline", "Settings"),
     "LowRankLinear": ("lowrank.modeling_lowrank", "LowRankLinear"),
+    "evaluate": ("lowrank.evaluation", "evaluate"),
+    "record_evaluation": ("lowrank.evaluation", "record"),
+    "read_report": ("lowrank.report_files", "read_report"),
+    "densify": ("lowrank.densification", "densify"),
+    "env_info": ("lowrank.environment", "env_info"),
     "LowrankError": ("lowrank.errors", "LowrankError"),
 }
 

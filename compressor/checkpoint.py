@@ -70,12 +70,18 @@ def unique_state_dict(model):
     return {name: tensor for name, tensor in state.items() if name in keep}
 
 
+def base_class(cls):
+    """The transformers class behind one of our LowRank* classes (or `cls` itself)."""
+    return cls.__mro__[1] if cls.__module__.endswith("modeling_lowrank") else cls
+
+
 def auto_map_for(model):
     """auto_map entries into the bundled modeling file, for every Auto class that knows the base model type."""
     import transformers
 
-    base_type = model.config.model_type
-    entries = {"AutoConfig": f"modeling_lowrank.{CLASS_PREFIX}{type(model.config).__name__}"}
+    config_class = base_class(type(model.config))
+    base_type = config_class.model_type
+    entries = {"AutoConfig": f"modeling_lowrank.{CLASS_PREFIX}{config_class.__name__}"}
     for auto_name in sorted(n for n in dir(transformers) if n.startswith("AutoModel")):
         mapping = getattr(getattr(getattr(transformers, auto_name), "_model_mapping", None), "_model_mapping", None)
         class_name = (mapping or {}).get(base_type)
@@ -92,8 +98,8 @@ def checkpoint_config(model, block):
     for key in ("quantization_config", "_name_or_path", "auto_map", "_commit_hash"):
         config.pop(key, None)
     config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    config["model_type"] = MODEL_TYPE_PREFIX + model.config.model_type
-    config["architectures"] = [CLASS_PREFIX + type(model).__name__]
+    config["model_type"] = MODEL_TYPE_PREFIX + base_class(type(model.config)).model_type
+    config["architectures"] = [CLASS_PREFIX + base_class(type(model)).__name__]
     config["auto_map"] = auto_map_for(model)
     config["lowrank"] = block
     return config
@@ -117,7 +123,7 @@ def write_checkpoint(model, output, *, source, tokenizer, block, extra_files, ma
     """Write the factorized `model` to `output` through a staging sibling renamed at the end.
 
     `extra_files(weight_bytes, weight_files, seconds)` is called once the weights are written and returns
-    {file name: text} (reports, model card) to add. Returns the checkpoint's weight file names.
+    {file name: text or bytes} (reports, model card, spectra) to add. Returns the checkpoint's weight file names.
     """
     staging = staging_dir(output)
     shutil.rmtree(staging, ignore_errors=True)
@@ -136,7 +142,7 @@ def write_checkpoint(model, output, *, source, tokenizer, block, extra_files, ma
             f.write("\n")
         shutil.copyfile(os.path.join(os.path.dirname(__file__), MODELING_FILE), os.path.join(staging, MODELING_FILE))
         for name, text in extra.items():
-            with open(os.path.join(staging, name), "w") as f:
+            with open(os.path.join(staging, name), "wb" if isinstance(text, bytes) else "w") as f:
                 f.write(text)
         publish(staging, output)
     except BaseException:

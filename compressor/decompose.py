@@ -12,7 +12,7 @@ so up @ down is the rank-r approximation of W that is optimal for || diag(d) (W 
                                        error sum ||(W - W') x||^2, the output-error optimum (EoRA's projection too)
     asvd    S = diag(mean|x|^alpha)   ASVD: per-channel activation scale
     corda   S = C = X^T X / N          CorDA: the covariance itself, a different weighting from whiten
-    fwsvd   S = diag(Fisher)           FWSVD: Fisher importance (see fisher.py)
+    fwsvd   S = diag(sqrt(I))          FWSVD: Fisher importance per input feature (see fisher.py)
 """
 
 from dataclasses import dataclass, field
@@ -128,6 +128,13 @@ def corda_weighting(stats, damp=0.01, tolerance=0.05):
             break
         damp *= 2
     return Weighting(right=damped, right_inv=inverse, info={"damp": damp})
+
+
+def fisher_weighting(importance):
+    """FWSVD: diag(sqrt(I)) on the input side (see fisher.py for the orientation), floored so it stays invertible."""
+    scale = importance.to(torch.float64).sqrt()
+    scale = scale.clamp_min(1e-6 * float(scale.max()) if scale.max() > 0 else 1.0)
+    return Weighting(right=scale, right_inv=1.0 / scale, info={"fisher_max_over_min": float(scale.max() / scale.min())})
 
 
 def identity_weighting():

@@ -17,12 +17,13 @@ import torch
 
 from . import decompose
 from .errors import LowrankError, UsageError
+from .fisher import input_importance
 from .methods import METHODS
 from .modeling_lowrank import LowRankLinear, linear_shape
 from .progress import SILENT
 from .ranks import factor_params, uniform_rank
 from .stats import StatsCollector
-from .targets import select_targets
+from .targets import dense_weight, select_targets
 
 
 
@@ -149,7 +150,7 @@ def collect_statistics(block, names, states, extras, device, keep_outputs):
     return collector, (outputs if keep_outputs else None)
 
 
-def _weighting(settings, stats):
+def _weighting(settings, stats, name, fisher):
     if settings.method == "svd":
         return decompose.identity_weighting()
     if settings.method == "whiten":
@@ -158,12 +159,9 @@ def _weighting(settings, stats):
         return decompose.asvd_weighting(stats, settings.alpha)
     if settings.method == "corda":
         return decompose.corda_weighting(stats)
+    if settings.method == "fwsvd":
+        return decompose.fisher_weighting(fisher[name])
     raise UsageError(f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
-
-
-def _dense_weight(module):
-    weight = module.weight.detach()
-    return weight.T if type(module).__name__ == "Conv1D" else weight
 
 
 def _rank_for(settings, name, m, n):
@@ -174,13 +172,13 @@ def _rank_for(settings, name, m, n):
 
 
 @torch.no_grad()
-def decompose_block(block, names, collector, settings):
+def decompose_block(block, names, collector, settings, fisher=None):
     """Factorize the block's target layers in place. Returns one LayerResult per target."""
     results, weightings = [], {}
     for name, rel in names.items():
         module = block.get_submodule(rel)
         m, n, has_bias = linear_shape(module)
-        weight = _dense_weight(module)
+        weight = dense_weight(module)
         stats = collector.stats_of(name)
         if not torch.isfinite(weight).all():
             raise LowrankError(f"{name} has NaN or Inf weights; the checkpoint is damaged")
@@ -190,9 +188,9 @@ def decompose_block(block, names, collector, settings):
             continue
         if not 1 <= rank <= min(m, n):
             raise UsageError(f"rank {rank} for {name} is outside 1..{min(m, n)}")
-        key = id(stats)
+        key = name if settings.method == "fwsvd" else id(stats)  # FWSVD weighs each layer, the others each input
         if key not in weightings:
-            weightings[key] = _weighting(settings, stats)
+            weightings[key] = _weighting(settings, stats, name, fisher)
         factors = decompose.factorize(weight, weightings[key], rank)
         layer = LowRankLinear(n, m, rank, bias=has_bias, device=weight.device, dtype=weight.dtype)
         layer.down.weight.data.copy_(factors.down)
@@ -215,20 +213,20 @@ def decompose_block(block, names, collector, settings):
     return results
 
 
-def compress_model(model, input_ids, settings, progress=SILENT, source=None, on_block_done=None):
-    """Factorize `model` in place with calibration `input_ids` ([samples, seq_len]). Returns a Result."""
-    if settings.method not in METHODS:
-        raise UsageError(f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
-    blocks_name, blocks, targets = select_targets(model, settings.targets, settings.ignore)
-    _check_uniform_attention(blocks)
-    source = source or InMemoryBlocks(blocks)
-    device = torch.device(settings.device)
-    timings = {"capture": 0.0, "statistics": 0.0, "decomposition": 0.0, "propagation": 0.0}
+def walk_blocks(model, input_ids, targets, blocks_name, visit, *, batch_size, device, propagate=True,
+                source=None, progress=SILENT, on_block_done=None, timings=None):
+    """The layer-major loop. For each block: collect statistics of its targets' inputs with the block as it is,
+    call visit(index, block, names, collector) -> [LayerResult] (which may change the block), then feed the next
+    block either the changed block's outputs (propagate) or the first pass's outputs."""
+    timings = timings if timings is not None else {}
+    for key in ("capture", "statistics", "decomposition", "propagation"):
+        timings.setdefault(key, 0.0)
+    source = source or InMemoryBlocks(find_blocks_of(model, blocks_name))
+    device = torch.device(device)
 
     start = time.perf_counter()
-    first = source.materialize(0).to(device)
-    states, extras = capture_block_inputs(model, first, input_ids, settings.batch_size, device)
-    timings["capture"] = time.perf_counter() - start
+    states, extras = capture_block_inputs(model, source.materialize(0).to(device), input_ids, batch_size, device)
+    timings["capture"] += time.perf_counter() - start
 
     progress.start("blocks", len(source))
     layers = []
@@ -238,17 +236,17 @@ def compress_model(model, input_ids, settings, progress=SILENT, source=None, on_
         names = {name: name[len(prefix) :] for name in targets.get(index, [])}
 
         start = time.perf_counter()
-        collector, outputs = collect_statistics(block, names, states, extras, device, not settings.propagate)
+        collector, outputs = collect_statistics(block, names, states, extras, device, not propagate)
         timings["statistics"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        block_layers = decompose_block(block, names, collector, settings)
+        block_layers = visit(index, block, names, collector)
         layers.extend(block_layers)
         del collector
         timings["decomposition"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        states = _run_block(block, states, extras, device) if settings.propagate else outputs
+        states = _run_block(block, states, extras, device) if propagate else outputs
         timings["propagation"] += time.perf_counter() - start
 
         block = block.to("cpu")
@@ -257,5 +255,34 @@ def compress_model(model, input_ids, settings, progress=SILENT, source=None, on_
         source.release(index, block)
         worst = max((layer.rel_error for layer in block_layers), default=0.0)
         progress.advance("blocks", f"block {index + 1}/{len(source)} · worst rel. error {worst:.3f}")
-    tokens = int(input_ids.numel())
-    return Result(blocks_name=blocks_name, layers=layers, timings=timings, calibration_tokens=tokens)
+    return layers
+
+
+def find_blocks_of(model, blocks_name):
+    return model.get_submodule(blocks_name)
+
+
+def compress_model(model, input_ids, settings, progress=SILENT, source=None, on_block_done=None):
+    """Factorize `model` in place with calibration `input_ids` ([samples, seq_len]). Returns a Result."""
+    if settings.method not in METHODS:
+        raise UsageError(f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
+    blocks_name, blocks, targets = select_targets(model, settings.targets, settings.ignore)
+    _check_uniform_attention(blocks)
+    timings = {}
+    fisher = None
+    if settings.method == "fwsvd":
+        start = time.perf_counter()
+        names = [name for block_names in targets.values() for name in block_names]
+        batches = -(-input_ids.shape[0] // settings.batch_size)
+        progress.start("fisher", batches)
+        fisher = input_importance(model, input_ids, names, settings.batch_size, settings.device,
+                                  progress=lambda: progress.advance("fisher", "gradients of the LM loss"))
+        timings["fisher"] = time.perf_counter() - start
+
+    def visit(index, block, names, collector):
+        return decompose_block(block, names, collector, settings, fisher)
+
+    layers = walk_blocks(model, input_ids, targets, blocks_name, visit, batch_size=settings.batch_size,
+                         device=settings.device, propagate=settings.propagate, source=source, progress=progress,
+                         on_block_done=on_block_done, timings=timings)
+    return Result(blocks_name=blocks_name, layers=layers, timings=timings, calibration_tokens=int(input_ids.numel()))

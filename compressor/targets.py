@@ -13,6 +13,12 @@ def is_linear(module):
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def dense_weight(module):
+    """The (out x in) weight of a linear layer: nn.Linear, Conv1D (transposed), or LowRankLinear (up @ down)."""
+    weight = module.weight.detach()  # for LowRankLinear a plain tensor: detach() leaves the read-only view
+    return weight.T if type(module).__name__ == "Conv1D" else weight
+
+
 def find_blocks(model):
     """(name, ModuleList) of the repeated blocks: the largest ModuleList whose children share one class."""
     best, best_params = None, 0

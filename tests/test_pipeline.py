@@ -34,8 +34,10 @@ def test_ratio_one_is_exactly_lossless(kind):
     assert torch.equal(logits(model, calibration_ids(9, 2)), before)
 
 
-@pytest.mark.parametrize("method", ["whiten", "svd", "asvd", "corda"])
+@pytest.mark.parametrize("method", ["whiten", "svd", "asvd", "corda", "fwsvd"])
 def test_full_rank_reproduces_outputs(kind, method):
+    if method == "fwsvd" and kind == "bert":
+        pytest.skip("fwsvd needs a causal LM head (tested in test_methods.py)")
     model = build_model(kind)
     before = logits(model, calibration_ids(9, 2))
     _, _, targets = select_targets(model)

