@@ -1,6 +1,11 @@
 """Compress SmolLM2-135M with each method at each ratio; perplexity, time, memory, size and decode speed.
 
     python bench/compress_bench.py --methods svd,whiten,asvd,fwsvd,corda --ratios 0.9,0.8,0.6,0.4 --speed-ratio 0.5
+    python bench/compress_bench.py --methods whiten,whiten+global,whiten+anchor,whiten+anchor+refit,\
+        whiten+global+anchor,whiten+global+anchor+refit --ratios 0.8,0.6 --speed-ratio 0 --out ablation.json
+
+A method may carry `+` options (the rank-allocation and refitting ablation): global = --alloc global,
+anchor = --anchor, refit = --refit, refineN = --refine-steps N, sensitivity = --alloc sensitivity.
 
 Every compression is a real `lowrank compress` process (its wall time and peak RSS are the command's own);
 the dense baseline (one plain forward pass over the same calibration windows, perplexity, decode speed) runs in
@@ -15,11 +20,28 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-def compress(method, ratio, extra=()):
-    out = os.path.join(common.WORK, f"smollm2-{method}-{ratio}")
+OPTIONS = {"global": ["--alloc", "global"], "sensitivity": ["--alloc", "sensitivity"], "anchor": ["--anchor"],
+           "refit": ["--refit"]}
+
+
+def option_flags(spec):
+    """'whiten+global+anchor' -> ('whiten', ['--alloc', 'global', '--anchor'])."""
+    method, *options = spec.split("+")
+    flags = []
+    for option in options:
+        if option.startswith("refine"):
+            flags += ["--refine-steps", option[len("refine"):]]
+        else:
+            flags += OPTIONS[option]
+    return method, flags
+
+
+def compress(spec, ratio):
+    method, flags = option_flags(spec)
+    out = os.path.join(common.WORK, f"smollm2-{spec}-{ratio}")
     args = ["compress", common.MODEL_DIR, "--ratio", str(ratio), "--method", method, "-o", out, "--overwrite",
             "--calib", common.CALIB_FILE, "--num-samples", str(common.CALIB_SAMPLES),
-            "--seq-len", str(common.CALIB_SEQ_LEN), *extra]
+            "--seq-len", str(common.CALIB_SEQ_LEN), *flags]
     report, wall = common.run_cli(args)
     return out, report, wall, "lowrank " + " ".join(args)
 
@@ -39,7 +61,7 @@ def main():
     results["dense"] = common.measure(common.MODEL_DIR, forward=True, decode=True)
     path = common.save(args.out, results)
     plan = [(m, float(r)) for m in args.methods.split(",") for r in args.ratios.split(",")]
-    if (args.speed_method, args.speed_ratio) not in plan:
+    if args.speed_ratio and (args.speed_method, args.speed_ratio) not in plan:
         plan.append((args.speed_method, args.speed_ratio))
     for method, ratio in plan:
         print(f"{method} {ratio} ...", file=sys.stderr)
@@ -117,12 +139,14 @@ def markdown(results):
     lines = [f"Dense: perplexity {dense['eval']['perplexity']:.2f} ({dense['eval']['tokens_scored']} tokens), "
              f"forward pass over the calibration windows {dense['forward_s']:.1f} s, "
              f"decode {dense['decode_tokens_per_s']:.1f} tokens/s, peak RSS {dense['peak_rss_bytes'] / 2**30:.2f} GiB",
-             "", "| method | keep | ppl | x dense | compress wall | x forward | peak RSS | size |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| method | keep | ppl | x dense | x whiten | compress wall | x forward | peak RSS | size |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    uniform = {run["ratio"]: run["perplexity"] for run in results["runs"] if run["method"] == "whiten"}
     for run in results["runs"]:
+        versus = f"{run['perplexity'] / uniform[run['ratio']]:.2f}" if run["ratio"] in uniform else "-"
         check = results.get("targets", {}).get(f"{run['method']}@{run['ratio']}", {})
         lines.append(
-            f"| {run['method']} | {run['ratio']} | {run['perplexity']:.2f} | {run['ppl_vs_dense']:.2f} | "
+            f"| {run['method']} | {run['ratio']} | {run['perplexity']:.2f} | {run['ppl_vs_dense']:.2f} | {versus} | "
             f"{run['compress_wall_s']:.0f} s | {check.get('wall_vs_forward', float('nan')):.2f} | "
             f"{run['compress_peak_rss_bytes'] / 2**30:.2f} GiB | {run['bytes_after'] / 1e6:.0f} MB |"
         )

@@ -43,28 +43,32 @@ def _hub_dataset(spec, split):
     return datasets.load_dataset(name, config or None, split=split)
 
 
-def _column(dataset, text_column):
+def _column(dataset, text_column, what="calibration"):
     columns = dataset.column_names
     if text_column in columns:
         return text_column
     strings = [c for c, f in dataset.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
     if len(strings) == 1:
         return strings[0]
-    raise UsageError(f"the calibration data has no column {text_column!r} (columns: {', '.join(columns)}); "
+    raise UsageError(f"the {what} data has no column {text_column!r} (columns: {', '.join(columns)}); "
                      "pass --text-column")
 
 
-def _render(value, tokenizer):
+def _render(value, tokenizer, what="calibration"):
     if isinstance(value, str):
         return value
     if isinstance(value, list) and value and isinstance(value[0], dict) and tokenizer is not None:
         # chat data ("messages"): render it the way the model sees it
         return tokenizer.apply_chat_template(value, tokenize=False)
-    raise UsageError("the calibration text column holds neither strings nor chat messages")
+    raise UsageError(f"the {what} text column holds neither strings nor chat messages")
 
 
-def load_texts(spec, split="train", text_column="text", tokenizer=None):
-    """Texts of a calibration source and a description of where they came from."""
+def load_texts(spec, split="train", text_column="text", tokenizer=None, keep_empty=False, what="calibration"):
+    """Texts of a calibration source and a description of where they came from.
+
+    `keep_empty` keeps empty rows (perplexity joins every row, as GPTQ does for WikiText-2); `what` names the
+    data in error messages ("calibration", "evaluation").
+    """
     import datasets
 
     datasets.disable_progress_bars()
@@ -75,12 +79,12 @@ def load_texts(spec, split="train", text_column="text", tokenizer=None):
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
         where = "local data" if local else "hub dataset (is the hub reachable?)"
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LowrankError(f"could not load calibration {where} {spec!r}: {message}") from error
-    column = _column(dataset, text_column)
-    texts = [_render(value, tokenizer) for value in dataset[column]]
-    texts = [text for text in texts if text and text.strip()]
-    if not texts:
-        raise LowrankError(f"the calibration source {spec!r} has no text in column {column!r}")
+        raise LowrankError(f"could not load {what} {where} {spec!r}: {message}") from error
+    column = _column(dataset, text_column, what)
+    texts = [_render(value, tokenizer, what) for value in dataset[column]]
+    if not any(text and text.strip() for text in texts):
+        raise LowrankError(f"the {what} source {spec!r} has no text in column {column!r}")
+    texts = [text or "" for text in texts] if keep_empty else [text for text in texts if text and text.strip()]
     provenance = {"source": spec, "kind": "local" if local else "hub", "split": None if local else split,
                   "text_column": column, "documents": len(texts)}
     return texts, provenance

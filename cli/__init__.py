@@ -37,6 +37,7 @@ def _root(
 
 from . import compensate as _compensate  # noqa: E402,F401  (registers the commands)
 from . import compress as _compress  # noqa: E402,F401
+from . import squeeze as _squeeze  # noqa: E402,F401
 from . import densify as _densify, env as _env, evaluate as _evaluate, report as _report  # noqa: E402,F401
 
 
@@ -52,13 +53,17 @@ def main(argv=None):
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws its own tqdm bar
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
-        app(args=argv, prog_name="lowrank", standalone_mode=False)
-    except click.exceptions.Exit as done:
+        code = app(args=argv, prog_name="lowrank", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(code) comes back as a return value here (report's gates)
+            sys.exit(code)
+    except (click.exceptions.Exit, typer.Exit) as done:
         sys.exit(done.exit_code)
-    except click.ClickException as error:  # usage errors: click prints them with the usage line
-        error.show()
+    # Usage errors, printed with the usage line. typer >= 0.20 bundles its own click, whose exceptions
+    # (typer.TyperException and subclasses) are not click's: both are caught.
+    except (click.ClickException, getattr(typer, "TyperException", click.ClickException)) as error:
+        error.show() if hasattr(error, "show") else print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         print("interrupted; nothing was written", file=sys.stderr)
         sys.exit(130)
     except LowrankError as error:

@@ -40,6 +40,20 @@ def compress(
     ignore: Annotated[list[str] | None, typer.Option(help="Layers to leave dense (same patterns).")] = None,
     propagate: Annotated[bool, typer.Option("--propagate/--no-propagate", help="Calibrate each block on the "
                          "outputs of the already-compressed blocks before it.")] = True,
+    alloc: Annotated[str, typer.Option(help="Rank allocation under the same parameter budget: uniform (one rule "
+                     "for every matrix, as the papers), global (heterogeneous ranks from the whitened spectra, "
+                     "greedy by loss reduction per parameter), sensitivity (ASVD's measured-loss search; slow).")
+                     ] = "uniform",
+    min_rank_fraction: Annotated[float, typer.Option(help="global: every matrix keeps at least this fraction of "
+                                 "its break-even rank.")] = 0.1,
+    anchor: Annotated[bool, typer.Option("--anchor/--no-anchor", help="Fit each layer to the ORIGINAL model's "
+                      "outputs from the inputs the compressed model gives it (AA-SVD's anchored objective).")
+                      ] = False,
+    refit: Annotated[bool, typer.Option(help="After truncation, refit each up factor by least squares to the "
+                     "original model's outputs.")] = False,
+    refine_steps: Annotated[int, typer.Option(help="Adam steps per block on its factors against the block's "
+                            "original outputs (0: off).")] = 0,
+    refine_lr: Annotated[float, typer.Option(help="Learning rate of --refine-steps.")] = 1e-4,
     damp: Annotated[float, typer.Option(help="whiten: damping added to the Gram matrix, relative to its mean "
                     "diagonal.")] = 1e-4,
     alpha: Annotated[float, typer.Option(help="asvd: exponent of the activation scale.")] = 0.5,
@@ -60,6 +74,12 @@ def compress(
     dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), float32, bfloat16 or float16.",
                      rich_help_panel=PERF)] = "auto",
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard.", rich_help_panel=OUT)] = "5GB",
+    stream: Annotated[str, typer.Option(help="on: hold one block in memory at a time, filled from the safetensors "
+                      "shards (models larger than memory); off: load the whole model; auto: stream when the "
+                      "weights exceed a quarter of this machine's memory.", rich_help_panel=PERF)] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run into the same output (the "
+                      "same command, plus --resume): finished blocks are kept, the output is byte-identical.",
+                      rich_help_panel=OUT)] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.",
                          rich_help_panel=OUT)] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.",
@@ -86,9 +106,14 @@ def compress(
     with RichProgress(quiet=quiet, verbose=verbose) as progress:
         report = run(model, output, ratio=ratio, method=method, targets=_patterns(targets), ignore=_patterns(ignore),
                      calib=calib, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                     device=device, dtype=dtype, propagate=propagate, damp=damp, alpha=alpha,
+                     device=device, dtype=dtype, propagate=propagate, alloc=alloc,
+                     min_rank_fraction=min_rank_fraction, anchor=anchor, refit=refit, refine_steps=refine_steps,
+                     refine_lr=refine_lr, damp=damp, alpha=alpha,
                      text_column=text_column, calib_split=calib_split, max_shard_size=max_shard_size,
-                     overwrite=overwrite, trust_remote_code=trust_remote_code, progress=progress)
+                     stream=stream, resume_run=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                     progress=progress)
+    if report is None:  # a helper process of a torchrun job: rank 0 writes and reports
+        return
     if json_output:
         print_json(report)
     if not quiet:

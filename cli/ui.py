@@ -73,6 +73,12 @@ def print_json(data):
     sys.stdout.flush()
 
 
+def print_document(text):
+    """A machine-readable result other than JSON (`lowrank report --format markdown|junit`), on stdout."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
 def key_value_table(title, rows):
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")

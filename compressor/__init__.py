@@ -10,6 +10,8 @@ The public API is imported lazily, so `import lowrank` (and `lowrank --help`) st
     lowrank.densify(checkpoint, output)                                factors multiplied back, plain checkpoint
     lowrank.env_info()                                                 versions, device, platform
     lowrank.compensate(original, compressed, output, rank=32)          EoRA repair adapter
+    lowrank.squeeze(adapter, output, rank=8)                           LoRA-Squeeze an adapter (or energy=, budget=)
+    lowrank.SqueezeCallback(target_rank=8)                             in-tuning squeeze (transformers Trainer)
 """
 
 __version__ = "0.1.0"
@@ -26,6 +28,9 @@ _API = {
     "read_report": ("lowrank.report_files", "read_report"),
     "densify": ("lowrank.densification", "densify"),
     "env_info": ("lowrank.environment", "env_info"),
+    "squeeze": ("lowrank.squeezing", "squeeze"),
+    "squeeze_peft_model": ("lowrank.squeeze_callback", "squeeze_peft_model"),
+    "SqueezeCallback": ("lowrank.squeeze_callback", "SqueezeCallback"),
     "LowrankError": ("lowrank.errors", "LowrankError"),
 }
 

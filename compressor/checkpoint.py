@@ -75,6 +75,26 @@ def base_class(cls):
     return cls.__mro__[1] if cls.__module__.endswith("modeling_lowrank") else cls
 
 
+def partition_keys(model, blocks_name, tied=()):
+    """The model's tensor names outside the blocks, split into those stored before the blocks and after them
+    (the order a state dict has), leaving out `tied` copies. Works on a weightless (meta) model too."""
+    before, after, seen_block = [], [], False
+    for name in model.state_dict():
+        if name.startswith(blocks_name + "."):
+            seen_block = True
+        elif name not in tied:
+            (after if seen_block else before).append(name)
+    return before, after
+
+
+def tied_names(model):
+    """Tensor names that are copies of others (e.g. lm_head tied to the input embeddings), stored once."""
+    if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return set()
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied) if not isinstance(tied, dict) else set(tied.keys())
+
+
 def auto_map_for(model):
     """auto_map entries into the bundled modeling file, for every Auto class that knows the base model type."""
     import transformers
@@ -119,36 +139,67 @@ def _copy_extra_files(source, model, tokenizer, staging):
         model.generation_config.save_pretrained(staging)
 
 
-def write_checkpoint(model, output, *, source, tokenizer, block, extra_files, max_shard_bytes):
-    """Write the factorized `model` to `output` through a staging sibling renamed at the end.
+class CheckpointWriter:
+    """A factorized checkpoint written progressively into the staging sibling of `output`: tensors go out as
+    they are ready (block by block), the rest at `finish`, which renames the directory into place.
 
-    `extra_files(weight_bytes, weight_files, seconds)` is called once the weights are written and returns
-    {file name: text or bytes} (reports, model card, spectra) to add. Returns the checkpoint's weight file names.
+    `state` (from `state()`) continues an interrupted run's staging directory instead of starting afresh.
     """
-    staging = staging_dir(output)
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    try:
-        start = time.perf_counter()
-        writer = ShardWriter(staging, max_shard_bytes)
-        for name, tensor in unique_state_dict(model).items():
-            writer.add(name, tensor)
-        files = writer.finish()
-        weight_bytes = sum(os.path.getsize(os.path.join(staging, name)) for name in files)
-        extra = extra_files(weight_bytes, files, time.perf_counter() - start)
-        _copy_extra_files(source, model, tokenizer, staging)
-        with open(os.path.join(staging, "config.json"), "w") as f:
+
+    def __init__(self, output, max_shard_bytes, state=None):
+        self.output = output
+        self.staging = staging_dir(output)
+        if state is None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            os.makedirs(self.staging)
+        self.shards = ShardWriter(self.staging, max_shard_bytes, state=state)
+        self.started = time.perf_counter()
+
+    def add(self, name, tensor):
+        self.shards.add(name, tensor)
+
+    def state(self):
+        self.shards.sync()
+        return self.shards.state()
+
+    def finish(self, model, *, source, tokenizer, block, extra_files):
+        """Write the rest (config, bundled modeling file, copied files, reports) and publish.
+
+        `extra_files(weight_bytes, weight_files, seconds)` returns {file name: text or bytes} to add.
+        Returns the weight file names.
+        """
+        files = self.shards.finish()
+        weight_bytes = sum(os.path.getsize(os.path.join(self.staging, name)) for name in files)
+        extra = extra_files(weight_bytes, files, time.perf_counter() - self.started)
+        for name in os.listdir(self.staging):  # resume bookkeeping does not ship
+            if name.startswith("."):
+                os.remove(os.path.join(self.staging, name))
+        _copy_extra_files(source, model, tokenizer, self.staging)
+        with open(os.path.join(self.staging, "config.json"), "w") as f:
             json.dump(checkpoint_config(model, block), f, indent=2, sort_keys=True)
             f.write("\n")
-        shutil.copyfile(os.path.join(os.path.dirname(__file__), MODELING_FILE), os.path.join(staging, MODELING_FILE))
+        shutil.copyfile(os.path.join(os.path.dirname(__file__), MODELING_FILE),
+                        os.path.join(self.staging, MODELING_FILE))
         for name, text in extra.items():
-            with open(os.path.join(staging, name), "wb" if isinstance(text, bytes) else "w") as f:
+            with open(os.path.join(self.staging, name), "wb" if isinstance(text, bytes) else "w") as f:
                 f.write(text)
-        publish(staging, output)
+        publish(self.staging, self.output)
+        return files
+
+    def abort(self):
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def write_checkpoint(model, output, *, source, tokenizer, block, extra_files, max_shard_bytes):
+    """Write a whole in-memory factorized `model` at once (see CheckpointWriter)."""
+    writer = CheckpointWriter(output, max_shard_bytes)
+    try:
+        for name, tensor in unique_state_dict(model).items():
+            writer.add(name, tensor)
+        return writer.finish(model, source=source, tokenizer=tokenizer, block=block, extra_files=extra_files)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        writer.abort()
         raise
-    return files
 
 
 def read_lowrank_config(path):

@@ -1,20 +1,28 @@
-"""`lowrank.compress`: load a model, calibrate, factorize its block linears, write the checkpoint and report."""
+"""`lowrank.compress`: load a model, calibrate, factorize its block linears, write the checkpoint and report.
+
+One flow for both ways of holding the model. In memory (any source) or streamed (a safetensors checkpoint:
+a weightless skeleton filled one block at a time), the output is written the same way and in the same order:
+the tensors before the blocks, each block as soon as it is compressed, the tensors after the blocks. So the
+two produce the same bytes, and after every block a journal makes the work so far durable for `--resume`.
+"""
 
 import json
 import os
 import shlex
 import sys
 import time
+from dataclasses import asdict
 
-from . import __version__
-from .checkpoint import check_output, write_checkpoint
-from .errors import UsageError
-from .loading import load_model, resolve_model
+from . import __version__, resume
+from .checkpoint import CheckpointWriter, check_output, partition_keys, staging_dir, tied_names
+from .errors import Interrupted, UsageError
+from .loading import load_model, load_tokenizer, resolve_model
 from .methods import METHODS
-from .pipeline import Settings, compress_model
+from .modeling_lowrank import LowRankLinear, linear_shape
+from .pipeline import LayerResult, Settings, compress_model
 from .progress import SILENT
 from .ranks import RATIO_DEFINITION
-from .report import build_report, human_bytes, to_markdown, worst_layers
+from .report import SPECTRA_FILE, build_report, human_bytes, spectra_bytes, to_markdown, worst_layers
 from .shards import parse_size
 from .targets import select_targets
 
@@ -40,10 +48,44 @@ def validate(ratio, method):
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def _unique_params(model):
-    from .checkpoint import unique_state_dict
+def weight_bytes(source):
+    if source.kind != "dir":
+        return None
+    return sum(os.path.getsize(os.path.join(source.path, name)) for name in os.listdir(source.path)
+               if name.endswith(".safetensors"))
 
-    return sum(t.numel() for t in unique_state_dict(model).values())
+
+def memory_bytes():
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_streaming(stream, source, method, alloc, calib):
+    """Stream when asked, or (auto) when a safetensors checkpoint outweighs a quarter of this machine's memory."""
+    size = weight_bytes(source)
+    why_not = None
+    if not size:
+        why_not = "only local safetensors checkpoints can be streamed"
+    elif method == "fwsvd" or alloc == "sensitivity":
+        why_not = "--method fwsvd and --alloc sensitivity need the whole model at once"
+    elif calib in ("self", "auto"):
+        why_not = "streaming needs calibration text (--calib FILE or a dataset): --calib self runs the whole model"
+    if stream == "on" and why_not:
+        raise UsageError(f"--stream: {why_not}")
+    if stream == "auto":
+        return why_not is None and size > memory_bytes() / 4
+    return stream == "on"
+
+
+def _layer_from_dict(entry):
+    return LayerResult(entry["name"], entry["shape"][0], entry["shape"][1], entry["rank"], entry["params_before"],
+                       entry["params_after"], entry["energy_kept"], entry["predicted_energy_kept"],
+                       entry["rel_error"], dense_reason=entry.get("dense_reason"), info=entry.get("info", {}))
+
+
+def _layer_to_dict(layer):
+    from .report import layer_entry
+
+    return layer_entry(layer)
 
 
 def compress(
@@ -62,11 +104,19 @@ def compress(
     device="auto",
     dtype="auto",
     propagate=True,
+    alloc="uniform",
+    min_rank_fraction=0.1,
+    anchor=False,
+    refit=False,
+    refine_steps=0,
+    refine_lr=1e-4,
     damp=1e-4,
     alpha=0.5,
     text_column="text",
     calib_split="train",
     max_shard_size="5GB",
+    stream="auto",
+    resume_run=False,
     overwrite=False,
     trust_remote_code=False,
     progress=SILENT,
@@ -74,28 +124,55 @@ def compress(
 ):
     """Compress `model` (a directory, .gguf file, hub id or pkg:NAME) and write a factorized checkpoint to `output`.
 
-    `ratio` is the fraction of the targeted linear layers' parameters that is kept. Returns the report (a dict,
-    also written as compression_report.json).
+    `ratio` is the fraction of the targeted linear layers' parameters that is kept. `stream` ("auto", "on",
+    "off") holds one block in memory at a time; `resume_run` continues an interrupted run into the same output.
+    Returns the report (a dict, also written as compression_report.json).
     """
     import torch
 
     from lowrank.calibration import load_calibration
 
+    from .distributed import from_environment
+
     validate(ratio, method)
+    if stream not in ("auto", "on", "off"):
+        raise UsageError(f"--stream must be auto, on or off, got {stream!r}")
     max_shard_bytes = parse_size(max_shard_size)
     device = resolve_device(device)
+    dist = from_environment(device)  # torchrun: several processes share the work, rank 0 writes
+    main = dist is None or dist.main
+    if not main:
+        progress = SILENT
     source = resolve_model(model)
     check_output(output, source.local_dir, overwrite)
     timings = {}
     torch.manual_seed(seed)
 
     start = time.perf_counter()
-    progress.log(f"loading {model}")
-    net, tokenizer = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    streaming = choose_streaming(stream, source, method, alloc, calib)
+    progress.log(f"loading {model}" + (" (streaming: one block in memory at a time)" if streaming else ""))
+    blocks_source = skeleton = None
+    if streaming:
+        from .loading import read_config
+        from .streaming import Skeleton, StreamingBlocks
+
+        config = read_config(source) or {}
+        if str(config.get("model_type", "")).startswith("lowrank_"):
+            raise UsageError(f"{model} is already a lowrank factorized checkpoint; compress the original model")
+        skeleton = Skeleton(source, dtype, trust_remote_code)
+        net, tokenizer = skeleton.model, load_tokenizer(source, trust_remote_code)
+    else:
+        net, tokenizer = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
     timings["load"] = time.perf_counter() - start
-    select_targets(net, targets, ignore)  # bad patterns fail here, before any calibration work
-    params_before = _unique_params(net)
+    blocks_name, _, _ = select_targets(net, targets, ignore)  # bad patterns fail here, before any calibration
+    tied = tied_names(net)
+    before, after = partition_keys(net, blocks_name, tied)
+    if streaming:
+        skeleton.prefix_keys = before
+        blocks_source = StreamingBlocks(skeleton, blocks_name)
+    params_before = sum(t.numel() for name, t in net.state_dict().items() if name not in tied)
     model_dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
+    element_size = next(net.parameters()).element_size()
 
     start = time.perf_counter()
     if seq_len is None:
@@ -105,8 +182,84 @@ def compress(
     timings["calibration_data"] = time.perf_counter() - start
 
     settings = Settings(ratio=ratio, method=method, targets=targets, ignore=ignore, propagate=propagate, damp=damp,
-                        alpha=alpha, batch_size=batch_size, device=device)
-    result = compress_model(net, calibration.input_ids, settings, progress=progress)
+                        alpha=alpha, batch_size=batch_size, device=device, alloc=alloc,
+                        min_rank_fraction=min_rank_fraction, anchor=anchor, refit=refit, refine_steps=refine_steps,
+                        refine_lr=refine_lr)
+    expected = resume.fingerprint(
+        version=__version__, source=source.spec, config=net.config.to_dict(), dtype=model_dtype,
+        settings={k: v for k, v in asdict(settings).items() if k != "device"},
+        calibration=resume.tensor_digest(calibration.input_ids), max_shard_bytes=max_shard_bytes,
+    )
+    staging = staging_dir(output)
+    journal = None
+    if resume_run:
+        journal = resume.check(resume.load(staging), expected, staging)
+        if journal is None:
+            progress.log(f"--resume: no interrupted run to continue in {staging}; starting from the beginning")
+    elif resume.load(staging) is not None:
+        progress.log(f"discarding the partial output of an earlier run in {staging} (pass --resume to continue it)")
+    if dist is not None:
+        dist.barrier()  # every rank has read the journal before rank 0 may start a fresh staging directory
+
+    writer = CheckpointWriter(output, max_shard_bytes, state=journal["writer"] if journal else None) if main else None
+    done = journal["blocks_done"] if journal else 0
+    layers = [_layer_from_dict(entry) for entry in journal["layers"]] if journal else []
+    if journal and journal.get("ranks") is not None:
+        settings.ranks = journal["ranks"]
+
+    state = None if streaming else net.state_dict()
+
+    def tensor(name):
+        return skeleton.load(name) if streaming else state[name]
+
+    def block_done(index, block, block_layers):
+        if not main:
+            return
+        prefix = f"{blocks_name}.{index}."
+        for name, value in block.state_dict().items():
+            writer.add(prefix + name, value)
+        layers.extend(block_layers)
+        state = writer.state()
+        resume.save(staging, {"fingerprint": expected, "blocks_done": index + 1, "writer": state,
+                              "layers": [_layer_to_dict(layer) for layer in layers], "ranks": settings.ranks})
+        writer.shards.commit()
+
+    def replay(index, block):
+        """Rebuild block `index` as the earlier run left it, from the factors already written."""
+        staged = resume.StagedTensors(staging, journal["writer"])
+        prefix = f"{blocks_name}.{index}."
+        for layer in layers:
+            if layer.name.startswith(prefix) and layer.rank is not None:
+                rel = layer.name[len(prefix):]
+                module = block.get_submodule(rel)
+                m, n, has_bias = linear_shape(module)
+                parent, _, child = rel.rpartition(".")
+                setattr(block.get_submodule(parent) if parent else block, child,
+                        LowRankLinear(n, m, layer.rank, bias=has_bias, dtype=next(block.parameters()).dtype))
+        block.load_state_dict({name: staged.get(prefix + name) for name in block.state_dict()}, assign=True)
+
+    try:
+        if main and not journal:
+            for name in before:
+                writer.add(name, tensor(name))
+        result = compress_model(net, calibration.input_ids, settings, progress=progress, source=blocks_source,
+                                on_block_done=block_done, start=done, replay=replay, dist=dist)
+        if not main:
+            return None
+        for name in after:
+            writer.add(name, tensor(name))
+    except BaseException as error:
+        if not main:
+            raise
+        journal = resume.load(staging)
+        if journal is None:  # nothing durable yet: leave nothing behind
+            writer.abort()
+            raise
+        if isinstance(error, KeyboardInterrupt):
+            raise Interrupted(f"interrupted after block {journal['blocks_done']}; the work so far is kept in "
+                              f"{staging}: run the same command with --resume to continue") from None
+        raise
+    result.layers = layers
 
     block = {
         "format_version": 1,
@@ -114,33 +267,41 @@ def compress(
         "method": method,
         "ratio": ratio,
         "ratio_definition": RATIO_DEFINITION,
-        "ranks": {layer.name: layer.rank for layer in result.layers if layer.rank is not None},
-        "dense": [layer.name for layer in result.layers if layer.rank is None],
+        "ranks": {layer.name: layer.rank for layer in layers if layer.rank is not None},
+        "dense": [layer.name for layer in layers if layer.rank is None],
         "base_model": source.spec,
         "base_model_type": net.config.model_type,
         "base_architectures": [type(net).__name__],
         "calibration": calibration.provenance,
-        "settings": {"propagate": propagate, "damp": damp, "alpha": alpha, "targets": targets, "ignore": ignore},
+        "settings": {"propagate": propagate, "alloc": alloc, "anchor": anchor, "refit": refit,
+                     "refine_steps": refine_steps, "damp": damp, "alpha": alpha, "targets": targets, "ignore": ignore},
     }
+    params_after = params_before - sum(layer.params_before - layer.params_after for layer in layers)
     command = command or "lowrank compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = build_report(
         result=result, settings=settings, calibration=calibration.provenance, source=source,
-        model_params_before=params_before, model_params_after=_unique_params(net),
-        bytes_dense=params_before * next(net.parameters()).element_size(), bytes_after=0, files=[],
+        model_params_before=params_before, model_params_after=params_after,
+        bytes_dense=params_before * element_size, bytes_after=0, files=[],
         dtype=model_dtype, command=command, extra_timings=timings,
     )
+    report["streamed"] = streaming
+    report["processes"] = dist.world if dist else 1
+    report["resumed_at_block"] = done or None
 
     def extra_files(bytes_after, files, seconds):
         report["size"].update(bytes_after=bytes_after, files=files)
         report["timings_s"]["write_weights"] = round(seconds, 3)
-        return {
+        extra = {
             "compression_report.json": json.dumps(report, indent=2) + "\n",
             "compression_report.md": to_markdown(report),
             "README.md": model_card(report, output),
         }
+        spectra = spectra_bytes(layers)  # optional: read by `lowrank report --plot`
+        if spectra is not None:
+            extra[SPECTRA_FILE] = spectra
+        return extra
 
-    write_checkpoint(net, output, source=source, tokenizer=tokenizer, block=block, extra_files=extra_files,
-                     max_shard_bytes=max_shard_bytes)
+    writer.finish(net, source=source, tokenizer=tokenizer, block=block, extra_files=extra_files)
     return report
 
 
@@ -177,4 +338,3 @@ Each factorized linear `X` is stored as `X.down.weight` (rank x in) and `X.up.we
 bias); `lowrank densify` turns the checkpoint back into the original dense architecture. The full report is
 in `compression_report.json`.
 """
-

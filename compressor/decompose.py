@@ -22,10 +22,32 @@ import torch
 
 @dataclass
 class Weighting:
-    right: torch.Tensor | None = None  # (n, n) or diagonal (n,), float64
+    right: torch.Tensor | None = None  # S: (n, n) or diagonal (n,), float64
     right_inv: torch.Tensor | None = None
+    basis: torch.Tensor | None = None  # whitening kept in eigen form: S = Q diag(root), S^-1 = diag(1/root) Q^T
+    root: torch.Tensor | None = None
     row: torch.Tensor | None = None  # (m,), float64, positive
     info: dict = field(default_factory=dict)
+
+    def times_right(self, matrix):
+        """matrix @ S"""
+        if self.basis is not None:
+            return (matrix @ self.basis) * self.root
+        if self.right is None:
+            return matrix
+        return matrix * self.right if self.right.dim() == 1 else matrix @ self.right
+
+    def times_right_inv(self, matrix):
+        """matrix @ S^-1"""
+        if self.basis is not None:
+            return (matrix / self.root) @ self.basis.T
+        if self.right_inv is None:
+            return matrix
+        return matrix * self.right_inv if self.right_inv.dim() == 1 else matrix @ self.right_inv
+
+    def times_gram_inverse(self, matrix):
+        """matrix @ (S S^T)^-1, for a whitening"""
+        return ((matrix @ self.basis) / self.root.square()) @ self.basis.T
 
 
 @dataclass
@@ -35,25 +57,29 @@ class Factors:
     sigma: torch.Tensor  # full spectrum of the weighted matrix, float64, descending
 
 
-def eigen_sqrt(gram, damp):
-    """S with S S^T = G + damp * mean(diag G) * I, and S^-1, from a float64 eigendecomposition.
+def whitening(gram, damp):
+    """Weighting with S S^T = G + damp * mean(diag G) * I, from a float64 eigendecomposition, in eigen form.
 
     Never Cholesky plus an explicit inverse: that fails on the rank-deficient Grams of few calibration tokens
-    or dead channels (SVD-LLM issues #6/#7). The relative damping keeps S^-1 bounded.
+    or dead channels (SVD-LLM issues #6/#7). The relative damping keeps S^-1 bounded. `gram` is damped in place
+    (pass a matrix you no longer need: InputStats.gram is a fresh one, InputStats.take_gram() the statistics'
+    own storage).
     """
     gram = gram.to(torch.float64)
     n = gram.shape[0]
     scale = torch.diagonal(gram).mean().item()
-    if not scale > 0:  # an input that is always zero: any weighting is as good as none
-        eye = torch.eye(n, dtype=torch.float64, device=gram.device)
-        return eye, eye, {"damp": damp, "damped_directions": n}
+    if not scale > 0:  # an input that is always zero: nothing the layer does reaches its output
+        ones = torch.ones(n, dtype=torch.float64, device=gram.device)
+        return Weighting(basis=torch.eye(n, dtype=torch.float64, device=gram.device), root=ones,
+                         info={"damp": damp, "floor": 0.0, "damped_directions": n, "dead": True})
     floor = damp * scale
-    eigenvalues, vectors = torch.linalg.eigh(gram + floor * torch.eye(n, dtype=torch.float64, device=gram.device))
+    torch.diagonal(gram).add_(floor)
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    del gram
     # Directions whose own variance is below the damping floor are mostly damping: worth knowing in the report.
     damped = int((eigenvalues < 2 * floor).sum())
-    eigenvalues = eigenvalues.clamp_min(floor)  # round-off can leave tiny negatives
-    root = eigenvalues.sqrt()
-    return vectors * root, (vectors / root).T, {"damp": damp, "damped_directions": damped}
+    root = eigenvalues.clamp_min(floor).sqrt()  # round-off can leave tiny negatives
+    return Weighting(basis=vectors, root=root, info={"damp": damp, "floor": floor, "damped_directions": damped})
 
 
 def _fix_signs(u, vh):
@@ -64,18 +90,11 @@ def _fix_signs(u, vh):
     return u * signs, vh * signs[:, None]
 
 
-def _apply_right(matrix, right):
-    return matrix * right if right.dim() == 1 else matrix @ right
-
-
 def factorize(weight, weighting, rank, svd_dtype=torch.float32):
     """Rank-`rank` factors of `weight` (m x n) under `weighting`; the SVD runs in `svd_dtype` (float32 or better)."""
     w = weight.to(torch.float64)
-    m = w
-    if weighting.row is not None:
-        m = weighting.row[:, None] * m
-    if weighting.right is not None:
-        m = _apply_right(m, weighting.right)
+    m = w if weighting.row is None else weighting.row[:, None] * w
+    m = weighting.times_right(m)
     u, s, vh = torch.linalg.svd(m.to(svd_dtype), full_matrices=False)
     u, vh = _fix_signs(u.to(torch.float64), vh.to(torch.float64))
     s = s.to(torch.float64)
@@ -84,9 +103,21 @@ def factorize(weight, weighting, rank, svd_dtype=torch.float32):
     down = root[:, None] * vh[:rank]
     if weighting.row is not None:
         up = up / weighting.row[:, None]
-    if weighting.right_inv is not None:
-        down = _apply_right(down, weighting.right_inv)
-    return Factors(up=up, down=down, sigma=s)
+    return Factors(up=up, down=weighting.times_right_inv(down), sigma=s)
+
+
+def whitened_error(weight, approx, weighting):
+    """output_error through a whitening of G instead of G itself: ||D X||^2 = ||D S||^2 - floor ||D||^2."""
+    if weighting.info.get("dead"):
+        return 0.0, 0.0
+    floor = weighting.info["floor"]
+    w = weight.to(torch.float64)
+    delta = w - approx.to(torch.float64)
+
+    def energy(d):
+        return float(weighting.times_right(d).square().sum()) - floor * float(d.square().sum())
+
+    return max(energy(delta), 0.0), energy(w)
 
 
 def output_error(weight, approx, gram):
@@ -103,9 +134,10 @@ def output_error(weight, approx, gram):
 # --- the methods' weightings -------------------------------------------------------------------------------------
 
 
-def whiten_weighting(stats, damp):
-    root, root_inv, info = eigen_sqrt(stats.gram, damp)
-    return Weighting(right=root, right_inv=root_inv, info=info)
+def whiten_weighting(stats, damp, consume=False):
+    """The whitening of the input statistics; `consume` builds it in the statistics' own storage (which is then
+    gone): the Gram matrix of a wide layer is the largest thing in memory, and this saves two copies of it."""
+    return whitening(stats.take_gram() if consume else stats.gram, damp)
 
 
 def asvd_weighting(stats, alpha):
@@ -139,3 +171,33 @@ def fisher_weighting(importance):
 
 def identity_weighting():
     return Weighting()
+
+
+# --- anchored fitting: the compressed block sees shifted inputs x' but should reproduce W x -----------------------
+
+
+def anchored_target(weight, stats, weighting):
+    """W* = W C G'^-1, the best full-rank map of the shifted inputs onto the original outputs W x
+    (C = sum x x'^T, G' = sum x' x'^T damped as in `weighting`, whose right factor S' has S' S'^T = G').
+
+    ||W X - W' X'||^2 = ||W X - W* X'||^2 (irreducible) + ||(W* - W') S'||^2, so the best rank-r W' is the
+    whitened truncation of W*: `factorize(W*, weighting, r)` (AA-SVD's anchored objective, in closed form).
+    """
+    return weighting.times_gram_inverse(weight.to(torch.float64) @ stats.cross)
+
+
+def refit_up(weight, down, stats, damp):
+    """With `down` fixed, the up factor that best reproduces the original outputs: argmin_A ||W X - A down X'||,
+    A = W C down^T (down G' down^T)^-1 (SVD-LLM's closed-form update, anchored to the original stream)."""
+    down = down.to(torch.float64)
+    gram = down @ stats.gram @ down.T
+    gram += damp * torch.diagonal(gram).mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram, (weight.to(torch.float64) @ stats.cross @ down.T).T).T
+
+
+def anchored_error(weight, approx, stats, name):
+    """(||W X - W' X'||^2, ||W X||^2) over the calibration tokens, from C, G' and the recorded output energy."""
+    w, a = weight.to(torch.float64), approx.to(torch.float64)
+    reference = stats.output_energy[name]
+    err = reference - 2 * float((w @ stats.cross * a).sum()) + float((a @ stats.gram * a).sum())
+    return max(err, 0.0), reference

@@ -17,3 +17,9 @@ class ReportError(LowrankError):
     """A report is unreadable, incomplete, or of an unknown schema. Exit code 3."""
 
     exit_code = 3
+
+
+class Interrupted(LowrankError):
+    """The user interrupted a run (Ctrl-C); what is durable is kept for --resume. Exit code 130."""
+
+    exit_code = 130

@@ -15,3 +15,20 @@ class Progress:
 
 
 SILENT = Progress()
+
+
+def ticker(progress, stage, total, detail, steps=40):
+    """Start `stage` for `total` items and return a function to call once per item. It advances the stage at most
+    `steps` times, so that a CI log (one line per advance) gets a few dozen lines, not one per window or tensor.
+    `detail(done)` is the status text after `done` items."""
+    every = max(1, -(-total // steps))
+    progress.start(stage, -(-total // every))
+    done = 0
+
+    def tick():
+        nonlocal done
+        done += 1
+        if done % every == 0 or done == total:
+            progress.advance(stage, detail(done))
+
+    return tick

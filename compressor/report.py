@@ -1,11 +1,14 @@
 """The compression report: `compression_report.json` is the source of truth; markdown and tables render it."""
 
+import os
 import platform
 import resource
 import sys
 
 SCHEMA = "lowrank.compression"
 SCHEMA_VERSION = 1
+# Optional, beside the report: each factorized layer's full spectrum, for `lowrank report --plot`.
+SPECTRA_FILE = "lowrank_spectra.safetensors"
 
 
 def versions():
@@ -60,7 +63,10 @@ def build_report(*, result, settings, calibration, source, model_params_before, 
         "command": command,
         "model": {"source": source.spec, "kind": source.kind, "dtype": dtype, "blocks": result.blocks_name},
         "method": {"name": settings.method, "propagate": settings.propagate, "damp": settings.damp,
-                   "alpha": settings.alpha if settings.method == "asvd" else None},
+                   "alpha": settings.alpha if settings.method == "asvd" else None, "alloc": settings.alloc,
+                   "anchor": settings.anchor, "refit": settings.refit, "refine_steps": settings.refine_steps,
+                   "error_definition": "||W x - W' x'|| / ||W x|| against the original model's stream"
+                   if settings.anchor or settings.refit else "||(W - W') x|| / ||W x|| on the layer's inputs"},
         "ratio": {
             "requested": settings.ratio,
             "definition": "fraction of the targeted linear layers' parameters kept",
@@ -80,6 +86,28 @@ def build_report(*, result, settings, calibration, source, model_params_before, 
         "peak_rss_bytes": peak_rss_bytes(),
         "evaluations": [],
     }
+
+
+def spectra_bytes(layers):
+    """The spectra file's content: per factorized layer (keyed by name) the singular values of the matrix its
+    method decomposed (the weighted W), descending, float32. None when no layer carries a spectrum."""
+    import torch
+    from safetensors.torch import save
+
+    tensors = {layer.name: layer.sigma.to(torch.float32).contiguous()
+               for layer in layers if getattr(layer, "sigma", None) is not None}
+    return save(tensors, metadata={"format": "pt", "content": "lowrank spectra"}) if tensors else None
+
+
+def read_spectra(directory):
+    """{layer name: 1-D float32 tensor} from the spectra file in `directory`, or {} when there is none."""
+    path = os.path.join(directory, SPECTRA_FILE)
+    if not os.path.isfile(path):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
 
 
 def human_bytes(count):
@@ -135,5 +163,9 @@ def to_markdown(report, worst=20):
     dense = [layer["name"] for layer in report["layers"]["list"] if layer["dense"]]
     if dense:
         lines += ["", f"Kept dense ({len(dense)}): " + ", ".join(dense[:20]) + (" ..." if len(dense) > 20 else "")]
+    if report.get("evaluations"):
+        from .markdown import evaluations_markdown
+
+        lines += ["", *evaluations_markdown(report["evaluations"], heading="##")]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)

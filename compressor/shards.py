@@ -47,18 +47,39 @@ def parse_size(text):
 
 
 def tensor_bytes(tensor):
+    """The tensor's raw little-endian bytes, as a buffer that shares the tensor's memory (no copy)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
 
 
 class ShardWriter:
-    """Write named tensors into safetensors shards of at most `max_bytes` each (a larger tensor gets its own)."""
+    """Write named tensors into safetensors shards of at most `max_bytes` each (a larger tensor gets its own).
 
-    def __init__(self, directory, max_bytes, prefix="model"):
+    Resumable: `state()` describes everything written so far (JSON-serialisable) and `ShardWriter(..., state=)`
+    continues from it, truncating the open shard's data to what the state recorded, so an interrupted run that
+    resumes writes the same bytes as one that never stopped. A closed shard's data file is deleted only by
+    `commit()` (call it once the state is saved), so a state never points at a deleted file.
+    """
+
+    def __init__(self, directory, max_bytes, prefix="model", state=None, metadata=None):
         self.directory, self.max_bytes, self.prefix = directory, max_bytes, prefix
+        self.metadata = metadata or {}  # extra string metadata for the headers (may be set any time before finish)
         self.shards = []  # (temporary path, [names])
         self.total_bytes = 0
-        self._entries, self._data, self._size = {}, None, 0
+        self._entries, self._data, self._size, self._closed = {}, None, 0, []
+        if state is not None:
+            self.shards = [(path, list(names)) for path, names in state["shards"]]
+            self.total_bytes, self._entries, self._size = state["total_bytes"], dict(state["entries"]), state["size"]
+            if self._entries:
+                self._data = open(self._data_path(len(self.shards)), "r+b")
+                self._data.truncate(self._size)
+                self._data.seek(self._size)
+            for number in range(len(self.shards)):  # data of shards closed before the state was saved
+                if os.path.exists(self._data_path(number)):
+                    os.remove(self._data_path(number))
+
+    def _data_path(self, number):
+        return os.path.join(self.directory, f".shard-{number:05d}.data")
 
     def add(self, name, tensor):
         if tensor.dtype not in DTYPES:
@@ -67,7 +88,7 @@ class ShardWriter:
         if self._data is not None and self._size + len(data) > self.max_bytes:
             self._close_shard()
         if self._data is None:
-            self._data = open(os.path.join(self.directory, f".shard-{len(self.shards):05d}.data"), "wb")
+            self._data = open(self._data_path(len(self.shards)), "wb")
         self._entries[name] = {
             "dtype": DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
@@ -81,22 +102,39 @@ class ShardWriter:
         self._data.close()
         data_path = self._data.name
         path = os.path.join(self.directory, f".shard-{len(self.shards):05d}.safetensors")
-        header = {"__metadata__": {"format": "pt"}, **self._entries}
+        header = {"__metadata__": {**self.metadata, "format": "pt"}, **self._entries}
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the spec aligns the data to 8 bytes
-        with open(path, "wb") as out, open(data_path, "rb") as data:
+        with open(path + ".tmp", "wb") as out, open(data_path, "rb") as data:
             out.write(struct.pack("<Q", len(blob)))
             out.write(blob)
             while chunk := data.read(1 << 24):
                 out.write(chunk)
-        os.remove(data_path)
+        os.replace(path + ".tmp", path)
+        self._closed.append(data_path)
         self.shards.append((path, list(self._entries)))
         self._entries, self._data, self._size = {}, None, 0
+
+    def sync(self):
+        """Make everything written so far durable (before saving a state that refers to it)."""
+        if self._data is not None:
+            self._data.flush()
+            os.fsync(self._data.fileno())
+
+    def state(self):
+        return {"shards": self.shards, "entries": self._entries, "size": self._size, "total_bytes": self.total_bytes}
+
+    def commit(self):
+        for path in self._closed:
+            if os.path.exists(path):
+                os.remove(path)
+        self._closed.clear()
 
     def finish(self):
         """Close the last shard, give the shards their final names, write the index. Returns the file names."""
         if self._data is not None:
             self._close_shard()
+        self.commit()
         count = len(self.shards)
         names = []
         weight_map = {}

@@ -7,6 +7,52 @@ statistics: the grouping is found on the first batch by tensor identity, so it n
 import torch
 
 
+class ExactSum:
+    """A float64 sum whose value does not depend on the order of the additions.
+
+    Each addition is a TwoSum: hi holds the float64 sum and lo the rounding errors, so hi + lo is the exact sum
+    up to ~2^-100 relative, and rounding it once gives the same float64 whatever the order: a compression split
+    across processes (each summing its own batches, then reducing) produces the same statistics, hence the same
+    bytes, as a single process. (A float32 lo would not do: with many batches its own rounding flips the final
+    bit of some of the millions of entries of a big Gram matrix.)
+    """
+
+    def __init__(self, shape, device=None):
+        self.hi = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.lo = torch.zeros(shape, dtype=torch.float64, device=device)
+
+    CHUNK = 1 << 20  # elements per step: bounds the temporaries for big Gram matrices
+
+    def add(self, x):
+        """Add x (any float dtype, converted to float64 a chunk at a time), in place."""
+        hi, lo, x = self.hi.view(-1), self.lo.view(-1), x.reshape(-1)
+        for start in range(0, hi.numel(), self.CHUNK):
+            part = slice(start, start + self.CHUNK)
+            self._two_sum(hi[part], lo[part], x[part].to(torch.float64))
+
+    @staticmethod
+    def _two_sum(hi, lo, x):
+        # Knuth's TwoSum, in place: s = hi + x exactly equals s + err with err = (hi - (s - b)) + (x - b), b = s - hi
+        total = hi + x
+        back = total - hi
+        hi.sub_(total - back)
+        back.neg_().add_(x)  # x - back (negation and addition are exact rewrites of the subtraction)
+        hi.add_(back)
+        lo.add_(hi)
+        hi.copy_(total)
+
+    def merge(self, other):
+        self.merge_parts(other.hi, other.lo)
+
+    def merge_parts(self, hi, lo):
+        self.add(hi.to(self.hi.device))
+        self.lo += lo.to(self.lo.device)
+
+    @property
+    def value(self):
+        return self.hi + self.lo
+
+
 class InputStats:
     """Statistics of one input stream: Gram matrix X^T X and sum |x| per channel, in float64, and a token count.
 
@@ -17,24 +63,52 @@ class InputStats:
 
     def __init__(self, dim, device=None):
         self.dim = dim
-        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-        self.abs_sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self._gram = ExactSum((dim, dim), device)
+        self._abs = ExactSum((dim,), device)
         self.tokens = 0
 
     def add(self, x):
-        x = x.detach().reshape(-1, self.dim).to(self.gram.device, torch.float32)
-        self.gram += (x.T @ x).to(torch.float64)
-        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
+        x = x.detach().reshape(-1, self.dim).to(self._gram.hi.device, torch.float32)
+        self._gram.add(x.T @ x)
+        self._abs.add(x.abs().sum(0, dtype=torch.float64))
         self.tokens += x.shape[0]
 
     def merge(self, other):
-        self.gram += other.gram.to(self.gram.device)
-        self.abs_sum += other.abs_sum.to(self.abs_sum.device)
+        self._gram.merge(other._gram)
+        self._abs.merge(other._abs)
         self.tokens += other.tokens
 
     @property
+    def gram_size(self):
+        return self.dim * self.dim
+
+    def parts(self):
+        """The tensors that make up these statistics (for gathering across processes)."""
+        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self._gram.hi.device)
+        return [self._gram.hi, self._gram.lo, self._abs.hi, self._abs.lo, tokens]
+
+    def merge_parts(self, others):
+        """Merge other processes' `parts()`."""
+        for gram_hi, gram_lo, abs_hi, abs_lo, tokens in others:
+            self._gram.merge_parts(gram_hi, gram_lo)
+            self._abs.merge_parts(abs_hi, abs_lo)
+            self.tokens += int(tokens.item())
+
+    @property
+    def gram(self):
+        if self._gram is None:
+            raise RuntimeError("these statistics were spent by take_gram()")
+        return self._gram.value
+
+    def take_gram(self):
+        """The Gram matrix built in the accumulator's own storage; these statistics are spent afterwards."""
+        gram = self._gram.hi.add_(self._gram.lo)
+        self._gram = None
+        return gram
+
+    @property
     def mean_abs(self):
-        return self.abs_sum / max(self.tokens, 1)
+        return self._abs.value / max(self.tokens, 1)
 
 
 class InputGroup:
@@ -47,6 +121,8 @@ class InputGroup:
 
 class StatsCollector:
     """Context manager: while active, accumulate InputStats for the given {name: linear} layers of one block."""
+
+    stats_factory = InputStats
 
     def __init__(self, modules):
         self.modules = modules
@@ -89,10 +165,134 @@ class StatsCollector:
                 group.names.append(name)
                 self._group_of[name] = group
                 return
-        group = InputGroup([name], InputStats(x.shape[-1]))
+        group = InputGroup([name], self.stats_factory(x.shape[-1], device=x.device))  # statistics where x lives
         self.groups.append(group)
         self._group_of[name] = group
         self._last_input[id(group)] = x
 
     def stats_of(self, name):
         return self._group_of[name].stats
+
+    def release(self, name):
+        """Drop the statistics of `name`'s input group (once every layer reading that input is done)."""
+        self._group_of[name].stats = None
+
+
+class PairedStats:
+    """For anchored fitting: with x from the original model's stream and x' from the compressed model's stream
+    (the same token), G' = sum x' x'^T, C = sum x x'^T, and per layer sum ||W x||^2 (from the layer's output)."""
+
+    def __init__(self, dim, device=None):
+        self.shifted = InputStats(dim, device)  # G' (and |x'| sums): what the compressed model feeds the layer
+        self._cross = ExactSum((dim, dim), device)
+        self.output_energy = {}  # layer name -> sum ||W x||^2 over the original stream
+
+    @property
+    def cross(self):
+        return self._cross.value
+
+    def merge(self, other):
+        self.shifted.merge(other.shifted)
+        self._cross.merge(other._cross)
+        for name, value in other.output_energy.items():
+            self.output_energy[name] = self.output_energy.get(name, 0.0) + value
+
+    @property
+    def gram_size(self):
+        return 2 * self.shifted.gram_size
+
+    def parts(self):
+        names = sorted(self.output_energy)
+        energy = torch.tensor([self.output_energy[n] for n in names], dtype=torch.float64,
+                              device=self._cross.hi.device)
+        return self.shifted.parts() + [self._cross.hi, self._cross.lo, energy]
+
+    def merge_parts(self, others):
+        names = sorted(self.output_energy)
+        self.shifted.merge_parts([part[:5] for part in others])
+        for part in others:
+            self._cross.merge_parts(part[5], part[6])
+            for name, value in zip(names, part[7].tolist()):
+                self.output_energy[name] += value
+
+    @property
+    def gram(self):
+        return self.shifted.gram
+
+    @property
+    def tokens(self):
+        return self.shifted.tokens
+
+    @property
+    def mean_abs(self):
+        return self.shifted.mean_abs
+
+    def add_pair(self, x, x_shifted):
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        xs = x_shifted.detach().reshape(-1, x_shifted.shape[-1]).to(x.device, torch.float32)
+        self.shifted.add(xs)
+        self._cross.add(x.T @ xs)
+
+
+class PairedCollector(StatsCollector):
+    """StatsCollector for two streams. Per batch: `record()`, run the block on the original stream, `pair()`,
+    run it on the compressed stream, `end_batch()`."""
+
+    stats_factory = PairedStats
+
+    def __init__(self, modules):
+        super().__init__(modules)
+        self._pairing = False
+        self._pending = {}
+        self._output_hooks = []
+
+    def __enter__(self):
+        super().__enter__()
+        for name, module in self.modules.items():
+            self._output_hooks.append(module.register_forward_hook(self._output_hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._output_hooks:
+            handle.remove()
+        self._output_hooks.clear()
+        self._pending.clear()
+        return super().__exit__(*exc)
+
+    def record(self):
+        self._pairing = False
+
+    def pair(self):
+        self._pairing = True
+
+    def end_batch(self):
+        super().end_batch()
+        self._pending.clear()
+
+    def _hook(self, name):
+        def hook(module, args):
+            x = args[0]
+            if self._first_batch and not self._pairing and name not in self._group_of:
+                self._assign(name, x)
+            group = self._group_of[name]
+            if group.names[0] != name:
+                return
+            if self._pairing:
+                group.stats.add_pair(self._pending.pop(id(group)), x)
+            else:
+                self._pending[id(group)] = x.detach()
+
+        return hook
+
+    def _output_hook(self, name):
+        def hook(module, args, output):
+            if self._pairing:
+                return
+            y = output.detach().float()
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                y = y - bias.detach().float()
+            stats = self._group_of[name].stats
+            stats.output_energy[name] = stats.output_energy.get(name, 0.0) + float(y.square().sum(dtype=torch.float64))
+
+        return hook

@@ -81,7 +81,8 @@ def test_dead_input_gives_identity_weighting():
     stats = InputStats(8)
     stats.add(torch.zeros(10, 8))
     weighting = decompose.whiten_weighting(stats, 1e-4)
-    assert torch.equal(weighting.right, torch.eye(8, dtype=torch.float64))
+    assert weighting.info["dead"]
+    assert decompose.whitened_error(torch.ones(3, 8), torch.zeros(3, 8), weighting) == (0.0, 0.0)
 
 
 def test_signs_are_fixed():
@@ -93,11 +94,43 @@ def test_signs_are_fixed():
     assert (f1.up[index, torch.arange(5)] > 0).all()
 
 
+def test_whitened_error_equals_the_gram_error():
+    x = correlated_inputs(1000, 24)
+    stats = stats_of(x)
+    w, approx = torch.randn(10, 24), torch.randn(10, 24)
+    expected = decompose.output_error(w, approx, stats.gram)
+    got = decompose.whitened_error(w, approx, decompose.whiten_weighting(stats, 1e-3, consume=True))
+    assert got[0] == pytest.approx(expected[0], rel=1e-5) and got[1] == pytest.approx(expected[1], rel=1e-5)
+    with pytest.raises(RuntimeError, match="spent"):
+        stats.gram  # consumed
+
+
 def test_gram_is_accumulated_in_float64():
     stats = InputStats(4)
-    x = torch.randn(100, 4)
+    x = torch.randn(100, 4, generator=torch.Generator().manual_seed(0))
     stats.add(x[:50])
     stats.add(x[50:])
+    exact = x.double().T @ x.double()
     assert stats.gram.dtype == torch.float64
-    assert torch.allclose(stats.gram, x.double().T @ x.double(), rtol=1e-5)
+    # each batch's product is a float32 GEMM: accurate to float32 rounding of the largest entries
+    assert torch.allclose(stats.gram, exact, rtol=0, atol=1e-6 * float(exact.abs().max()))
     assert stats.tokens == 100
+
+
+def test_exact_sum_does_not_depend_on_order():
+    from lowrank.stats import ExactSum
+
+    g = torch.Generator().manual_seed(0)
+    terms = [(torch.randn(50, generator=g) * 10 ** torch.randint(-8, 8, (50,), generator=g)).double() for _ in range(40)]
+    forward, backward, split = ExactSum(50), ExactSum(50), [ExactSum(50), ExactSum(50)]
+    for t in terms:
+        forward.add(t)
+    for t in reversed(terms):
+        backward.add(t)
+    for i, t in enumerate(terms):
+        split[i % 2].add(t)
+    split[0].merge(split[1])
+    assert torch.equal(forward.value, backward.value) and torch.equal(forward.value, split[0].value)
+    naive_forward = sum(terms)
+    naive_backward = sum(reversed(terms))
+    assert not torch.equal(naive_forward, naive_backward)  # plain float64 sums do depend on the order

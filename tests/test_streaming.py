@@ -1,0 +1,138 @@
+"""Streaming (one block in memory) and resume: the same bytes as the in-memory, uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import save_model, tree_digest
+
+import lowrank
+from lowrank.errors import UsageError
+
+FAST = {"num_samples": 16, "seq_len": 64, "batch_size": 4}
+
+
+def weights_and_config(directory):
+    names = sorted(n for n in os.listdir(directory) if n.startswith("model") or n == "config.json")
+    return {name: open(os.path.join(directory, name), "rb").read() for name in names}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_streaming_writes_the_same_bytes_as_in_memory(kind, request, calib_file, tmp_path):
+    source = request.getfixturevalue(f"{kind}_dir")
+    digest = tree_digest(source)
+    a, b = str(tmp_path / "memory"), str(tmp_path / "stream")
+    ra = lowrank.compress(source, a, ratio=0.5, calib=calib_file, stream="off", **FAST)
+    rb = lowrank.compress(source, b, ratio=0.5, calib=calib_file, stream="on", max_shard_size="20KB", **FAST)
+    assert not ra["streamed"] and rb["streamed"]
+    lowrank.compress(source, str(tmp_path / "memory-sharded"), ratio=0.5, calib=calib_file, stream="off",
+                     max_shard_size="20KB", **FAST)
+    assert weights_and_config(b) == weights_and_config(str(tmp_path / "memory-sharded"))
+    assert weights_and_config(a)["config.json"] == weights_and_config(b)["config.json"]
+    assert tree_digest(source) == digest
+
+
+def test_streaming_with_anchoring_and_global_allocation(llama_dir, calib_file, tmp_path):
+    options = dict(ratio=0.5, calib=calib_file, alloc="global", anchor=True, **FAST)
+    lowrank.compress(llama_dir, str(tmp_path / "a"), stream="off", **options)
+    lowrank.compress(llama_dir, str(tmp_path / "b"), stream="on", **options)
+    assert weights_and_config(str(tmp_path / "a")) == weights_and_config(str(tmp_path / "b"))
+
+
+def test_streaming_refuses_what_needs_the_whole_model(llama_dir, calib_file, tmp_path):
+    with pytest.raises(UsageError, match="need the whole model"):
+        lowrank.compress(llama_dir, str(tmp_path / "x"), method="fwsvd", calib=calib_file, stream="on", **FAST)
+    with pytest.raises(UsageError, match="calibration text"):
+        lowrank.compress(llama_dir, str(tmp_path / "x"), calib="self", stream="on", **FAST)
+
+
+@pytest.fixture(scope="module")
+def deep_llama(tmp_path_factory, tokenizer):
+    """16 blocks, so that a run can be stopped halfway."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=16, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
+    directory = tmp_path_factory.mktemp("deep")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def compress_command(source, out, calib_file, *extra):
+    return [sys.executable, "-m", "lowrank", "compress", source, "-o", out, "--ratio", "0.5", "--calib", calib_file,
+            "--num-samples", "48", "--seq-len", "64", "--batch-size", "4", "--max-shard-size", "200KB", "-q",
+            *extra]
+
+
+def journal_blocks(out):
+    path = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.lowrank-partial", ".lowrank-journal.json")
+    try:
+        with open(path) as f:
+            return json.load(f)["blocks_done"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def run_until(command, out, blocks, sig):
+    """Start the command, send `sig` once `blocks` blocks are durable; return its exit code."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if journal_blocks(out) >= blocks:
+            process.send_signal(sig)
+            break
+        time.sleep(0.005)
+    _, err = process.communicate(timeout=300)
+    return process.returncode, err
+
+
+@pytest.mark.parametrize("stream", ["on", "off"])
+def test_sigkill_then_resume_gives_identical_output(deep_llama, calib_file, tmp_path, stream):
+    reference = str(tmp_path / "reference")
+    subprocess.run(compress_command(deep_llama, reference, calib_file, "--stream", stream), check=True, timeout=600)
+    out = str(tmp_path / "out")
+    code, _ = run_until(compress_command(deep_llama, out, calib_file, "--stream", stream), out, 6, signal.SIGKILL)
+    assert code == -signal.SIGKILL and not os.path.exists(out)
+    assert 6 <= journal_blocks(out) < 16
+    done = subprocess.run(compress_command(deep_llama, out, calib_file, "--stream", stream, "--resume"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert weights_and_config(out) == weights_and_config(reference)
+    report = json.load(open(os.path.join(out, "compression_report.json")))
+    assert report["resumed_at_block"] >= 6 and len(report["layers"]["list"]) == 16 * 7
+    assert not os.path.exists(os.path.join(tmp_path, ".out.lowrank-partial"))
+
+
+def test_ctrl_c_keeps_the_work_and_says_how_to_resume(deep_llama, calib_file, tmp_path):
+    out = str(tmp_path / "out")
+    code, err = run_until(compress_command(deep_llama, out, calib_file), out, 3, signal.SIGINT)
+    assert code == 130 and "--resume" in err and "Traceback" not in err
+    other = subprocess.run(compress_command(deep_llama, out, calib_file, "--resume", "--ratio", "0.4"),
+                           capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "other settings" in other.stderr
+    done = subprocess.run(compress_command(deep_llama, out, calib_file, "--resume"), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["--alloc", "global", "--anchor", "--stream", "on"]])
+def test_two_gloo_processes_write_what_one_process_writes(llama_dir, calib_file, tmp_path, extra):
+    """torchrun with 2 CPU processes (gloo): batches split, statistics gathered exactly, rank 0 writes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every process, as in the single run
+    common = ["compress", llama_dir, "--calib", calib_file, "--num-samples", "16", "--seq-len", "64",
+              "--batch-size", "4", "--ratio", "0.5", "-q", *extra]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    subprocess.run([sys.executable, "-m", "lowrank", *common, "-o", one], check=True, env=env, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lowrank",
+                          *common, "-o", two], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert weights_and_config(one) == weights_and_config(two)
+    assert json.load(open(os.path.join(two, "compression_report.json")))["processes"] == 2
