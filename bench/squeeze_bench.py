@@ -197,7 +197,6 @@ def texts():
 
 
 def windows(tokenizer, documents, length):
-    import torch
 
     ids = tokenizer("\n\n".join(documents), add_special_tokens=False, return_tensors="pt").input_ids[0]
     count = len(ids) // length

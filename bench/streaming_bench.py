@@ -1,17 +1,18 @@
 """Streaming: peak memory against model size, and the cost of streaming against the in-memory path.
 
-    python bench/streaming_bench.py --layers 5,15,38 --compare-layers 38
+    python bench/streaming_bench.py --layers 2,5,38 --compare-layers 5
+    python bench/streaming_bench.py --layers "" --real-model --out streaming-smollm2.json
 
 Builds synthetic Llama-architecture checkpoints with random float32 weights (hidden 1536, intermediate 4096,
 GQA 12/4 heads, SmolLM2's tokenizer and vocabulary, tied embeddings; 38 layers is about 4 GiB), written
 tensor by tensor so that building them needs little memory. Each is compressed with `--stream on --ratio 0.5`
 by a real `lowrank compress` process (its own peak RSS and wall time); the model given by --compare-layers is
-also compressed with `--stream off`, and the two outputs are compared byte for byte.
+also compressed with `--stream off`, and the two outputs are compared byte for byte. --real-model does the
+same comparison on SmolLM2-135M (bench/work/smollm2-135m), tensor by tensor.
 Results: bench/results/streaming.json.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -72,15 +73,43 @@ def weights(directory):
             if n.startswith("model") or n == "config.json"}
 
 
+def same_tensors(a, b):
+    """(number of tensors, how many are equal) over the two checkpoints' safetensors, by name."""
+    import torch
+    from safetensors import safe_open
+
+    def tensors(directory):
+        out = {}
+        for name in sorted(os.listdir(directory)):
+            if name.endswith(".safetensors"):
+                with safe_open(os.path.join(directory, name), "pt") as f:
+                    out.update({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    equal = sum(1 for k in ta if k in tb and ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]))
+    return len(ta | tb), equal
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", default="5,15,38")
-    parser.add_argument("--compare-layers", type=int, default=38)
+    parser.add_argument("--layers", default="2,5,38")
+    parser.add_argument("--compare-layers", type=int, default=5, help="also run this model in memory (it must fit)")
+    parser.add_argument("--real-model", action="store_true", help="compare stream and memory on SmolLM2-135M")
     parser.add_argument("--out", default="streaming.json")
     args = parser.parse_args()
     common.prepare()
     results = {"machine": common.machine(), "runs": [], "calibration": f"{SAMPLES} x {SEQ_LEN} tokens"}
-    for layers in map(int, args.layers.split(",")):
+    if args.real_model:
+        runs = {mode: compress(common.MODEL_DIR, mode, f"smollm2-{mode}") for mode in ("on", "off")}
+        total, equal = same_tensors(runs["on"][0], runs["off"][0])
+        results["real_model"] = {"model": "SmolLM2-135M", "tensors": total, "identical_tensors": equal,
+                                 "commands": [run[3] for run in runs.values()],
+                                 "wall_s": {mode: run[2] for mode, run in runs.items()},
+                                 "peak_rss_bytes": {mode: run[1]["peak_rss_bytes"] for mode, run in runs.items()}}
+        common.save(args.out, results)
+        print(f"SmolLM2-135M: {equal} of {total} tensors identical between --stream on and off", file=sys.stderr)
+    for layers in (int(x) for x in args.layers.split(",") if x):
         source = synthetic(layers)
         size = sum(os.path.getsize(os.path.join(source, n)) for n in os.listdir(source) if n.endswith(".safetensors"))
         print(f"{layers} layers ({size / 2**30:.2f} GiB) ...", file=sys.stderr)
@@ -88,6 +117,7 @@ def main():
         run = {"layers": layers, "weights_bytes": size, "mode": "stream", "command": command, "wall_s": wall,
                "peak_rss_bytes": report["peak_rss_bytes"], "timings_s": report["timings_s"]}
         results["runs"].append(run)
+        common.save(args.out, results)
         if layers == args.compare_layers:
             memory_out, memory_report, memory_wall, memory_command = compress(source, "off",
                                                                               f"synthetic-{layers}-memory")

@@ -42,9 +42,11 @@ def compress(
                          "outputs of the already-compressed blocks before it.")] = True,
     alloc: Annotated[str, typer.Option(help="Rank allocation under the same parameter budget: uniform (one rule "
                      "for every matrix, as the papers), global (heterogeneous ranks from the whitened spectra, "
-                     "greedy by loss reduction per parameter), sensitivity (ASVD's measured-loss search; slow).")
+                     "greedy by relative loss reduction per parameter), fisher (the same greedy rule with each component's "
+                     "loss weighted by the LM loss's output Fisher: one backward pass over a quarter of the "
+                     "calibration windows; whole model in memory), sensitivity (ASVD's measured-loss search; slow).")
                      ] = "uniform",
-    min_rank_fraction: Annotated[float, typer.Option(help="global: every matrix keeps at least this fraction of "
+    min_rank_fraction: Annotated[float, typer.Option(help="global/fisher: every matrix keeps at least this fraction of "
                                  "its break-even rank.")] = 0.1,
     anchor: Annotated[bool, typer.Option("--anchor/--no-anchor", help="Fit each layer to the ORIGINAL model's "
                       "outputs from the inputs the compressed model gives it (AA-SVD's anchored objective).")
@@ -77,6 +79,11 @@ def compress(
     stream: Annotated[str, typer.Option(help="on: hold one block in memory at a time, filled from the safetensors "
                       "shards (models larger than memory); off: load the whole model; auto: stream when the "
                       "weights exceed a quarter of this machine's memory.", rich_help_panel=PERF)] = "auto",
+    offload_budget: Annotated[str, typer.Option(help="Calibration hidden states kept in memory per stream (e.g. "
+                              "8GB); the rest spill to memory-mapped files. auto: a quarter of this machine's "
+                              "memory; none: never spill.", rich_help_panel=PERF)] = "auto",
+    offload_dir: Annotated[str | None, typer.Option(help="Where spilled hidden states go (default: the system's "
+                           "temporary directory, $TMPDIR).", rich_help_panel=PERF)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run into the same output (the "
                       "same command, plus --resume): finished blocks are kept, the output is byte-identical.",
                       rich_help_panel=OUT)] = False,
@@ -98,7 +105,7 @@ def compress(
     """
     from lowrank.compression import compress as run
 
-    from .ui import RichProgress, err, print_json, quiet_libraries
+    from .ui import RichProgress, print_json, quiet_libraries
 
     quiet_libraries(verbose)
     output = output or default_output(model, ratio)
@@ -110,7 +117,8 @@ def compress(
                      min_rank_fraction=min_rank_fraction, anchor=anchor, refit=refit, refine_steps=refine_steps,
                      refine_lr=refine_lr, damp=damp, alpha=alpha,
                      text_column=text_column, calib_split=calib_split, max_shard_size=max_shard_size,
-                     stream=stream, resume_run=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                     stream=stream, offload_budget=None if offload_budget.lower() == "none" else offload_budget,
+                     offload_dir=offload_dir, resume_run=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
                      progress=progress)
     if report is None:  # a helper process of a torchrun job: rank 0 writes and reports
         return

@@ -24,6 +24,8 @@ NOT_COPIED = {"config.json", MODELING_FILE, "README.md", "compression_report.jso
 def check_output(output, source_dir, overwrite):
     """Refuse an output that exists (without --overwrite) or that overlaps the input model."""
     out = os.path.abspath(output)
+    if os.path.islink(out) and not os.path.exists(out):
+        raise UsageError(f"{output} is a broken symbolic link; remove it or write the output somewhere else")
     if os.path.exists(out) and not overwrite:
         raise UsageError(f"{output} already exists; pass --overwrite to replace it")
     if os.path.exists(out) and not os.path.isdir(out):

@@ -19,7 +19,7 @@ from .errors import Interrupted, UsageError
 from .loading import load_model, load_tokenizer, resolve_model
 from .methods import METHODS
 from .modeling_lowrank import LowRankLinear, linear_shape
-from .pipeline import LayerResult, Settings, compress_model
+from .pipeline import LayerResult, Settings, compress_model, keep_large_allocations_returnable
 from .progress import SILENT
 from .ranks import RATIO_DEFINITION
 from .report import SPECTRA_FILE, build_report, human_bytes, spectra_bytes, to_markdown, worst_layers
@@ -59,14 +59,23 @@ def memory_bytes():
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def offload_limit(budget):
+    """--offload-budget: None, a byte count, a size string, or "auto" (a quarter of this machine's memory)."""
+    if budget is None or isinstance(budget, int):
+        return budget
+    if budget == "auto":
+        return memory_bytes() // 4
+    return parse_size(budget)
+
+
 def choose_streaming(stream, source, method, alloc, calib):
     """Stream when asked, or (auto) when a safetensors checkpoint outweighs a quarter of this machine's memory."""
     size = weight_bytes(source)
     why_not = None
     if not size:
         why_not = "only local safetensors checkpoints can be streamed"
-    elif method == "fwsvd" or alloc == "sensitivity":
-        why_not = "--method fwsvd and --alloc sensitivity need the whole model at once"
+    elif method == "fwsvd" or alloc in ("fisher", "sensitivity"):
+        why_not = "--method fwsvd and --alloc fisher/sensitivity need the whole model at once"
     elif calib in ("self", "auto"):
         why_not = "streaming needs calibration text (--calib FILE or a dataset): --calib self runs the whole model"
     if stream == "on" and why_not:
@@ -116,6 +125,8 @@ def compress(
     calib_split="train",
     max_shard_size="5GB",
     stream="auto",
+    offload_budget="auto",
+    offload_dir=None,
     resume_run=False,
     overwrite=False,
     trust_remote_code=False,
@@ -126,6 +137,8 @@ def compress(
 
     `ratio` is the fraction of the targeted linear layers' parameters that is kept. `stream` ("auto", "on",
     "off") holds one block in memory at a time; `resume_run` continues an interrupted run into the same output.
+    `offload_budget` (bytes, a size such as "8GB", "auto" = a quarter of this machine's memory, or None) caps
+    the calibration hidden states kept in memory per stream; the rest go to files in `offload_dir`.
     Returns the report (a dict, also written as compression_report.json).
     """
     import torch
@@ -135,9 +148,11 @@ def compress(
     from .distributed import from_environment
 
     validate(ratio, method)
+    keep_large_allocations_returnable()
     if stream not in ("auto", "on", "off"):
         raise UsageError(f"--stream must be auto, on or off, got {stream!r}")
     max_shard_bytes = parse_size(max_shard_size)
+    offload_bytes = offload_limit(offload_budget)
     device = resolve_device(device)
     dist = from_environment(device)  # torchrun: several processes share the work, rank 0 writes
     main = dist is None or dist.main
@@ -184,10 +199,10 @@ def compress(
     settings = Settings(ratio=ratio, method=method, targets=targets, ignore=ignore, propagate=propagate, damp=damp,
                         alpha=alpha, batch_size=batch_size, device=device, alloc=alloc,
                         min_rank_fraction=min_rank_fraction, anchor=anchor, refit=refit, refine_steps=refine_steps,
-                        refine_lr=refine_lr)
+                        refine_lr=refine_lr, offload_budget=offload_bytes, offload_dir=offload_dir)
     expected = resume.fingerprint(
         version=__version__, source=source.spec, config=net.config.to_dict(), dtype=model_dtype,
-        settings={k: v for k, v in asdict(settings).items() if k != "device"},
+        settings={k: v for k, v in asdict(settings).items() if k not in ("device", "offload_budget", "offload_dir")},
         calibration=resume.tensor_digest(calibration.input_ids), max_shard_bytes=max_shard_bytes,
     )
     staging = staging_dir(output)
@@ -285,6 +300,7 @@ def compress(
         dtype=model_dtype, command=command, extra_timings=timings,
     )
     report["streamed"] = streaming
+    report["offload_budget_bytes"] = offload_bytes
     report["processes"] = dist.world if dist else 1
     report["resumed_at_block"] = done or None
 

@@ -114,8 +114,9 @@ def whitened_error(weight, approx, weighting):
     w = weight.to(torch.float64)
     delta = w - approx.to(torch.float64)
 
-    def energy(d):
-        return float(weighting.times_right(d).square().sum()) - floor * float(d.square().sum())
+    def energy(d):  # by blocks of rows: a wide layer's full products would be the peak of a streamed run
+        return sum(float(weighting.times_right(rows).square().sum()) - floor * float(rows.square().sum())
+                   for rows in d.split(256))
 
     return max(energy(delta), 0.0), energy(w)
 

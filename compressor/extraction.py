@@ -176,7 +176,7 @@ def _write(base, finetuned, jobs, ranks, saved, output, settings, info, *, analy
     from .shards import ShardWriter
     from .squeeze_report import build, layer_entry
 
-    layers, tensors = [], []
+    layers = []
     bias_lora = any(job.delta.bias_changed for job in jobs)
     staging = None if analyze else staging_dir(output)
     try:

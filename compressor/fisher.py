@@ -28,21 +28,45 @@ def has_lm_head(model):
 
 def input_importance(model, input_ids, names, batch_size, device, progress=None):
     """{layer name: I (in_features,), float64}: per-input-feature Fisher importance of each named linear layer."""
+
+    def per_layer(grad, x):
+        # per sample s: dL_s/dW = g_s^T x_s (out x in); sum its squares over outputs -> (in,)
+        total = 0
+        for g_s, x_s in zip(grad.float(), x.float()):
+            per_sample = g_s.reshape(-1, g_s.shape[-1]).T @ x_s.reshape(-1, x_s.shape[-1])
+            total = total + per_sample.square().sum(0, dtype=torch.float64)
+        return total
+
+    return _accumulate_gradients(model, input_ids, names, batch_size, device, per_layer, progress, "fwsvd")
+
+
+def output_importance(model, input_ids, names, batch_size, device, progress=None):
+    """{layer name: D (out_features,), float64}: the diagonal Fisher of each named layer's OUTPUT, the mean
+    over samples of sum_t g_st^2 with g = dL_s/dy. A change dy of the outputs raises the loss by about
+    1/2 sum_k D_k dy_k^2 (per token, on average): what `--alloc fisher` weighs each dropped component by."""
+
+    def per_layer(grad, x):
+        return grad.double().square().reshape(-1, grad.shape[-1]).sum(0)
+
+    return _accumulate_gradients(model, input_ids, names, batch_size, device, per_layer, progress, "--alloc fisher")
+
+
+def _accumulate_gradients(model, input_ids, names, batch_size, device, per_layer, progress, who):
+    """Backward passes of the per-sample mean token loss over `input_ids`; for each named layer, the sum over
+    batches of per_layer(output gradient, input), divided by the number of samples."""
     if not has_lm_head(model):
-        raise UsageError("fwsvd needs a causal language model with its LM head (the loss is next-token "
-                         "cross-entropy); this model has none, use another --method")
-    fisher, handles = {}, []
+        option = "--method" if who == "fwsvd" else "--alloc"
+        raise UsageError(f"{who} needs a causal language model with its LM head (the loss is next-token "
+                         f"cross-entropy); this model has none, use another {option}")
+    totals, handles = {}, []
 
     def record(name):
         def hook(module, args, output):
             x = args[0].detach()
 
             def accumulate(grad):
-                # per sample s: dL_s/dW = g_s^T x_s (out x in); sum its squares over outputs -> (in,)
-                for g_s, x_s in zip(grad.detach().float(), x.float()):
-                    per_sample = g_s.reshape(-1, g_s.shape[-1]).T @ x_s.reshape(-1, x_s.shape[-1])
-                    total = per_sample.square().sum(0, dtype=torch.float64)
-                    fisher[name] = fisher[name] + total if name in fisher else total
+                value = per_layer(grad.detach(), x)
+                totals[name] = totals[name] + value if name in totals else value
 
             if output.requires_grad:
                 output.register_hook(accumulate)
@@ -71,4 +95,4 @@ def input_importance(model, input_ids, names, batch_size, device, progress=None)
         for param, flag in zip(model.parameters(), requires):
             param.requires_grad_(flag)
     samples = input_ids.shape[0]
-    return {name: value / samples for name, value in fisher.items()}
+    return {name: value / samples for name, value in totals.items()}

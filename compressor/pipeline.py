@@ -20,11 +20,11 @@ from .errors import LowrankError, UsageError
 from .fisher import input_importance
 from .methods import METHODS
 from .modeling_lowrank import LowRankLinear, linear_shape
+from .offload import states_factory
 from .progress import SILENT
-from .ranks import allocate_global, factor_params, uniform_rank
+from .ranks import factor_params, uniform_rank
 from .stats import PairedCollector, PairedStats, StatsCollector
 from .targets import dense_weight, select_targets
-
 
 
 @dataclass
@@ -34,11 +34,9 @@ class Settings:
     ratio: float = 0.5
     method: str = "whiten"
     alloc: str = "uniform"  # "global": heterogeneous ranks from whitened spectra, same parameter budget;
+    # "fisher": the same, each component's loss weighted by the LM loss's output Fisher;
     # "sensitivity": ASVD's measured-loss search (slow reference)
-    min_rank_fraction: float = 0.1  # global: every matrix keeps at least this share of its break-even rank
-    alloc_normalize: bool = True  # global: each matrix's losses relative to its own energy
-    alloc_by_type: bool = False  # global: allocate among matrices of one type (q_proj, ...) with its own budget
-    alloc_max_factor: float | None = None  # global: no matrix above this multiple of its uniform rank
+    min_rank_fraction: float = 0.1  # global/fisher: every matrix keeps at least this share of its break-even rank
     anchor: bool = False  # fit W' x' to the ORIGINAL model's outputs W x (needs propagation)
     refit: bool = False  # after truncation, refit `up` by least squares to the original outputs
     refine_steps: int = 0  # gradient steps on each block's factors against its original outputs
@@ -51,6 +49,8 @@ class Settings:
     alpha: float = 0.5  # asvd exponent
     batch_size: int = 8
     device: str = "cpu"
+    offload_budget: int | None = None  # bytes of calibration hidden states kept in memory per stream; None: all
+    offload_dir: str | None = None  # where states beyond the budget are spilled (default: the temp directory)
 
 
 @dataclass
@@ -130,14 +130,14 @@ def _check_uniform_attention(blocks):
         )
 
 
-def capture_block_inputs(model, first_block, input_ids, batch_size, device, batches=None):
+def capture_block_inputs(model, first_block, input_ids, batch_size, device, batches=None, new_states=list):
     """Run every calibration batch up to the first block. Returns the hidden states per batch and, per batch
     size, the block's other arguments (mask, position embeddings, ...).
 
     Calibration windows are full-length and unpadded, so those arguments depend only on the batch shape:
     they are kept once per shape and replayed for every block.
     """
-    states, extras = [], {}
+    states, extras = new_states(), {}
 
     def catch(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -160,8 +160,8 @@ def capture_block_inputs(model, first_block, input_ids, batch_size, device, batc
     return states, extras
 
 
-def _run_block(block, states, extras, device, collector=None, keep=True):
-    outputs = []
+def _run_block(block, states, extras, device, collector=None, keep=True, new_states=list):
+    outputs = new_states()
     with torch.no_grad():
         for hidden in states:
             args, kwargs = extras[hidden.shape[0]]
@@ -173,11 +173,11 @@ def _run_block(block, states, extras, device, collector=None, keep=True):
     return outputs
 
 
-def collect_statistics(block, names, states, extras, device, keep_outputs):
+def collect_statistics(block, names, states, extras, device, keep_outputs, new_states=list):
     """One pass of the original block with hooks. Returns the collector and, if asked, the block's outputs."""
     modules = {name: block.get_submodule(rel) for name, rel in names.items()}
     with StatsCollector(modules) as collector:
-        outputs = _run_block(block, states, extras, device, collector, keep=keep_outputs)
+        outputs = _run_block(block, states, extras, device, collector, keep=keep_outputs, new_states=new_states)
     return collector, (outputs if keep_outputs else None)
 
 
@@ -302,11 +302,11 @@ def decompose_block_distributed(block, names, collector, settings, fisher, dist)
     return [by_name[name] for name in names]
 
 
-def collect_paired_statistics(block, names, original, shifted, extras, device):
+def collect_paired_statistics(block, names, original, shifted, extras, device, new_states=list):
     """Two passes of the original block per batch, on the original stream and on the compressed stream, with
     hooks pairing each layer's inputs token by token. Returns the collector and the original stream's outputs."""
     modules = {name: block.get_submodule(rel) for name, rel in names.items()}
-    outputs = []
+    outputs = new_states()
     with PairedCollector(modules) as collector, torch.no_grad():
         for x, x_shifted in zip(original, shifted):
             args, kwargs = extras[x.shape[0]]
@@ -353,14 +353,14 @@ def refine_block(block, states, targets, extras, steps, lr, device, seed=0):
 
 def walk_blocks(model, input_ids, targets, blocks_name, visit, *, batch_size, device, propagate=True,
                 anchored=False, refine_steps=0, refine_lr=1e-4, source=None, progress=SILENT, on_block_done=None,
-                timings=None, stage="blocks", start=0, replay=None, dist=None):
+                timings=None, stage="blocks", start=0, replay=None, dist=None, new_states=list):
     """The layer-major loop. For each block: collect statistics of its targets' inputs with the block as it is,
     call visit(index, block, names, collector) -> [LayerResult] (which may change the block), optionally refine
     the changed block against the original block's outputs, then feed the next block either the changed block's
     outputs (propagate) or the first pass's outputs. With `anchored`, an original stream runs alongside and the
     statistics pair each layer's original and compressed inputs. Blocks before `start` were done by an earlier
     run: `replay(index, block)` turns the freshly loaded block into its compressed form and the loop only runs
-    the calibration states through it."""
+    the calibration states through it. `new_states()` makes each stream's container (see offload.py)."""
     timings = timings if timings is not None else {}
     for key in ("capture", "statistics", "decomposition", "propagation"):
         timings.setdefault(key, 0.0)
@@ -373,7 +373,8 @@ def walk_blocks(model, input_ids, targets, blocks_name, visit, *, batch_size, de
     source.open_capture(model, device)
     try:
         mine = dist.my_batches(-(-input_ids.shape[0] // batch_size)) if dist else None
-        states, extras = capture_block_inputs(model, source.blocks[0], input_ids, batch_size, device, mine)
+        states, extras = capture_block_inputs(model, source.blocks[0], input_ids, batch_size, device, mine,
+                                              new_states)
     finally:
         source.close_capture(model)
     original = states  # the original model's stream (anchored mode): identical before the first block
@@ -385,10 +386,10 @@ def walk_blocks(model, input_ids, targets, blocks_name, visit, *, batch_size, de
         block = source.materialize(index).to(device)
         if index < start:
             begin = time.perf_counter()
-            reference = _run_block(block, original if anchored else states, extras, device) \
+            reference = _run_block(block, original if anchored else states, extras, device, new_states=new_states) \
                 if anchored or not propagate else None
             replay(index, block)
-            states = _run_block(block, states, extras, device) if propagate else reference
+            states = _run_block(block, states, extras, device, new_states=new_states) if propagate else reference
             original = reference if anchored else original
             source.release(index, block.to("cpu"))
             timings["propagation"] += time.perf_counter() - begin
@@ -399,10 +400,11 @@ def walk_blocks(model, input_ids, targets, blocks_name, visit, *, batch_size, de
 
         begin = time.perf_counter()
         if anchored:
-            collector, reference = collect_paired_statistics(block, names, original, states, extras, device)
+            collector, reference = collect_paired_statistics(block, names, original, states, extras, device,
+                                                             new_states)
         else:
             keep = not propagate or refine_steps > 0
-            collector, reference = collect_statistics(block, names, states, extras, device, keep)
+            collector, reference = collect_statistics(block, names, states, extras, device, keep, new_states)
         timings["statistics"] += time.perf_counter() - begin
 
         begin = time.perf_counter()
@@ -419,7 +421,7 @@ def walk_blocks(model, input_ids, targets, blocks_name, visit, *, batch_size, de
             timings["refinement"] = timings.get("refinement", 0.0) + time.perf_counter() - begin
 
         begin = time.perf_counter()
-        states = _run_block(block, states, extras, device) if propagate else reference
+        states = _run_block(block, states, extras, device, new_states=new_states) if propagate else reference
         if anchored:
             original = reference
         timings["propagation"] += time.perf_counter() - begin
@@ -434,35 +436,18 @@ def walk_blocks(model, input_ids, targets, blocks_name, visit, *, batch_size, de
     return layers
 
 
-@torch.no_grad()
-def profile_spectra(model, input_ids, targets, blocks_name, settings, progress=SILENT, source=None, dist=None):
-    """Whitened singular values of every target on the original model's own inputs (no change to the model):
-    sigma_i^2 is exactly what dropping component i costs, which is what rank allocation needs."""
-    spectra = {}
+def keep_large_allocations_returnable():
+    """Fix glibc's mmap threshold at 1 MiB. By default it rises (up to 32 MiB) each time a large block is freed,
+    after which tensors of a few MiB come from the heap, fragment it and are never given back: resident memory
+    then creeps up block after block. Measured on a streamed 2-block model: peak RSS 1.63 -> 1.38 GiB."""
+    import ctypes
+    import sys
 
-    def visit(index, block, names, collector):
-        whitenings = {}
-        if dist is not None:  # each group's owner computes its spectra
-            owner = dist.reduce_groups(collector.groups)
-            owned = {n for i, group in enumerate(collector.groups) if owner[i] == dist.rank for n in group.names}
-            names = {name: rel for name, rel in names.items() if name in owned}
-        for name, rel in names.items():
-            stats = collector.stats_of(name)
-            if id(stats) not in whitenings:
-                whitenings[id(stats)] = decompose.whiten_weighting(stats, settings.damp, consume=True)
-            weight = dense_weight(block.get_submodule(rel)).to(torch.float64)
-            spectra[name] = torch.linalg.svdvals(whitenings[id(stats)].times_right(weight).float()).double()
-        return []
-
-    walk_blocks(model, input_ids, targets, blocks_name, visit, batch_size=settings.batch_size,
-                device=settings.device, propagate=False, progress=progress, stage="profile", source=source,
-                dist=dist)
-    if dist is not None:
-        merged = {}
-        for part in dist.gather_objects(spectra) or []:
-            merged.update(part)
-        return merged
-    return spectra
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass
 
 
 def return_freed_memory():
@@ -493,10 +478,11 @@ def compress_model(model, input_ids, settings, progress=SILENT, source=None, on_
         raise UsageError(f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
     if (settings.anchor or settings.refit) and settings.method != "whiten":
         raise UsageError("anchored fitting and refit are defined for --method whiten")
-    if settings.alloc not in ("uniform", "global", "sensitivity"):
-        raise UsageError(f"unknown allocation {settings.alloc!r}; choose uniform, global or sensitivity")
-    if dist is not None and (settings.method == "fwsvd" or settings.alloc == "sensitivity" or settings.refine_steps):
-        raise UsageError("fwsvd, --alloc sensitivity and --refine-steps run in a single process only")
+    if settings.alloc not in ("uniform", "global", "fisher", "sensitivity"):
+        raise UsageError(f"unknown allocation {settings.alloc!r}; choose uniform, global, fisher or sensitivity")
+    whole_model = settings.method == "fwsvd" or settings.alloc in ("fisher", "sensitivity")
+    if dist is not None and (whole_model or settings.refine_steps):
+        raise UsageError("fwsvd, --alloc fisher/sensitivity and --refine-steps run in a single process only")
     blocks_name, blocks, targets = select_targets(model, settings.targets, settings.ignore)
     _check_uniform_attention(blocks)
     timings = {}
@@ -510,27 +496,12 @@ def compress_model(model, input_ids, settings, progress=SILENT, source=None, on_
                                   progress=lambda: progress.advance("fisher", "gradients of the LM loss"))
         timings["fisher"] = time.perf_counter() - begin
 
-    if settings.alloc == "global" and not settings.ranks:
-        begin = time.perf_counter()
-        spectra = profile_spectra(model, input_ids, targets, blocks_name, settings, progress, source, dist)
-        ranks = None
-        if dist is None or dist.main:
-            shapes = {name: tuple(linear_shape(model.get_submodule(name))[:2]) for name in spectra}
-            ranks = {}
-            kinds = {name.rpartition(".")[2] if settings.alloc_by_type else "" for name in spectra}
-            for kind in sorted(kinds):
-                part = {n: v for n, v in spectra.items() if not settings.alloc_by_type or n.endswith("." + kind)}
-                ranks.update(allocate_global(part, {n: shapes[n] for n in part}, settings.ratio,
-                                             settings.min_rank_fraction, settings.alloc_normalize,
-                                             settings.alloc_max_factor))
-        settings = replace(settings, ranks=dist.broadcast_object(ranks) if dist else ranks)
-        timings["allocation"] = time.perf_counter() - begin
-    elif settings.alloc == "sensitivity" and not settings.ranks:
-        from .sensitivity import sensitivity_ranks
+    if settings.alloc != "uniform" and not settings.ranks:
+        from .allocation import allocate_ranks
 
         begin = time.perf_counter()
-        ranks, _ = sensitivity_ranks(model, input_ids, targets, blocks_name, settings, progress)
-        settings = replace(settings, ranks=ranks)
+        settings = replace(settings, ranks=allocate_ranks(model, input_ids, targets, blocks_name, settings, progress,
+                                                          source, dist))
         timings["allocation"] = time.perf_counter() - begin
 
     def visit(index, block, names, collector):
@@ -542,5 +513,6 @@ def compress_model(model, input_ids, settings, progress=SILENT, source=None, on_
                          device=settings.device, propagate=settings.propagate,
                          anchored=settings.anchor or settings.refit, refine_steps=settings.refine_steps,
                          refine_lr=settings.refine_lr, source=source, progress=progress, on_block_done=on_block_done,
-                         timings=timings, start=start, replay=replay, dist=dist)
+                         timings=timings, start=start, replay=replay, dist=dist,
+                         new_states=states_factory(settings.offload_budget, settings.offload_dir))
     return Result(blocks_name=blocks_name, layers=layers, timings=timings, calibration_tokens=int(input_ids.numel()))

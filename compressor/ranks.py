@@ -29,42 +29,45 @@ def factor_params(m, n, rank):
     return m * n if rank is None else rank * (m + n)
 
 
-def allocate_global(spectra, shapes, ratio, min_fraction=0.1, normalize=True, max_factor=None):
+def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None):
     """Heterogeneous ranks under the same parameter budget as the uniform rule at `ratio`.
 
     spectra: {name: whitened singular values, descending}; dropping component i of matrix j costs sigma_ji^2
-    of calibration output error (exact for whitening). Each matrix's losses are normalised by its total energy,
-    so a layer with a large output scale does not starve the rest: a component's score is its share of its
-    matrix's energy per parameter it costs, (sigma^2 / sum sigma^2) / (m + n). Components are taken greedily
-    by score (the best next component of any matrix first) until the budget is spent. A matrix whose rank
-    reaches break-even is stored dense (its last step costs what remains up to m n and recovers all the
-    rest). Every matrix keeps at least `min_fraction` of its break-even rank (and at least 1).
-    Returns {name: rank, or None for dense}.
+    of calibration output error (exact for whitening). Without `weights`, each matrix's losses are normalised
+    by its total energy, so a layer with a large output scale does not starve the rest: a component's score is
+    its share of its matrix's energy per parameter it costs, (sigma^2 / sum sigma^2) / (m + n). With
+    `weights` ({name: one factor per component}), a component's loss is sigma^2 * weight, already in common
+    units (the estimated rise of the LM loss, see `--alloc fisher`), and is not normalised.
+    Components are taken greedily by score (the best next component of any matrix first) until the budget is
+    spent. A matrix whose rank reaches break-even is stored dense (its last step costs what remains up to m n
+    and recovers all the rest). Every matrix keeps at least `min_fraction` of its break-even rank (and at
+    least 1). Returns {name: rank, or None for dense}.
     """
     import heapq
 
     budget = int(_exact(ratio) * sum(m * n for m, n in shapes.values()))
-    ranks, squares, energies, heap = {}, {}, {}, []
+    ranks, losses, heap = {}, {}, []
 
     def push(name):
         m, n = shapes[name]
-        rank, sigma2 = ranks[name], squares[name]
-        limit = break_even_rank(m, n)
+        rank, loss = ranks[name], losses[name]
         if rank is None or rank >= min(m, n):
             return
-        if max_factor is not None and rank >= max_factor * max(1, uniform_rank(m, n, ratio) or limit):
-            return
-        if rank + 1 < limit:
-            cost, gain = m + n, float(sigma2[rank])
+        if rank + 1 < break_even_rank(m, n):
+            cost, gain = m + n, float(loss[rank])
         else:  # the step to dense: pay up to m n, recover everything left
-            cost, gain = m * n - rank * (m + n), float(sigma2[rank:].sum())
-        heapq.heappush(heap, (-gain / energies[name] / max(cost, 1), name, cost))
+            cost, gain = m * n - rank * (m + n), float(loss[rank:].sum())
+        heapq.heappush(heap, (-gain / max(cost, 1), name, cost))
 
     spent = 0
     for name, sigma in spectra.items():
         m, n = shapes[name]
-        squares[name] = sigma.double().square()
-        energies[name] = (float(squares[name].sum()) or 1.0) if normalize else 1.0
+        loss = sigma.double().square()
+        if weights is None:
+            loss = loss / (float(loss.sum()) or 1.0)
+        else:
+            loss = loss * weights[name].double()
+        losses[name] = loss
         ranks[name] = max(1, int(min_fraction * break_even_rank(m, n)))
         spent += ranks[name] * (m + n)
     for name in ranks:

@@ -149,7 +149,7 @@ def describe_calibration(calibration):
 
 
 def to_markdown(report, worst=20):
-    lines = [f"# lowrank compression report", "", f"`{report['command']}`", "", "| | |", "|---|---|"]
+    lines = ["# lowrank compression report", "", f"`{report['command']}`", "", "| | |", "|---|---|"]
     lines += [f"| {label} | {value} |" for label, value in summary_rows(report)]
     lines += ["", f"Ratio: {report['ratio']['definition']}.", ""]
     layers = worst_layers(report)

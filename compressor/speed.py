@@ -11,6 +11,7 @@ would mislead.
 
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -60,9 +61,9 @@ def measure(model, prompt, device="cpu", decode_tokens=32, repeats=3, causal=Tru
 
     prefill_times, decode_times = [], []
     for run in range(repeats + 1):  # run 0 warms up kernels and allocator and is not counted
-        seconds, out = _timed(prefill, device)
-        decode_seconds = _timed(lambda: decode(out), device)[0] if causal and decode_tokens else None
-        del out
+        seconds, prefilled = _timed(prefill, device)
+        decode_seconds = _timed(partial(decode, prefilled), device)[0] if causal and decode_tokens else None
+        del prefilled
         if run:
             prefill_times.append(seconds)
             decode_times.append(decode_seconds)

@@ -144,3 +144,14 @@ def smollm2_available():
 
 
 COMPRESS_FAST = {"num_samples": 8, "seq_len": 64, "batch_size": 4}
+
+
+def assert_clean_failure(code, err, expected_code, message, output):
+    """One `error:` line (the last), the expected exit code, no traceback, no output and no partial sibling."""
+    assert code == expected_code, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0] and err.strip().splitlines()[-1] == errors[0], err
+    assert "Traceback" not in err
+    assert not os.path.exists(output)
+    parent = os.path.dirname(os.path.abspath(output))
+    assert not [name for name in os.listdir(parent) if "lowrank-partial" in name]

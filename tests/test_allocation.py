@@ -33,6 +33,45 @@ def test_global_allocation_goes_dense_when_that_is_worth_it():
     assert ranks["b"] is not None and ranks["b"] < 8
 
 
+def test_weights_move_the_budget_to_the_matrices_whose_errors_cost_more():
+    shapes = {"a": (64, 64), "b": (64, 64)}
+    spectra = {"a": torch.logspace(0, -2, 64), "b": torch.logspace(0, -2, 64)}
+    even = allocate_global(dict(spectra), shapes, 0.5, weights={"a": torch.ones(64), "b": torch.ones(64)})
+    assert abs(even["a"] - even["b"]) <= 1
+    skewed = allocate_global(dict(spectra), shapes, 0.5, weights={"a": torch.full((64,), 100.0), "b": torch.ones(64)})
+    assert skewed["a"] > even["a"] and skewed["b"] < even["b"]
+    assert sum(r * 128 for r in skewed.values()) <= 0.5 * 2 * 64 * 64
+
+
+def test_output_fisher_is_the_mean_squared_gradient_of_each_samples_loss():
+    from lowrank.fisher import output_importance
+
+    model = build_model("llama").float()
+    batch = ids(samples=3, length=16)
+    name = "model.layers.1.mlp.down_proj"
+    got = output_importance(model, batch, [name], batch_size=2, device="cpu")[name]
+    expected = torch.zeros_like(got)
+    outputs = {}
+    handle = model.get_submodule(name).register_forward_hook(lambda m, a, out: outputs.update(y=out))
+    for sample in batch:
+        logits = model(input_ids=sample[None]).logits
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], sample[1:])
+        (grad,) = torch.autograd.grad(loss, outputs["y"])
+        expected += grad.double().square().reshape(-1, grad.shape[-1]).sum(0)
+    handle.remove()
+    assert torch.allclose(got, expected / 3, rtol=1e-4, atol=1e-12)
+
+
+def test_fisher_allocation_in_the_pipeline():
+    result = compress_model(build_model("llama"), ids(), Settings(ratio=0.5, alloc="fisher"))
+    assert len({layer.rank for layer in result.layers if layer.rank}) > 3
+    kept = sum(layer.params_after for layer in result.layers) / sum(layer.params_before for layer in result.layers)
+    assert 0.45 <= kept <= 0.5
+    assert "fisher" in result.timings or "allocation" in result.timings
+    with pytest.raises(UsageError, match="LM head"):
+        compress_model(build_model("bert"), ids(), Settings(alloc="fisher"))
+
+
 def paired(x, x_shifted, weight):
     stats = PairedStats(x.shape[1])
     stats.add_pair(x, x_shifted)

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import COMPRESS_FAST, tree_digest
+from conftest import COMPRESS_FAST
 from safetensors import safe_open
 
 import lowrank

@@ -1,13 +1,11 @@
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 
 import pytest
-import torch
-from conftest import tree_digest
+from conftest import assert_clean_failure, tree_digest
 from safetensors.torch import load_file, save_file
 
 from lowrank.cli import main
@@ -23,16 +21,6 @@ def run(argv, capsys):
     return done.value.code, out, err
 
 
-def assert_clean_failure(code, err, expected_code, message, output):
-    assert code == expected_code, err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0] and err.strip().splitlines()[-1] == errors[0], err
-    assert "Traceback" not in err
-    assert not os.path.exists(output)
-    parent = os.path.dirname(os.path.abspath(output))
-    assert not [name for name in os.listdir(parent) if "lowrank-partial" in name]
-
-
 def test_compress_json_is_clean_stdout(llama_dir, calib_file, tmp_path, capsys):
     out = str(tmp_path / "out")
     code, stdout, err = run(["compress", llama_dir, "--ratio", "0.6", "-o", out, "--calib", calib_file,
@@ -46,12 +34,15 @@ def test_compress_json_is_clean_stdout(llama_dir, calib_file, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing", "not-a-model", "no-target", "ratio-zero", "ratio-big", "method", "exists", "inside", "shard-size"],
+    ["missing", "not-a-model", "no-target", "ratio-zero", "ratio-big", "method", "exists", "inside", "shard-size",
+     "broken-link", "offload-budget"],
 )
 def test_usage_errors_exit_2(case, llama_dir, model_copy, calib_file, tmp_path, capsys):
     model = model_copy(llama_dir)
     before = tree_digest(model)
     out = str(tmp_path / "out")
+    if case == "broken-link":
+        os.symlink(str(tmp_path / "gone"), str(tmp_path / "link"))
     args = {
         "missing": (["compress", str(tmp_path / "nope"), "-o", out], "no such file"),
         "not-a-model": (["compress", str(tmp_path), "-o", out], "not a model directory"),
@@ -62,6 +53,8 @@ def test_usage_errors_exit_2(case, llama_dir, model_copy, calib_file, tmp_path, 
         "exists": (["compress", model, "-o", str(tmp_path)], "already exists"),
         "inside": (["compress", model, "-o", os.path.join(model, "sub")], "overlaps the input"),
         "shard-size": (["compress", model, "-o", out, "--max-shard-size", "big"], "cannot read size"),
+        "broken-link": (["compress", model, "-o", str(tmp_path / "link")], "is a broken symbolic link"),
+        "offload-budget": (["compress", model, "-o", out, "--offload-budget", "lots"], "cannot read size"),
     }[case]
     argv, message = args
     code, _, err = run([*argv, "--calib", calib_file, *FAST], capsys)

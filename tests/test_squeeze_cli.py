@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import build_model, tree_digest
+from conftest import assert_clean_failure, build_model, tree_digest
 from safetensors.torch import load_file, save_file
 
 from lowrank.cli import main
@@ -43,16 +43,6 @@ def adapter_copy(adapter, tmp_path):
     target = str(tmp_path / "my-adapter")
     shutil.copytree(adapter, target)
     return target
-
-
-def assert_clean_failure(code, err, expected_code, message, output):
-    assert code == expected_code, err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0] and err.strip().splitlines()[-1] == errors[0], err
-    assert "Traceback" not in err
-    assert not os.path.exists(output)
-    parent = os.path.dirname(os.path.abspath(output))
-    assert not [name for name in os.listdir(parent) if "lowrank-partial" in name]
 
 
 def test_json_is_clean_stdout_and_default_output_name(adapter_copy, capsys):

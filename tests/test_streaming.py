@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import save_model, tree_digest
+from conftest import tree_digest
 
 import lowrank
 from lowrank.errors import UsageError
@@ -41,6 +41,25 @@ def test_streaming_with_anchoring_and_global_allocation(llama_dir, calib_file, t
     lowrank.compress(llama_dir, str(tmp_path / "a"), stream="off", **options)
     lowrank.compress(llama_dir, str(tmp_path / "b"), stream="on", **options)
     assert weights_and_config(str(tmp_path / "a")) == weights_and_config(str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("options", [dict(stream="on"), dict(stream="off", anchor=True)])
+def test_hidden_states_spilled_to_disk_give_the_same_bytes(options, llama_dir, calib_file, tmp_path, monkeypatch):
+    import lowrank.offload
+
+    spill_dirs = []
+    mkdtemp = lowrank.offload.tempfile.mkdtemp
+    monkeypatch.setattr(lowrank.offload.tempfile, "mkdtemp", lambda **kw: spill_dirs.append(mkdtemp(**kw)) or
+                        spill_dirs[-1])
+    common = dict(ratio=0.5, calib=calib_file, **options, **FAST)
+    lowrank.compress(llama_dir, str(tmp_path / "memory"), offload_budget=None, **common)
+    assert not spill_dirs
+    report = lowrank.compress(llama_dir, str(tmp_path / "spilled"), offload_budget="10KB",
+                              offload_dir=str(tmp_path), **common)
+    assert report["offload_budget_bytes"] == 10_000
+    assert spill_dirs and all(os.path.dirname(d) == str(tmp_path) for d in spill_dirs)
+    assert not any(os.path.exists(d) for d in spill_dirs)  # removed with the states they held
+    assert weights_and_config(str(tmp_path / "memory")) == weights_and_config(str(tmp_path / "spilled"))
 
 
 def test_streaming_refuses_what_needs_the_whole_model(llama_dir, calib_file, tmp_path):
