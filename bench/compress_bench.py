@@ -13,6 +13,7 @@ a fresh process too, so the machine's speed cancels out in the ratios. Results: 
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -24,9 +25,9 @@ OPTIONS = {"global": ["--alloc", "global"], "fisher": ["--alloc", "fisher"], "se
 
 
 def option_flags(spec):
-    """'whiten+global+anchor' -> ('whiten', ['--alloc', 'global', '--anchor'])."""
+    """'whiten+global+anchor' -> ('whiten', ['--alloc', 'global', '--anchor']); no allocation option: uniform."""
     method, *options = spec.split("+")
-    flags = []
+    flags = [] if {"global", "fisher", "sensitivity"} & set(options) else ["--alloc", "uniform"]  # as the papers
     for option in options:
         if option.startswith("refine"):
             flags += ["--refine-steps", option[len("refine"):]]
@@ -53,17 +54,29 @@ def main():
     parser.add_argument("--speed-ratio", type=float, default=0.5, help="ratio whose decode speed and size are checked")
     parser.add_argument("--speed-method", default="whiten")
     parser.add_argument("--out", default="compress.json")
+    parser.add_argument("--resume", action="store_true", help="keep the dense baseline and the runs already in "
+                        "--out (same protocol) and do only the rest")
     args = parser.parse_args()
     common.prepare()
 
     results = {"protocol": protocol(), "machine": common.machine(), "runs": []}
-    print("dense baseline ...", file=sys.stderr)
-    results["dense"] = common.measure(common.MODEL_DIR, forward=True, decode=True)
+    previous = os.path.join(common.RESULTS, args.out)
+    if args.resume and os.path.exists(previous):  # keep what an interrupted run of the same protocol measured
+        with open(previous) as f:
+            earlier = json.load(f)
+        if earlier.get("protocol") == results["protocol"] and "dense" in earlier:
+            results.update(dense=earlier["dense"], runs=earlier["runs"])
+    if "dense" not in results:
+        print("dense baseline ...", file=sys.stderr)
+        results["dense"] = common.measure(common.MODEL_DIR, forward=True, decode=True)
     path = common.save(args.out, results)
+    done = {(run["method"], run["ratio"]) for run in results["runs"]}
     plan = [(m, float(r)) for m in args.methods.split(",") for r in args.ratios.split(",")]
     if args.speed_ratio and (args.speed_method, args.speed_ratio) not in plan:
         plan.append((args.speed_method, args.speed_ratio))
     for method, ratio in plan:
+        if (method, ratio) in done:
+            continue
         print(f"{method} {ratio} ...", file=sys.stderr)
         out, report, wall, command = compress(method, ratio, os.path.splitext(args.out)[0])
         speed = (method, ratio) == (args.speed_method, args.speed_ratio)

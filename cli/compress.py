@@ -40,14 +40,14 @@ def compress(
     ignore: Annotated[list[str] | None, typer.Option(help="Layers to leave dense (same patterns).")] = None,
     propagate: Annotated[bool, typer.Option("--propagate/--no-propagate", help="Calibrate each block on the "
                          "outputs of the already-compressed blocks before it.")] = True,
-    alloc: Annotated[str, typer.Option(help="Rank allocation under the same parameter budget: uniform (one rule "
-                     "for every matrix, as the papers), global (heterogeneous ranks from the whitened spectra, "
-                     "greedy by relative loss reduction per parameter), fisher (the same greedy rule with each component's "
-                     "loss weighted by the LM loss's output Fisher: one backward pass over a quarter of the "
-                     "calibration windows; whole model in memory), sensitivity (ASVD's measured-loss search; slow).")
-                     ] = "uniform",
-    min_rank_fraction: Annotated[float, typer.Option(help="global/fisher: every matrix keeps at least this fraction of "
-                                 "its break-even rank.")] = 0.1,
+    alloc: Annotated[str, typer.Option(help="Rank allocation under the same parameter budget. auto (default): "
+                     "fisher for --method whiten on a causal LM held in memory, else uniform. uniform: one rule "
+                     "for every matrix, as the papers. global: heterogeneous ranks from the whitened spectra, greedy "
+                     "by relative loss reduction per parameter. fisher: the same greedy rule, each component's loss "
+                     "weighted by the LM loss's output Fisher (a backward pass over a quarter of the windows). "
+                     "sensitivity: ASVD's measured-loss search (slow).")] = "auto",
+    min_rank_fraction: Annotated[float, typer.Option(help="global/fisher: every matrix keeps at least this "
+                                 "fraction of its break-even rank.")] = 0.1,
     anchor: Annotated[bool, typer.Option("--anchor/--no-anchor", help="Fit each layer to the ORIGINAL model's "
                       "outputs from the inputs the compressed model gives it (AA-SVD's anchored objective).")
                       ] = False,

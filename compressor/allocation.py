@@ -25,15 +25,18 @@ def allocate_ranks(model, input_ids, targets, blocks_name, settings, progress=SI
         from .sensitivity import sensitivity_ranks
 
         return sensitivity_ranks(model, input_ids, targets, blocks_name, settings, progress)[0]
-    output_fisher = None
+    output_fisher, profile_ids = None, input_ids
     if settings.alloc == "fisher":
-        # one vector per layer needs far fewer tokens than a Gram matrix: a quarter of the windows (>= 4)
+        # Ranking components needs rough loss curves, not the exact statistics the decomposition uses: the
+        # gradients and the spectra both come from a quarter of the windows (>= 4), which keeps this first pass
+        # (a backward pass, then the spectra) cheaper than the compression that follows.
         names = [name for block_names in targets.values() for name in block_names]
-        subset = input_ids[: max(4, input_ids.shape[0] // 4)]
-        progress.start("fisher", -(-subset.shape[0] // settings.batch_size))
-        output_fisher = output_importance(model, subset, names, settings.batch_size, settings.device,
+        profile_ids = input_ids[: max(4, input_ids.shape[0] // 4)]
+        # one window per backward pass: it holds every layer's activations and the logits at once
+        progress.start("fisher", profile_ids.shape[0])
+        output_fisher = output_importance(model, profile_ids, names, 1, settings.device,
                                           progress=lambda: progress.advance("fisher", "output gradients"))
-    spectra, weights = profile_spectra(model, input_ids, targets, blocks_name, settings, progress, source, dist,
+    spectra, weights = profile_spectra(model, profile_ids, targets, blocks_name, settings, progress, source, dist,
                                        output_fisher)
     ranks = None
     if dist is None or dist.main:

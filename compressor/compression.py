@@ -68,6 +68,22 @@ def offload_limit(budget):
     return parse_size(budget)
 
 
+def resolve_alloc(alloc, method, streaming, distributed, model):
+    """--alloc auto: the measured best (fisher, see BENCHMARKS.md) where it applies, else uniform.
+    Returns (allocation, why it is not fisher or None)."""
+    if alloc != "auto":
+        return alloc, None
+    from .fisher import has_lm_head
+
+    if method != "whiten":
+        return "uniform", f"the Fisher-weighted allocation was measured with --method whiten, not {method}"
+    if streaming or distributed:
+        return "uniform", "the Fisher-weighted allocation needs the whole model in one process"
+    if not has_lm_head(model):
+        return "uniform", "the Fisher-weighted allocation needs a language-model head"
+    return "fisher", None
+
+
 def choose_streaming(stream, source, method, alloc, calib):
     """Stream when asked, or (auto) when a safetensors checkpoint outweighs a quarter of this machine's memory."""
     size = weight_bytes(source)
@@ -113,7 +129,7 @@ def compress(
     device="auto",
     dtype="auto",
     propagate=True,
-    alloc="uniform",
+    alloc="auto",
     min_rank_fraction=0.1,
     anchor=False,
     refit=False,
@@ -180,6 +196,11 @@ def compress(
         net, tokenizer = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
     timings["load"] = time.perf_counter() - start
     blocks_name, _, _ = select_targets(net, targets, ignore)  # bad patterns fail here, before any calibration
+    alloc_requested = alloc
+    alloc, why = resolve_alloc(alloc, method, streaming, dist is not None, net)
+    if alloc_requested == "auto":
+        progress.log(f"--alloc auto: {alloc} (" + (why or "Fisher-weighted global ranks; --alloc uniform gives the "
+                                                    "papers' one rank rule") + ")")
     tied = tied_names(net)
     before, after = partition_keys(net, blocks_name, tied)
     if streaming:
@@ -288,7 +309,8 @@ def compress(
         "base_model_type": net.config.model_type,
         "base_architectures": [type(net).__name__],
         "calibration": calibration.provenance,
-        "settings": {"propagate": propagate, "alloc": alloc, "anchor": anchor, "refit": refit,
+        "settings": {"propagate": propagate, "alloc": alloc, "alloc_requested": alloc_requested, "anchor": anchor,
+                     "refit": refit,
                      "refine_steps": refine_steps, "damp": damp, "alpha": alpha, "targets": targets, "ignore": ignore},
     }
     params_after = params_before - sum(layer.params_before - layer.params_after for layer in layers)

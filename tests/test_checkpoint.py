@@ -49,7 +49,8 @@ def test_reloaded_logits_equal_in_memory_model(llama_dir, llama_out):
     model, tokenizer = load_model(resolve_model(llama_dir))
     data = load_calibration(calibration["source"], model, tokenizer, calibration["num_samples"],
                             calibration["seq_len"], seed=calibration["seed"])
-    compress_model(model, data.input_ids, Settings(ratio=0.5, batch_size=COMPRESS_FAST["batch_size"]))
+    alloc = config["lowrank"]["settings"]["alloc"]  # what --alloc auto chose, recorded for reproduction
+    compress_model(model, data.input_ids, Settings(ratio=0.5, alloc=alloc, batch_size=COMPRESS_FAST["batch_size"]))
     reloaded = lowrank.load_pretrained(llama_out)
     assert type(reloaded).__name__ == "LowRankLlamaForCausalLM"
     with torch.no_grad():
@@ -68,7 +69,8 @@ def test_checkpoint_layout(llama_out):
     block = config["lowrank"]
     assert block["format_version"] == 1 and block["method"] == "whiten" and block["ratio"] == 0.5
     assert "kept" in block["ratio_definition"]
-    assert block["ranks"]["model.layers.0.self_attn.q_proj"] == 16
+    rank = block["ranks"]["model.layers.0.self_attn.q_proj"]  # --alloc auto: Fisher-weighted, below break-even
+    assert block["settings"]["alloc"] == "fisher" and 1 <= rank < 32
     assert block["calibration"]["num_samples"] == 8 and block["calibration"]["seq_len"] == 64
     keys = weight_keys(llama_out)
     assert "model.layers.0.self_attn.q_proj.down.weight" in keys and "model.layers.0.mlp.down_proj.up.weight" in keys
@@ -76,7 +78,7 @@ def test_checkpoint_layout(llama_out):
     assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys  # tied: stored once
     with safe_open(os.path.join(llama_out, "model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
-        assert f.get_tensor("model.layers.0.self_attn.q_proj.down.weight").shape == (16, 64)
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.down.weight").shape == (rank, 64)
 
 
 def test_report_states_both_fractions(llama_out):
@@ -85,7 +87,8 @@ def test_report_states_both_fractions(llama_out):
     targets, model = report["ratio"]["targets"], report["ratio"]["model"]
     assert targets["kept"] + targets["removed"] == pytest.approx(1)
     assert 0.45 < targets["kept"] <= 0.5 and model["kept"] > targets["kept"]
-    assert report["layers"]["factorized"] == 21 and len(report["layers"]["list"]) == 21
+    factorized = [layer for layer in report["layers"]["list"] if layer["rank"] is not None]
+    assert len(report["layers"]["list"]) == 21 and report["layers"]["factorized"] == len(factorized) >= 15
     layer = report["layers"]["list"][0]
     assert {"name", "shape", "rank", "params_before", "params_after", "energy_kept", "rel_error"} <= set(layer)
     assert report["size"]["bytes_after"] == os.path.getsize(os.path.join(llama_out, "model.safetensors"))

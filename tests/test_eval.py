@@ -104,9 +104,10 @@ def test_agreement_with_baseline_equals_direct_computation(checkpoint, llama_dir
     kl = (base.exp() * (base - model)).sum(-1).flatten()
     top1 = (base.argmax(-1) == model.argmax(-1)).double().mean().item()
     agreement = evaluation["agreement"]
-    assert agreement["kl_mean"] == pytest.approx(kl.mean().item(), rel=1e-4)
-    assert agreement["kl_max"] == pytest.approx(kl.max().item(), rel=1e-4)
-    assert agreement["kl_median"] == pytest.approx(kl.median().item(), rel=1e-3, abs=1e-7)
+    # KL from float32 logits computed in other batch shapes: the same to ~1e-6 absolute (values here ~1e-4)
+    assert agreement["kl_mean"] == pytest.approx(kl.mean().item(), rel=1e-4, abs=1e-6)
+    assert agreement["kl_max"] == pytest.approx(kl.max().item(), rel=1e-4, abs=1e-6)
+    assert agreement["kl_median"] == pytest.approx(kl.double().quantile(0.5).item(), rel=1e-3, abs=1e-6)
     assert agreement["top1"] == pytest.approx(top1) and agreement["positions"] == kl.numel()
     ppl = evaluation["perplexity"]
     assert ppl["baseline"] == pytest.approx(direct_perplexity(base, windows), rel=1e-6)

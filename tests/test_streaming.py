@@ -26,11 +26,13 @@ def test_streaming_writes_the_same_bytes_as_in_memory(kind, request, calib_file,
     source = request.getfixturevalue(f"{kind}_dir")
     digest = tree_digest(source)
     a, b = str(tmp_path / "memory"), str(tmp_path / "stream")
-    ra = lowrank.compress(source, a, ratio=0.5, calib=calib_file, stream="off", **FAST)
-    rb = lowrank.compress(source, b, ratio=0.5, calib=calib_file, stream="on", max_shard_size="20KB", **FAST)
+    # uniform: --alloc auto would pick the Fisher-weighted ranks in memory only (it needs a backward pass)
+    ra = lowrank.compress(source, a, ratio=0.5, calib=calib_file, stream="off", alloc="uniform", **FAST)
+    rb = lowrank.compress(source, b, ratio=0.5, calib=calib_file, stream="on", max_shard_size="20KB",
+                          alloc="uniform", **FAST)
     assert not ra["streamed"] and rb["streamed"]
     lowrank.compress(source, str(tmp_path / "memory-sharded"), ratio=0.5, calib=calib_file, stream="off",
-                     max_shard_size="20KB", **FAST)
+                     max_shard_size="20KB", alloc="uniform", **FAST)
     assert weights_and_config(b) == weights_and_config(str(tmp_path / "memory-sharded"))
     assert weights_and_config(a)["config.json"] == weights_and_config(b)["config.json"]
     assert tree_digest(source) == digest
@@ -60,6 +62,21 @@ def test_hidden_states_spilled_to_disk_give_the_same_bytes(options, llama_dir, c
     assert spill_dirs and all(os.path.dirname(d) == str(tmp_path) for d in spill_dirs)
     assert not any(os.path.exists(d) for d in spill_dirs)  # removed with the states they held
     assert weights_and_config(str(tmp_path / "memory")) == weights_and_config(str(tmp_path / "spilled"))
+
+
+def test_auto_allocation_is_fisher_where_it_applies(llama_dir, bert_dir, calib_file, tmp_path):
+    def chosen(source, **options):
+        out = str(tmp_path / f"out{len(os.listdir(tmp_path))}")
+        report = lowrank.compress(source, out, ratio=0.5, calib=calib_file, **options, **FAST)
+        config = json.load(open(os.path.join(out, "config.json")))["lowrank"]["settings"]
+        assert config["alloc_requested"] == "auto" and config["alloc"] == report["method"]["alloc"]
+        return config["alloc"], {layer["rank"] for layer in report["layers"]["list"]}
+
+    alloc, ranks = chosen(llama_dir, stream="off")
+    assert alloc == "fisher" and len(ranks) > 3  # heterogeneous
+    assert chosen(llama_dir, stream="on")[0] == "uniform"
+    assert chosen(llama_dir, stream="off", method="svd")[0] == "uniform"
+    assert chosen(bert_dir, stream="off")[0] == "uniform"  # no LM head
 
 
 def test_streaming_refuses_what_needs_the_whole_model(llama_dir, calib_file, tmp_path):
@@ -142,7 +159,7 @@ def test_ctrl_c_keeps_the_work_and_says_how_to_resume(deep_llama, calib_file, tm
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.parametrize("extra", [[], ["--alloc", "global", "--anchor", "--stream", "on"]])
+@pytest.mark.parametrize("extra", [["--alloc", "uniform"], ["--alloc", "global", "--anchor", "--stream", "on"]])
 def test_two_gloo_processes_write_what_one_process_writes(llama_dir, calib_file, tmp_path, extra):
     """torchrun with 2 CPU processes (gloo): batches split, statistics gathered exactly, rank 0 writes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every process, as in the single run
