@@ -155,3 +155,14 @@ def assert_clean_failure(code, err, expected_code, message, output):
     assert not os.path.exists(output)
     parent = os.path.dirname(os.path.abspath(output))
     assert not [name for name in os.listdir(parent) if "lowrank-partial" in name]
+
+
+def run(argv, capsys):
+    """Run the CLI in-process: (exit code, stdout, stderr)."""
+    from lowrank.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return done.value.code, out, err

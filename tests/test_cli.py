@@ -5,20 +5,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import assert_clean_failure, tree_digest
+from conftest import assert_clean_failure, run, tree_digest
 from safetensors.torch import load_file, save_file
 
-from lowrank.cli import main
 
 FAST = ["--num-samples", "8", "--seq-len", "64", "--batch-size", "4"]
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as done:
-        main(argv)
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return done.value.code, out, err
 
 
 def test_compress_json_is_clean_stdout(llama_dir, calib_file, tmp_path, capsys):

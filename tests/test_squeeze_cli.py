@@ -7,20 +7,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_clean_failure, build_model, tree_digest
+from conftest import assert_clean_failure, build_model, run, tree_digest
 from safetensors.torch import load_file, save_file
 
-from lowrank.cli import main
 
 peft = pytest.importorskip("peft")
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as done:
-        main(argv)
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return done.value.code, out, err
 
 
 @pytest.fixture(scope="module")
