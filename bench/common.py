@@ -78,12 +78,12 @@ def eval_stream(tokenizer):
     return tokenize_stream([open(EVAL_FILE).read()], tokenizer)
 
 
-def calibration_windows(tokenizer):
-    """The exact windows `lowrank compress --calib CALIB_FILE` draws (same code path, seed 0)."""
+def calibration_windows(tokenizer, samples=CALIB_SAMPLES):
+    """The exact windows `lowrank compress --calib CALIB_FILE --num-samples SAMPLES` draws (same code, seed 0)."""
     from lowrank.calibration import draw_windows, tokenize_stream
 
     stream, _ = tokenize_stream([open(CALIB_FILE).read()], tokenizer)
-    return draw_windows(stream, CALIB_SAMPLES, CALIB_SEQ_LEN, 0, CALIB_FILE)
+    return draw_windows(stream, samples, CALIB_SEQ_LEN, 0, CALIB_FILE)
 
 
 def run_cli(args, timeout=7200):
@@ -95,6 +95,17 @@ def run_cli(args, timeout=7200):
     if done.returncode != 0:
         raise RuntimeError(f"lowrank {' '.join(args)} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout), seconds
+
+
+def calib_args(samples=CALIB_SAMPLES):
+    """The calibration options every benchmark passes: the same text, window length and seed (the default)."""
+    return ["--calib", CALIB_FILE, "--num-samples", str(samples), "--seq-len", str(CALIB_SEQ_LEN)]
+
+
+def run_lowrank(args):
+    """run_cli, plus the command line as typed (for the results file): (report, wall seconds, command)."""
+    report, wall = run_cli(args)
+    return report, wall, "lowrank " + " ".join(args)
 
 
 def run_python(code, timeout=7200):
@@ -131,7 +142,7 @@ sys.path.insert(0, {bench!r})
 import common
 from lowrank.perplexity import perplexity
 
-path, adapter, forward, decode = {path!r}, {adapter!r}, {forward!r}, {decode!r}
+path, adapter, forward, decode, samples = {path!r}, {adapter!r}, {forward!r}, {decode!r}, {samples!r}
 from transformers import AutoTokenizer
 config = json.load(open(path + "/config.json"))
 factorized = config["model_type"].startswith("lowrank_")
@@ -150,7 +161,7 @@ model.eval()
 result = {{}}
 with torch.no_grad():
     if forward:  # one plain forward pass of the model over the calibration windows, batch 8 as compress uses
-        windows = common.calibration_windows(tokenizer)
+        windows = common.calibration_windows(tokenizer, samples)
         start = time.perf_counter()
         for batch in windows.split(8):
             model(input_ids=batch)
@@ -174,7 +185,8 @@ print(json.dumps(result))
 """
 
 
-def measure(path, adapter=None, forward=False, decode=False):
-    """Perplexity (and optionally forward-pass time and decode speed) of a checkpoint, in a fresh process."""
-    code = MEASURE.format(bench=HERE, path=path, adapter=adapter, forward=forward, decode=decode)
+def measure(path, adapter=None, forward=False, decode=False, samples=CALIB_SAMPLES):
+    """Perplexity (and optionally forward-pass time over `samples` calibration windows, and decode speed) of a
+    checkpoint, in a fresh process."""
+    code = MEASURE.format(bench=HERE, path=path, adapter=adapter, forward=forward, decode=decode, samples=samples)
     return run_python(code)

@@ -41,10 +41,8 @@ def compress(spec, ratio, run_name="compress"):
     out = os.path.join(common.WORK, run_name, f"smollm2-{spec}-{ratio}")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     args = ["compress", common.MODEL_DIR, "--ratio", str(ratio), "--method", method, "-o", out, "--overwrite",
-            "--calib", common.CALIB_FILE, "--num-samples", str(common.CALIB_SAMPLES),
-            "--seq-len", str(common.CALIB_SEQ_LEN), *flags]
-    report, wall = common.run_cli(args)
-    return out, report, wall, "lowrank " + " ".join(args)
+            *common.calib_args(), *flags]
+    return out, *common.run_lowrank(args)
 
 
 def main():

@@ -40,10 +40,8 @@ def prune(fraction=0.5):
 def compensate(base, rank, name):
     out = os.path.join(common.WORK, f"eora-{name}-r{rank}")
     args = ["compensate", common.MODEL_DIR, base, "--rank", str(rank), "-o", out, "--overwrite",
-            "--calib", common.CALIB_FILE, "--num-samples", str(common.CALIB_SAMPLES),
-            "--seq-len", str(common.CALIB_SEQ_LEN)]
-    report, wall = common.run_cli(args)
-    return out, report, wall, "lowrank " + " ".join(args)
+            *common.calib_args()]
+    return out, *common.run_lowrank(args)
 
 
 def main():
@@ -55,9 +53,8 @@ def main():
     common.prepare()
     svd_dir = os.path.join(common.WORK, "compress", f"smollm2-svd-{args.svd_ratio}")  # compress_bench.py's
     if not os.path.exists(os.path.join(svd_dir, "config.json")):
-        common.run_cli(["compress", common.MODEL_DIR, "--ratio", str(args.svd_ratio), "--method", "svd", "-o",
-                        svd_dir, "--overwrite", "--calib", common.CALIB_FILE, "--num-samples",
-                        str(common.CALIB_SAMPLES), "--seq-len", str(common.CALIB_SEQ_LEN)])
+        common.run_cli(["compress", common.MODEL_DIR, "--ratio", str(args.svd_ratio), "--method", "svd",
+                        "--alloc", "uniform", "-o", svd_dir, "--overwrite", *common.calib_args()])
     bases = {"pruned50": prune(), f"svd{args.svd_ratio}": svd_dir}
     results = {"protocol": {"calibration": "as compress_bench.py", "evaluation": "as compress_bench.py"},
                "machine": common.machine(), "dense": common.measure(common.MODEL_DIR), "runs": []}

@@ -18,6 +18,7 @@ from lowrank.progress import SILENT
 from .text import DEFAULT_HUB_DATASET, hub_reachable, load_texts
 
 JOIN = "\n\n"
+DEFAULT_SEQ_LEN = 2048  # SVD-LLM's and ASVD's calibration window
 
 
 @dataclass
@@ -46,11 +47,13 @@ def draw_windows(stream, num_samples, seq_len, seed, source):
     return windows[order.sort().values]
 
 
-def load_calibration(spec, model, tokenizer, num_samples, seq_len, seed=0, split="train", text_column="text",
+def load_calibration(spec, model, tokenizer, num_samples, seq_len=None, seed=0, split="train", text_column="text",
                      progress=SILENT):
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if seq_len is None:  # the papers' length, or the model's maximum when that is shorter
+        seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
     if num_samples < 1 or seq_len < 2:
         raise UsageError("--num-samples must be at least 1 and --seq-len at least 2")
-    limit = getattr(model.config, "max_position_embeddings", None)
     if limit and seq_len > limit:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's maximum of {limit} positions")
     base = {"num_samples": num_samples, "seq_len": seq_len, "seed": seed, "tokens": num_samples * seq_len}

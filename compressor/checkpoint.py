@@ -14,46 +14,12 @@ import time
 
 from .errors import LowrankError, UsageError
 from .modeling_lowrank import CLASS_PREFIX, FORMAT_VERSION, MODEL_TYPE_PREFIX, lowrank_class
+from .outputs import check_output, publish, staging_dir  # noqa: F401  (part of this module's interface)
 from .shards import ShardWriter
 
 MODELING_FILE = "modeling_lowrank.py"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 NOT_COPIED = {"config.json", MODELING_FILE, "README.md", "compression_report.json", "compression_report.md"}
-
-
-def check_output(output, source_dir, overwrite):
-    """Refuse an output that exists (without --overwrite) or that overlaps the input model."""
-    out = os.path.abspath(output)
-    if os.path.islink(out) and not os.path.exists(out):
-        raise UsageError(f"{output} is a broken symbolic link; remove it or write the output somewhere else")
-    if os.path.exists(out) and not overwrite:
-        raise UsageError(f"{output} already exists; pass --overwrite to replace it")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"{output} exists and is not a directory")
-    if source_dir:
-        src = os.path.abspath(source_dir)
-        if out == src or out.startswith(src + os.sep) or src.startswith(out + os.sep):
-            raise UsageError(f"{output} overlaps the input model {source_dir}; write the output somewhere else")
-    parent = os.path.dirname(out) or "."
-    if not os.path.isdir(parent):
-        raise UsageError(f"the parent directory of {output} does not exist")
-
-
-def staging_dir(output):
-    out = os.path.abspath(output)
-    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.lowrank-partial")
-
-
-def publish(staging, output):
-    """Move the finished staging directory into place; an existing output (--overwrite) goes only at the end."""
-    out = os.path.abspath(output)
-    if os.path.exists(out):
-        trash = f"{staging}-old"
-        os.replace(out, trash)
-        os.replace(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, out)
 
 
 def unique_state_dict(model):
@@ -155,13 +121,17 @@ class CheckpointWriter:
             shutil.rmtree(self.staging, ignore_errors=True)
             os.makedirs(self.staging)
         self.shards = ShardWriter(self.staging, max_shard_bytes, state=state)
-        self.started = time.perf_counter()
+        self.seconds = 0.0  # time spent writing (the writes interleave with the compression)
 
     def add(self, name, tensor):
+        start = time.perf_counter()
         self.shards.add(name, tensor)
+        self.seconds += time.perf_counter() - start
 
     def state(self):
+        start = time.perf_counter()
         self.shards.sync()
+        self.seconds += time.perf_counter() - start
         return self.shards.state()
 
     def finish(self, model, *, source, tokenizer, block, extra_files):
@@ -170,9 +140,11 @@ class CheckpointWriter:
         `extra_files(weight_bytes, weight_files, seconds)` returns {file name: text or bytes} to add.
         Returns the weight file names.
         """
+        start = time.perf_counter()
         files = self.shards.finish()
+        self.seconds += time.perf_counter() - start
         weight_bytes = sum(os.path.getsize(os.path.join(self.staging, name)) for name in files)
-        extra = extra_files(weight_bytes, files, time.perf_counter() - self.started)
+        extra = extra_files(weight_bytes, files, self.seconds)
         for name in os.listdir(self.staging):  # resume bookkeeping does not ship
             if name.startswith("."):
                 os.remove(os.path.join(self.staging, name))

@@ -8,13 +8,12 @@ two produce the same bytes, and after every block a journal makes the work so fa
 
 import json
 import os
-import shlex
-import sys
 import time
 from dataclasses import asdict
 
 from . import __version__, resume
 from .checkpoint import CheckpointWriter, check_output, partition_keys, staging_dir, tied_names
+from .environment import invocation
 from .errors import Interrupted, UsageError
 from .loading import load_model, load_tokenizer, resolve_model
 from .methods import METHODS
@@ -25,8 +24,6 @@ from .ranks import RATIO_DEFINITION
 from .report import SPECTRA_FILE, build_report, human_bytes, spectra_bytes, to_markdown, worst_layers
 from .shards import parse_size
 from .targets import select_targets
-
-DEFAULT_SEQ_LEN = 2048
 
 
 def resolve_device(device):
@@ -211,8 +208,6 @@ def compress(
     element_size = next(net.parameters()).element_size()
 
     start = time.perf_counter()
-    if seq_len is None:
-        seq_len = min(DEFAULT_SEQ_LEN, getattr(net.config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN)
     calibration = load_calibration(calib, net, tokenizer, num_samples, seq_len, seed=seed, split=calib_split,
                                    text_column=text_column, progress=progress)
     timings["calibration_data"] = time.perf_counter() - start
@@ -243,7 +238,9 @@ def compress(
     if journal and journal.get("ranks") is not None:
         settings.ranks = journal["ranks"]
 
-    state = None if streaming else net.state_dict()
+    # only what lies outside the blocks: a reference to a block's weights would keep them alive beside the factors
+    outside = set(before) | set(after)
+    state = None if streaming else {k: v for k, v in net.state_dict().items() if k in outside}
 
     def tensor(name):
         return skeleton.load(name) if streaming else state[name]
@@ -314,7 +311,7 @@ def compress(
                      "refine_steps": refine_steps, "damp": damp, "alpha": alpha, "targets": targets, "ignore": ignore},
     }
     params_after = params_before - sum(layer.params_before - layer.params_after for layer in layers)
-    command = command or "lowrank compress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command or invocation()
     report = build_report(
         result=result, settings=settings, calibration=calibration.provenance, source=source,
         model_params_before=params_before, model_params_after=params_after,

@@ -15,7 +15,7 @@ SETTINGS = ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OF
             "HF_HUB_CACHE", "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "OMP_NUM_THREADS", "LOWRANK_DEBUG")
 
 
-def _version(package):
+def package_version(package):
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -51,7 +51,7 @@ def env_info():
     """{"versions", "platform", "device", "settings"} of this installation."""
     from . import __version__
 
-    versions = {name: _version(name) for name in PACKAGES}
+    versions = {name: package_version(name) for name in PACKAGES}
     versions["lowrank"] = versions["lowrank"] or __version__
     return {
         "versions": {"python": platform.python_version(), **{k: v or "not installed" for k, v in versions.items()}},
@@ -61,3 +61,14 @@ def env_info():
         "device": _devices(),
         "settings": {name: os.environ[name] for name in SETTINGS if name in os.environ},
     }
+
+
+def invocation():
+    """The command line that started this process, as one would type it again (for reports and model cards)."""
+    import shlex
+
+    program = os.path.basename(sys.argv[0]) if sys.argv else ""
+    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if program in ("lowrank", "__main__.py"):  # the console script or python -m lowrank
+        return f"lowrank {args}".strip()
+    return f"python {' '.join(shlex.quote(a) for a in sys.argv)}".strip()  # the Python API, from a script

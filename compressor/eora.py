@@ -13,9 +13,7 @@ down' = [down; A], so each rank grows by k.
 
 import json
 import os
-import shlex
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 
@@ -23,6 +21,7 @@ import torch
 
 from . import decompose
 from .checkpoint import MODEL_TYPE_PREFIX, check_output, load_pretrained, publish, staging_dir, write_checkpoint
+from .environment import invocation
 from .errors import UsageError
 from .loading import load_model, read_config, resolve_model
 from .modeling_lowrank import LowRankLinear, linear_shape
@@ -238,7 +237,7 @@ def compensate(original, compressed, output, *, rank=32, merge=False, targets=No
     merge=True a new lowrank checkpoint whose factors include the correction. Returns the report."""
     from lowrank.calibration import load_calibration
 
-    from .compression import DEFAULT_SEQ_LEN, resolve_device
+    from .compression import resolve_device
 
     if rank < 1:
         raise UsageError(f"--rank must be at least 1, got {rank}")
@@ -262,8 +261,6 @@ def compensate(original, compressed, output, *, rank=32, merge=False, targets=No
     check_match(reference, repaired, [n for names in selected.values() for n in names], rank)
 
     start = time.perf_counter()
-    if seq_len is None:
-        seq_len = min(DEFAULT_SEQ_LEN, getattr(reference.config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN)
     calibration = load_calibration(calib, reference, tokenizer, num_samples, seq_len, seed=seed, split=calib_split,
                                    text_column=text_column, progress=progress)
     timings["calibration_data"] = time.perf_counter() - start
@@ -274,7 +271,7 @@ def compensate(original, compressed, output, *, rank=32, merge=False, targets=No
     timings["corrections"] = time.perf_counter() - start
     if not corrections:
         raise UsageError("the compressed model's target layers are identical to the original's: nothing to repair")
-    command = command or "lowrank compensate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command or invocation()
     report = build_report(corrections, original=original, compressed=compressed, rank=rank, merge=merge,
                           calibration=calibration.provenance, timings=timings, command=command)
     if not merge:

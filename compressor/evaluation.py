@@ -12,11 +12,10 @@ distributions position by position on the same windows without storing logits.
 import importlib.metadata
 import importlib.util
 import os
-import shlex
-import sys
 import time
 from dataclasses import dataclass
 
+from .environment import invocation
 from .errors import LowrankError, UsageError
 from .progress import SILENT, ticker
 from .report_files import utc_now
@@ -234,7 +233,7 @@ def evaluate(
 
     evaluation = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": utc_now().isoformat(timespec="seconds"),
-        "command": command or "lowrank eval " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": command or invocation(),
         "versions": versions(), "device": device, "model": subject.info,
         "baseline": reference.info if reference else None, "data": data_info,
         "protocol": protocol(seq_len, int(batches.shape[0]), int(stream.numel())),

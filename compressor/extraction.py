@@ -79,7 +79,7 @@ def extract(base_spec, finetuned_spec, output, settings, *, analyze, overwrite, 
             started):
     import torch
 
-    from .checkpoint import check_output
+    from .outputs import check_output
     from .checkpoint_tensors import CheckpointTensors
     from .factor_svd import DenseOperator, dense_svd, module_seed, randomized_svd
 
@@ -171,7 +171,7 @@ def _write(base, finetuned, jobs, ranks, saved, output, settings, info, *, analy
     import torch
 
     from .adapters import peft_patterns
-    from .checkpoint import publish, staging_dir
+    from .outputs import publish, staging_dir
     from .factor_svd import F64, stored_error
     from .shards import ShardWriter
     from .squeeze_report import build, layer_entry

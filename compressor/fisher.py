@@ -7,9 +7,10 @@ layout that is a column scale, applied as diag(sqrt(I)) on the input side before
 of the `down` factor. (ASVD's FWSVD baseline and GFWSVD's reference code use the same orientation.)
 
 The gradients need a backward pass through everything downstream of a layer, so this runs once over the whole
-ORIGINAL model before the layer-major loop: its memory is that of training the model at --batch-size (all
-layers' activations for one batch) plus one float64 vector per layer. Per-sample gradients come from each
-layer's input x_s and output gradient g_s: dL_s/dW = g_s^T x_s, so no parameter .grad is ever allocated.
+ORIGINAL model before the layer-major loop, one calibration window per backward pass: its memory is that of
+training the model on one window (all layers' activations and the logits) plus one float64 vector per layer.
+Per-sample gradients come from each layer's input x_s and output gradient g_s: dL_s/dW = g_s^T x_s, so no
+parameter .grad is ever allocated.
 """
 
 import torch

@@ -125,10 +125,55 @@ def load_model(source, dtype="auto", trust_remote_code=False):
         hint = " (is the hub reachable? set HF_HUB_OFFLINE=1 to use only the local cache)" if source.kind == "hub" else ""
         raise LowrankError(f"could not load {source.spec}: {first_line}{hint}") from error
     model.eval()
+    own_memory(model)
     for name, param in model.named_parameters():
         if param.is_floating_point() and not torch.isfinite(param).all():
             raise LowrankError(f"{source.spec}: weight {name} contains NaN or Inf values; the checkpoint is damaged")
     return model, load_tokenizer(source, trust_remote_code)
+
+
+def _safetensors_mappings():
+    """(start, end, file offset, path) of every memory-mapped .safetensors file in this process (Linux only)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    mappings = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].endswith(".safetensors"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            mappings.append((start, end, int(fields[2], 16), fields[5]))
+    return mappings
+
+
+def own_memory(model):
+    """Give every weight that transformers left as a view into a memory-mapped safetensors file memory of its own.
+
+    The file stays mapped as long as any of its tensors lives, so replacing a layer would free nothing: the
+    original weights would stay resident beside their factors until the end. Read from the file at the tensor's
+    own offset (the mapping is never touched, so its pages never count), each copy is freed with its layer.
+    Only tensors that lie inside a file's mapping are read again: their bytes are the file's (transformers does
+    not write into the weights it maps); converted or computed tensors are already in memory of their own.
+    """
+    import torch
+
+    mappings = _safetensors_mappings()
+    seen = set()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        pointer, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        if not size or pointer in seen or not tensor.is_contiguous() or tensor.device.type != "cpu":
+            continue
+        seen.add(pointer)
+        for start, end, offset, path in mappings:
+            if start <= pointer and pointer + size <= end:
+                copy = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+                with open(path, "rb") as f:
+                    f.seek(offset + pointer - start)
+                    f.readinto(memoryview(copy.reshape(-1).view(torch.uint8).numpy()))
+                tensor.data = copy
+                break
 
 
 def load_tokenizer(source, trust_remote_code=False):

@@ -431,8 +431,10 @@ def walk_blocks(model, input_ids, targets, blocks_name, visit, *, batch_size, de
             on_block_done(index, block, block_layers)
         source.release(index, block)
         return_freed_memory()
-        worst = max((layer.rel_error for layer in block_layers), default=0.0)
-        progress.advance(stage, f"block {index + 1}/{len(source)} · worst rel. error {worst:.3f}")
+        status = f"block {index + 1}/{len(source)}"
+        if block_layers:  # passes that only profile the blocks have no errors to show
+            status += f" · worst rel. error {max(layer.rel_error for layer in block_layers):.3f}"
+        progress.advance(stage, status)
     return layers
 
 
@@ -490,9 +492,10 @@ def compress_model(model, input_ids, settings, progress=SILENT, source=None, on_
     if settings.method == "fwsvd":
         begin = time.perf_counter()
         names = [name for block_names in targets.values() for name in block_names]
-        batches = -(-input_ids.shape[0] // settings.batch_size)
-        progress.start("fisher", batches)
-        fisher = input_importance(model, input_ids, names, settings.batch_size, settings.device,
+        # one window per backward pass (it holds every layer's activations and the logits at once); the
+        # per-sample gradients, and so the importance, are the same as with bigger batches
+        progress.start("fisher", input_ids.shape[0])
+        fisher = input_importance(model, input_ids, names, 1, settings.device,
                                   progress=lambda: progress.advance("fisher", "gradients of the LM loss"))
         timings["fisher"] = time.perf_counter() - begin
 

@@ -12,12 +12,14 @@ SPECTRA_FILE = "lowrank_spectra.safetensors"
 
 
 def versions():
+    """Versions that produced a result, read from the installed distributions (importing transformers only to ask
+    its version would cost `lowrank squeeze` seconds)."""
     import torch
-    import transformers
 
     from . import __version__
+    from .environment import package_version
 
-    return {"lowrank": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"lowrank": __version__, "torch": torch.__version__, "transformers": package_version("transformers"),
             "python": platform.python_version()}
 
 

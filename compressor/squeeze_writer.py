@@ -11,7 +11,7 @@ import shutil
 import time
 from contextlib import closing
 
-from .checkpoint import publish, staging_dir
+from .outputs import publish, staging_dir
 from .errors import LowrankError
 from .squeezing import (algorithm_info, decompose, error_if_nonfinite, factor_dtype, module_rank, ordered_results,
                         output_scale, remove_quietly, rule_info, rule_warnings, scaling_info, source_info,

@@ -11,15 +11,14 @@ factors again rather than holding them.
 import json
 import math
 import os
-import shlex
 import shutil
-import sys
 import time
 from collections import deque
 from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import islice
 
+from .environment import invocation
 from .errors import LowrankError, UsageError
 from .progress import SILENT
 
@@ -259,7 +258,7 @@ def output_scale(job, k, settings, adapter, alpha_dtype=None):
 
 
 def _command(command):
-    return command or "lowrank squeeze " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return command or invocation()
 
 
 def squeeze(
@@ -406,7 +405,7 @@ def adapter_jobs(source):
 
 def check_adapter_output(source, output, overwrite):
     """PEFT: an output directory (checkpoint.check_output). Single files: a .safetensors path that is not the input."""
-    from .checkpoint import check_output
+    from .outputs import check_output
 
     if source.format == "peft":
         check_output(output, source.path, overwrite)

@@ -174,6 +174,26 @@ def test_gpt2_and_bert_round_trip(gpt2_dir, bert_dir, calib_file, tmp_path):
         assert torch.allclose(head(input_ids=ids()).logits, masked(input_ids=ids()).logits)
 
 
+@pytest.mark.parametrize("kind", ["llama_dir", "gpt2_dir"])
+def test_loaded_weights_own_their_memory(kind, request):
+    """A weight left as a view into the mmapped checkpoint would pin the whole file in memory until the end of a
+    compression: replacing a layer must free its weights. The copies equal the file's tensors, ties included."""
+    from safetensors.torch import load_file
+
+    from lowrank.loading import _safetensors_mappings
+
+    directory = request.getfixturevalue(kind)
+    model, _ = load_model(resolve_model(directory))
+    path = os.path.realpath(os.path.join(directory, "model.safetensors"))
+    assert not [m for m in _safetensors_mappings() if os.path.realpath(m[3]) == path]
+    stored = load_file(path)
+    state = model.state_dict()
+    for name, tensor in stored.items():
+        assert torch.equal(state[name], tensor), name
+    if kind == "llama_dir":  # tied: one Parameter still serves both names
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
 def test_unique_state_dict_keeps_the_embedding(llama_dir):
     model, _ = load_model(resolve_model(llama_dir))
     state = unique_state_dict(model)

@@ -126,3 +126,14 @@ def test_help_is_fast_and_states_the_ratio_definition():
 def test_version(capsys):
     code, out, _ = run(["--version"], capsys)
     assert code == 0 and out.startswith("lowrank ")
+
+
+def test_recorded_command_is_the_one_typed(monkeypatch):
+    from lowrank.environment import invocation
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/lowrank", "compress", "my model", "--ratio", "0.5"])
+    assert invocation() == "lowrank compress 'my model' --ratio 0.5"  # once, not "lowrank compress compress"
+    monkeypatch.setattr(sys, "argv", ["/x/lowrank/__main__.py", "squeeze", "a"])
+    assert invocation() == "lowrank squeeze a"
+    monkeypatch.setattr(sys, "argv", ["run.py", "--fast"])
+    assert invocation() == "python run.py --fast"

@@ -263,16 +263,18 @@ def test_legacy_bin_and_named_subfolder(tmp_path):
     assert {layer.r["default"] for layer, _, _ in lora_pairs(loaded).values()} == {2}
 
 
-def test_squeeze_needs_no_peft(tmp_path):
+def test_squeeze_needs_no_peft_nor_transformers(tmp_path):
+    """Squeezing works on the adapter files alone; importing transformers would cost seconds for nothing."""
     adapter = str(tmp_path / "adapter")
     make_adapter(adapter, "plain")
     script = ("import sys; sys.modules['peft'] = None\n"
               "import lowrank\n"
               f"report = lowrank.squeeze({adapter!r}, {str(tmp_path / 'out')!r}, rank=2)\n"
-              "print(report['totals']['rank']['max'], 'peft' in sys.modules and sys.modules['peft'] is not None)")
+              "print(report['totals']['rank']['max'], sys.modules.get('peft') is not None, "
+              "'transformers' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["2", "False"]
+    assert result.stdout.split() == ["2", "False", "False"]
 
 
 def test_randomized_algorithm_and_padding(tmp_path):
