@@ -124,7 +124,10 @@ def run_until(command, out, blocks, sig, attempts=3):
     On a loaded machine this polling process can be descheduled long enough for the small run to finish before
     the signal goes out: that attempt tested nothing, so the output is removed and the run started again."""
     for _ in range(attempts):
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # A shell's background jobs inherit SIGINT ignored (and Python then installs no handler): restore the
+        # default in the child, as a terminal's foreground process has it, wherever the suite is started from.
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline, sent = time.time() + 300, False
         while process.poll() is None and time.time() < deadline:
             if journal_blocks(out) >= blocks:
