@@ -2,6 +2,7 @@
 size at keep 0.5, at two calibration sizes so that the fixed and the per-token costs can be told apart.
 
     python bench/speed_bench.py --samples 16,64 --methods svd,whiten --ratio 0.5
+    python bench/speed_bench.py --decode-only bench/work/speed/smollm2-whiten-0.5-n16   # on a quiet machine
 
 For each calibration size N (windows of 512 tokens from the compress benchmark's calibration text, seed 0): one
 plain forward pass of the dense model over those N windows (batch 8, as compress runs them) in a fresh process,
@@ -15,6 +16,7 @@ bytes plus the untouched tensors.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -38,8 +40,18 @@ def main():
     parser.add_argument("--methods", default="svd,whiten")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--out", default="speed.json")
+    parser.add_argument("--decode-only", metavar="CHECKPOINT", help="only the decode speed of CHECKPOINT against the "
+                        "dense model, back to back (for a quiet machine); results: speed-decode.json")
     args = parser.parse_args()
     common.prepare()
+    if args.decode_only:
+        dense = common.measure(common.MODEL_DIR, decode=True)["decode_tokens_per_s"]
+        factorized = common.measure(args.decode_only, decode=True)["decode_tokens_per_s"]
+        result = {"machine": common.machine(), "checkpoint": args.decode_only, "dense_tokens_per_s": dense,
+                  "tokens_per_s": factorized, "speedup": factorized / dense, "ok": factorized >= 1.2 * dense}
+        print(json.dumps(result, indent=2))
+        common.save("speed-decode.json", result)
+        return
     sizes = [int(n) for n in args.samples.split(",")]
     methods = args.methods.split(",")
     results = {"protocol": {"model": "SmolLM2-135M-Instruct, float32 (as compress_bench.py)",
