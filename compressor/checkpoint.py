@@ -7,6 +7,7 @@ bundled `modeling_lowrank.py`, and a `lowrank` block (format version, method, ra
 A custom model_type makes a plain transformers load fail loudly instead of building random weights.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import time
 
 from .errors import LowrankError, UsageError
 from .modeling_lowrank import CLASS_PREFIX, FORMAT_VERSION, MODEL_TYPE_PREFIX, lowrank_class
-from .outputs import check_output, publish, staging_dir  # noqa: F401  (part of this module's interface)
+from .outputs import publish, staging_dir
 from .shards import ShardWriter
 
 MODELING_FILE = "modeling_lowrank.py"
@@ -123,15 +124,19 @@ class CheckpointWriter:
         self.shards = ShardWriter(self.staging, max_shard_bytes, state=state)
         self.seconds = 0.0  # time spent writing (the writes interleave with the compression)
 
-    def add(self, name, tensor):
+    @contextlib.contextmanager
+    def _timed(self):
         start = time.perf_counter()
-        self.shards.add(name, tensor)
+        yield
         self.seconds += time.perf_counter() - start
 
+    def add(self, name, tensor):
+        with self._timed():
+            self.shards.add(name, tensor)
+
     def state(self):
-        start = time.perf_counter()
-        self.shards.sync()
-        self.seconds += time.perf_counter() - start
+        with self._timed():
+            self.shards.sync()
         return self.shards.state()
 
     def finish(self, model, *, source, tokenizer, block, extra_files):
@@ -140,9 +145,8 @@ class CheckpointWriter:
         `extra_files(weight_bytes, weight_files, seconds)` returns {file name: text or bytes} to add.
         Returns the weight file names.
         """
-        start = time.perf_counter()
-        files = self.shards.finish()
-        self.seconds += time.perf_counter() - start
+        with self._timed():
+            files = self.shards.finish()
         weight_bytes = sum(os.path.getsize(os.path.join(self.staging, name)) for name in files)
         extra = extra_files(weight_bytes, files, self.seconds)
         for name in os.listdir(self.staging):  # resume bookkeeping does not ship

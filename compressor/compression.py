@@ -12,12 +12,13 @@ import time
 from dataclasses import asdict
 
 from . import __version__, resume
-from .checkpoint import CheckpointWriter, check_output, partition_keys, staging_dir, tied_names
+from .checkpoint import CheckpointWriter, partition_keys, tied_names
 from .environment import invocation
 from .errors import Interrupted, UsageError
 from .loading import load_model, load_tokenizer, resolve_model
 from .methods import METHODS
 from .modeling_lowrank import LowRankLinear, linear_shape
+from .outputs import check_output, staging_dir
 from .pipeline import LayerResult, Settings, compress_model, keep_large_allocations_returnable
 from .progress import SILENT
 from .ranks import RATIO_DEFINITION

@@ -17,8 +17,9 @@ import os
 import shutil
 
 from . import __version__
-from .checkpoint import MODELING_FILE, WEIGHT_SUFFIXES, check_output, publish, read_lowrank_config, staging_dir
+from .checkpoint import MODELING_FILE, WEIGHT_SUFFIXES, read_lowrank_config
 from .errors import LowrankError
+from .outputs import check_output, publish, staging_dir
 from .progress import SILENT, ticker
 from .report import SPECTRA_FILE, human_bytes
 from .shards import INDEX_NAME, SINGLE_NAME, ShardWriter, check_checkpoint_files, parse_size

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from . import decompose
-from .checkpoint import MODEL_TYPE_PREFIX, check_output, load_pretrained, publish, staging_dir, write_checkpoint
+from .checkpoint import MODEL_TYPE_PREFIX, load_pretrained, write_checkpoint
 from .environment import invocation
 from .errors import UsageError
 from .loading import load_model, read_config, resolve_model
 from .modeling_lowrank import LowRankLinear, linear_shape
+from .outputs import check_output, publish, staging_dir
 from .pipeline import walk_blocks
 from .progress import SILENT
 from .report import peak_rss_bytes, versions

@@ -160,20 +160,24 @@ def own_memory(model):
     import torch
 
     mappings = _safetensors_mappings()
-    seen = set()
-    for tensor in [*model.parameters(), *model.buffers()]:
-        pointer, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-        if not size or pointer in seen or not tensor.is_contiguous() or tensor.device.type != "cpu":
-            continue
-        seen.add(pointer)
-        for start, end, offset, path in mappings:
-            if start <= pointer and pointer + size <= end:
-                copy = torch.empty_like(tensor, memory_format=torch.contiguous_format)
-                with open(path, "rb") as f:
+    seen, files = set(), {}
+    try:
+        for tensor in [*model.parameters(), *model.buffers()]:
+            pointer, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+            if not size or pointer in seen or not tensor.is_contiguous() or tensor.device.type != "cpu":
+                continue
+            seen.add(pointer)
+            for start, end, offset, path in mappings:
+                if start <= pointer and pointer + size <= end:
+                    copy = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+                    f = files.get(path) or files.setdefault(path, open(path, "rb"))
                     f.seek(offset + pointer - start)
                     f.readinto(memoryview(copy.reshape(-1).view(torch.uint8).numpy()))
-                tensor.data = copy
-                break
+                    tensor.data = copy
+                    break
+    finally:
+        for f in files.values():
+            f.close()
 
 
 def load_tokenizer(source, trust_remote_code=False):
