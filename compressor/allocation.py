@@ -64,14 +64,10 @@ def profile_spectra(model, input_ids, targets, blocks_name, settings, progress=S
             stats = collector.stats_of(name)
             if id(stats) not in whitenings:
                 whitenings[id(stats)] = decompose.whiten_weighting(stats, settings.damp, consume=True)
-            weight = dense_weight(block.get_submodule(rel)).to(torch.float64)
-            whitened = whitenings[id(stats)].times_right(weight).float()
-            if output_fisher is None:
-                spectra[name] = torch.linalg.svdvals(whitened).double()
-            else:
-                u, sigma, _ = torch.linalg.svd(whitened, full_matrices=False)
-                spectra[name] = sigma.double()
-                weights[name] = output_fisher[name].to(u.device) @ u.double().square()
+            weight = dense_weight(block.get_submodule(rel))
+            spectra[name], u = decompose.spectrum(weight, whitenings[id(stats)], output_fisher is not None)
+            if output_fisher is not None:
+                weights[name] = output_fisher[name].to(u.device) @ u.square()
         return []
 
     walk_blocks(model, input_ids, targets, blocks_name, visit, batch_size=settings.batch_size,

@@ -162,7 +162,6 @@ def compress(
     from .distributed import from_environment
 
     validate(ratio, method)
-    keep_large_allocations_returnable()
     if stream not in ("auto", "on", "off"):
         raise UsageError(f"--stream must be auto, on or off, got {stream!r}")
     max_shard_bytes = parse_size(max_shard_size)
@@ -179,6 +178,8 @@ def compress(
 
     start = time.perf_counter()
     streaming = choose_streaming(stream, source, method, alloc, calib)
+    if streaming:  # flat memory over any depth; costs ~30% on the block passes (page faults), so only here
+        keep_large_allocations_returnable()
     progress.log(f"loading {model}" + (" (streaming: one block in memory at a time)" if streaming else ""))
     blocks_source = skeleton = None
     if streaming:

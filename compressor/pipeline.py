@@ -23,7 +23,7 @@ from .modeling_lowrank import LowRankLinear, linear_shape
 from .offload import states_factory
 from .progress import SILENT
 from .ranks import factor_params, uniform_rank
-from .stats import PairedCollector, PairedStats, StatsCollector
+from .stats import InputsSeen, PairedCollector, PairedStats, StatsCollector
 from .targets import dense_weight, select_targets
 
 
@@ -165,7 +165,10 @@ def _run_block(block, states, extras, device, collector=None, keep=True, new_sta
     with torch.no_grad():
         for hidden in states:
             args, kwargs = extras[hidden.shape[0]]
-            out = _hidden_states(block(hidden.to(device), *args, **kwargs))
+            try:
+                out = _hidden_states(block(hidden.to(device), *args, **kwargs))
+            except InputsSeen:  # the collector has what it needs from this batch (never when keep)
+                out = None
             if keep:
                 outputs.append(out.to("cpu"))
             if collector is not None:
@@ -173,10 +176,11 @@ def _run_block(block, states, extras, device, collector=None, keep=True, new_sta
     return outputs
 
 
-def collect_statistics(block, names, states, extras, device, keep_outputs, new_states=list):
-    """One pass of the original block with hooks. Returns the collector and, if asked, the block's outputs."""
+def collect_statistics(block, names, states, extras, device, keep_outputs, new_states=list, abs_sums=True):
+    """One pass of the original block with hooks. Returns the collector and, if asked, the block's outputs.
+    Without `keep_outputs` each batch stops at the last target's input; `abs_sums`: see InputStats."""
     modules = {name: block.get_submodule(rel) for name, rel in names.items()}
-    with StatsCollector(modules) as collector:
+    with StatsCollector(modules, abs_sums=abs_sums, stop_early=not keep_outputs) as collector:
         outputs = _run_block(block, states, extras, device, collector, keep=keep_outputs, new_states=new_states)
     return collector, (outputs if keep_outputs else None)
 
@@ -243,7 +247,7 @@ def decompose_block(block, names, collector, settings, fisher=None):
         if paired:
             err, ref = decompose.anchored_error(weight, approx, stats, name)
         elif settings.method == "whiten":
-            err, ref = decompose.whitened_error(weight, approx, weightings[key])
+            err, ref = decompose.whitened_error(weight, approx, weightings[key], factors.sigma)
         else:
             err, ref = decompose.output_error(weight, approx, stats.gram)
         sigma2 = factors.sigma.square()
@@ -302,12 +306,12 @@ def decompose_block_distributed(block, names, collector, settings, fisher, dist)
     return [by_name[name] for name in names]
 
 
-def collect_paired_statistics(block, names, original, shifted, extras, device, new_states=list):
+def collect_paired_statistics(block, names, original, shifted, extras, device, new_states=list, abs_sums=True):
     """Two passes of the original block per batch, on the original stream and on the compressed stream, with
     hooks pairing each layer's inputs token by token. Returns the collector and the original stream's outputs."""
     modules = {name: block.get_submodule(rel) for name, rel in names.items()}
     outputs = new_states()
-    with PairedCollector(modules) as collector, torch.no_grad():
+    with PairedCollector(modules, abs_sums) as collector, torch.no_grad():
         for x, x_shifted in zip(original, shifted):
             args, kwargs = extras[x.shape[0]]
             collector.record()
@@ -353,14 +357,15 @@ def refine_block(block, states, targets, extras, steps, lr, device, seed=0):
 
 def walk_blocks(model, input_ids, targets, blocks_name, visit, *, batch_size, device, propagate=True,
                 anchored=False, refine_steps=0, refine_lr=1e-4, source=None, progress=SILENT, on_block_done=None,
-                timings=None, stage="blocks", start=0, replay=None, dist=None, new_states=list):
+                timings=None, stage="blocks", start=0, replay=None, dist=None, new_states=list, abs_sums=False):
     """The layer-major loop. For each block: collect statistics of its targets' inputs with the block as it is,
     call visit(index, block, names, collector) -> [LayerResult] (which may change the block), optionally refine
     the changed block against the original block's outputs, then feed the next block either the changed block's
     outputs (propagate) or the first pass's outputs. With `anchored`, an original stream runs alongside and the
     statistics pair each layer's original and compressed inputs. Blocks before `start` were done by an earlier
     run: `replay(index, block)` turns the freshly loaded block into its compressed form and the loop only runs
-    the calibration states through it. `new_states()` makes each stream's container (see offload.py)."""
+    the calibration states through it. `new_states()` makes each stream's container (see offload.py);
+    `abs_sums`: collect the per-channel |x| sums too (ASVD's statistic)."""
     timings = timings if timings is not None else {}
     for key in ("capture", "statistics", "decomposition", "propagation"):
         timings.setdefault(key, 0.0)
@@ -401,10 +406,11 @@ def walk_blocks(model, input_ids, targets, blocks_name, visit, *, batch_size, de
         begin = time.perf_counter()
         if anchored:
             collector, reference = collect_paired_statistics(block, names, original, states, extras, device,
-                                                             new_states)
+                                                             new_states, abs_sums)
         else:
             keep = not propagate or refine_steps > 0
-            collector, reference = collect_statistics(block, names, states, extras, device, keep, new_states)
+            collector, reference = collect_statistics(block, names, states, extras, device, keep, new_states,
+                                                      abs_sums)
         timings["statistics"] += time.perf_counter() - begin
 
         begin = time.perf_counter()
@@ -441,7 +447,10 @@ def walk_blocks(model, input_ids, targets, blocks_name, visit, *, batch_size, de
 def keep_large_allocations_returnable():
     """Fix glibc's mmap threshold at 1 MiB. By default it rises (up to 32 MiB) each time a large block is freed,
     after which tensors of a few MiB come from the heap, fragment it and are never given back: resident memory
-    then creeps up block after block. Measured on a streamed 2-block model: peak RSS 1.63 -> 1.38 GiB."""
+    then creeps up block after block. Measured on a streamed 2-block model: peak RSS 1.63 -> 1.38 GiB. The
+    price: every activation above 1 MiB is a fresh mapping, page-faulted in on each use: the block passes of
+    SmolLM2 take ~30% longer (20 -> 26 s over 16 x 512 tokens), so `compress` sets it for streaming only, where
+    memory is the point."""
     import ctypes
     import sys
 
@@ -517,5 +526,6 @@ def compress_model(model, input_ids, settings, progress=SILENT, source=None, on_
                          anchored=settings.anchor or settings.refit, refine_steps=settings.refine_steps,
                          refine_lr=settings.refine_lr, source=source, progress=progress, on_block_done=on_block_done,
                          timings=timings, start=start, replay=replay, dist=dist,
-                         new_states=states_factory(settings.offload_budget, settings.offload_dir))
+                         new_states=states_factory(settings.offload_budget, settings.offload_dir),
+                         abs_sums=settings.method == "asvd")
     return Result(blocks_name=blocks_name, layers=layers, timings=timings, calibration_tokens=int(input_ids.numel()))

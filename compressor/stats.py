@@ -70,23 +70,27 @@ def gram_matrix(x, panel=384):
 
 
 class InputStats:
-    """Statistics of one input stream: Gram matrix X^T X and sum |x| per channel, in float64, and a token count.
+    """Statistics of one input stream: Gram matrix X^T X and (if asked) sum |x| per channel, in float64, and a
+    token count.
 
     Each batch's X^T X is a float32 product (inner products over the batch's tokens), summed into the float64
     accumulator: a float64 GEMM would double the cost of the statistics pass for no visible difference (the
-    benchmark compares the two; see BENCHMARKS.md).
+    benchmark compares the two; see BENCHMARKS.md). The |x| sums cost a third as much again and only ASVD reads
+    them, so they are optional.
     """
 
-    def __init__(self, dim, device=None):
+    def __init__(self, dim, device=None, abs_sums=True):
         self.dim = dim
         self._gram = ExactSum((dim, dim), device)
         self._abs = ExactSum((dim,), device)
+        self.abs_sums = abs_sums
         self.tokens = 0
 
     def add(self, x):
         x = x.detach().reshape(-1, self.dim).to(self._gram.hi.device, torch.float32)
         self._gram.add(gram_matrix(x))
-        self._abs.add(x.abs().sum(0, dtype=torch.float64))
+        if self.abs_sums:
+            self._abs.add(x.abs().sum(0, dtype=torch.float64))
         self.tokens += x.shape[0]
 
     def merge(self, other):
@@ -124,6 +128,8 @@ class InputStats:
 
     @property
     def mean_abs(self):
+        if not self.abs_sums:
+            raise RuntimeError("these statistics were collected without |x| sums (abs_sums=False)")
         return self._abs.value / max(self.tokens, 1)
 
 
@@ -135,18 +141,31 @@ class InputGroup:
         self.stats = stats
 
 
+class InputsSeen(Exception):
+    """Raised by a StatsCollector with `stop_early` once the block's last target has seen its input."""
+
+
 class StatsCollector:
-    """Context manager: while active, accumulate InputStats for the given {name: linear} layers of one block."""
+    """Context manager: while active, accumulate InputStats for the given {name: linear} layers of one block.
+
+    With `stop_early`, every batch after the first ends at the last target's input (raising InputsSeen): when
+    the block's outputs are not needed, that layer's own product and whatever follows it are wasted work
+    (an MLP's down projection is a quarter of a Llama block's multiply-adds).
+    """
 
     stats_factory = InputStats
 
-    def __init__(self, modules):
+    def __init__(self, modules, abs_sums=True, stop_early=False):
         self.modules = modules
+        self.abs_sums = abs_sums
+        self.stop_early = stop_early
         self.groups = []
         self._group_of = {}
         self._first_batch = True
         self._last_input = {}
         self._handles = []
+        self._order = []  # targets in the order their inputs arrive (seen on the first batch)
+        self._stop_at = None
 
     def __enter__(self):
         for name, module in self.modules.items():
@@ -161,17 +180,23 @@ class StatsCollector:
 
     def end_batch(self):
         """Call after each forward of the block: the grouping is fixed after the first batch."""
+        if self._first_batch and self.stop_early and self._order and self._order.count(self._order[-1]) == 1:
+            self._stop_at = self._order[-1]  # (a layer called twice per forward would be cut short: no stop)
         self._first_batch = False
         self._last_input.clear()
 
     def _hook(self, name):
         def hook(module, args):
             x = args[0]
-            if self._first_batch and name not in self._group_of:
-                self._assign(name, x)
+            if self._first_batch:
+                self._order.append(name)
+                if name not in self._group_of:
+                    self._assign(name, x)
             group = self._group_of[name]
             if group.names[0] == name:
                 group.stats.add(x)
+            if name == self._stop_at:
+                raise InputsSeen
 
         return hook
 
@@ -181,10 +206,13 @@ class StatsCollector:
                 group.names.append(name)
                 self._group_of[name] = group
                 return
-        group = InputGroup([name], self.stats_factory(x.shape[-1], device=x.device))  # statistics where x lives
+        group = InputGroup([name], self._new_stats(x))
         self.groups.append(group)
         self._group_of[name] = group
         self._last_input[id(group)] = x
+
+    def _new_stats(self, x):
+        return self.stats_factory(x.shape[-1], device=x.device, abs_sums=self.abs_sums)  # statistics where x lives
 
     def stats_of(self, name):
         return self._group_of[name].stats
@@ -198,8 +226,8 @@ class PairedStats:
     """For anchored fitting: with x from the original model's stream and x' from the compressed model's stream
     (the same token), G' = sum x' x'^T, C = sum x x'^T, and per layer sum ||W x||^2 (from the layer's output)."""
 
-    def __init__(self, dim, device=None):
-        self.shifted = InputStats(dim, device)  # G' (and |x'| sums): what the compressed model feeds the layer
+    def __init__(self, dim, device=None, abs_sums=True):
+        self.shifted = InputStats(dim, device, abs_sums)  # G' (and |x'| sums): what the compressed model feeds the layer
         self._cross = ExactSum((dim, dim), device)
         self.output_energy = {}  # layer name -> sum ||W x||^2 over the original stream
 
@@ -256,8 +284,8 @@ class PairedCollector(StatsCollector):
 
     stats_factory = PairedStats
 
-    def __init__(self, modules):
-        super().__init__(modules)
+    def __init__(self, modules, abs_sums=True):
+        super().__init__(modules, abs_sums)
         self._pairing = False
         self._pending = {}
         self._output_hooks = []

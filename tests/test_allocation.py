@@ -90,8 +90,8 @@ def test_anchored_target_is_the_least_squares_map_and_beats_plain_whitening():
     lstsq = torch.linalg.lstsq(x_shifted.double(), x.double() @ w.double().T).solution.T
     assert torch.allclose(target, lstsq, rtol=1e-3, atol=1e-4)  # the statistics come from float32 GEMMs
     for rank in (2, 6, 12):
-        anchored = decompose.factorize(target, weighting, rank, svd_dtype=torch.float64)
-        plain = decompose.factorize(w, weighting, rank, svd_dtype=torch.float64)
+        anchored = decompose.factorize(target, weighting, rank)
+        plain = decompose.factorize(w, weighting, rank)
         a = anchored.up @ anchored.down
         p = plain.up @ plain.down
         err = lambda approx: float((x.double() @ w.double().T - x_shifted.double() @ approx.T).square().sum())  # noqa: E731

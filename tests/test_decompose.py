@@ -57,7 +57,7 @@ def test_whiten_dropped_singular_values_are_the_output_error():
     w = torch.randn(30, 40)
     stats = stats_of(x)
     weighting = decompose.whiten_weighting(stats, 1e-12)
-    f = decompose.factorize(w, weighting, 10, svd_dtype=torch.float64)
+    f = decompose.factorize(w, weighting, 10)
     err, _ = decompose.output_error(w.double(), f.up @ f.down, stats.gram)
     assert err == pytest.approx(float(f.sigma[10:].square().sum()), rel=1e-4)
 
@@ -144,3 +144,25 @@ def test_gram_from_the_upper_triangle_equals_the_full_product():
     assert torch.equal(got, got.T)
     assert torch.allclose(got, x.T @ x, rtol=1e-5, atol=1e-3)
     assert torch.equal(gram_matrix(x[:, :200]), x[:, :200].T @ x[:, :200])
+
+
+def test_count_below_is_the_number_of_eigenvalues_below():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 80, generator=g, dtype=torch.float64) * torch.logspace(-3, 1, 80, dtype=torch.float64)
+    gram = x.T @ x
+    eigenvalues = torch.linalg.eigvalsh(gram)
+    for threshold in (1e-6, 1e-3, float(eigenvalues[40]) * 1.0001, float(eigenvalues.max()) * 2):
+        assert decompose.count_below(gram, threshold) == int((eigenvalues < threshold).sum())
+
+
+@pytest.mark.parametrize("out_features", [24, 60])  # wide (from M M^T) and tall (from M^T M, S formed)
+def test_factorize_matches_a_direct_svd_of_the_weighted_matrix(out_features):
+    stats = stats_of(correlated_inputs(2048, 40))
+    weighting = decompose.whiten_weighting(stats, 1e-6)
+    damped = stats.gram + 1e-6 * stats.gram.diagonal().mean() * torch.eye(40, dtype=torch.float64)
+    w = torch.randn(out_features, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    f = decompose.factorize(w, weighting, 10)
+    root = torch.linalg.cholesky(damped)  # any S with S S^T = G gives the same singular values of W S
+    assert torch.allclose(f.sigma, torch.linalg.svdvals(w @ root), rtol=1e-8)
+    err = float((((w - f.up @ f.down) @ root).square()).sum())
+    assert err == pytest.approx(float(f.sigma[10:].square().sum()), rel=1e-8)  # the truncation's exact cost

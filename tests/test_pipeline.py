@@ -101,6 +101,28 @@ def test_same_input_layers_share_statistics():
     assert collector.stats_of("self_attn.q_proj").tokens == 2 * 2 * 48
 
 
+def test_statistics_pass_stops_at_the_last_input_with_the_same_statistics():
+    from lowrank.pipeline import capture_block_inputs, collect_statistics
+
+    model = build_model("llama")
+    block = model.model.layers[0]
+    names = {n: n for n in ["self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.down_proj"]}
+    states, extras = capture_block_inputs(model, block, calibration_ids(samples=6), 2, "cpu")
+    finished = []
+    block.mlp.down_proj.register_forward_hook(lambda *args: finished.append(1))
+    full, outputs = collect_statistics(block, names, states, extras, "cpu", keep_outputs=True)
+    assert len(finished) == 3 and len(outputs) == 3
+    finished.clear()
+    early, outputs = collect_statistics(block, names, states, extras, "cpu", keep_outputs=False, abs_sums=False)
+    assert len(finished) == 1 and outputs is None  # only the first batch, which finds the order, runs to the end
+    for name in names:
+        assert early.stats_of(name).tokens == full.stats_of(name).tokens == 6 * 48
+        assert torch.equal(early.stats_of(name).gram, full.stats_of(name).gram)
+    with pytest.raises(RuntimeError, match="abs_sums"):
+        early.stats_of("mlp.down_proj").mean_abs
+    assert full.stats_of("mlp.down_proj").mean_abs.shape == (block.mlp.down_proj.in_features,)
+
+
 def test_targets_and_ignore():
     model = build_model("llama")
     assert find_blocks(model)[0] == "model.layers"
