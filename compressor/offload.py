@@ -43,10 +43,19 @@ class HiddenStates:
             f.write(tensor_bytes(tensor))
         self._items.append((path, tuple(tensor.shape), tensor.dtype))
 
+    def release(self, index):
+        """Drop batch `index` (the loop has used it for the last time): its memory or its file goes."""
+        item = self._items[index]
+        if isinstance(item, torch.Tensor):
+            self._in_memory -= item.numel() * item.element_size()
+        elif item is not None:
+            os.remove(item[0])
+        self._items[index] = None
+
     @property
     def spilled(self):
         """How many batches live on disk."""
-        return sum(not isinstance(item, torch.Tensor) for item in self._items)
+        return sum(isinstance(item, tuple) for item in self._items)
 
     def __len__(self):
         return len(self._items)
@@ -61,6 +70,14 @@ class HiddenStates:
 
     def __iter__(self):
         return (self[index] for index in range(len(self)))
+
+
+def release_batch(states, index):
+    """Drop batch `index` of a stream (a plain list or HiddenStates)."""
+    if isinstance(states, HiddenStates):
+        states.release(index)
+    else:
+        states[index] = None
 
 
 def states_factory(budget=None, directory=None):

@@ -1,4 +1,5 @@
 import copy
+import os
 
 import pytest
 import torch
@@ -158,3 +159,22 @@ def test_nan_weights_are_refused():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(LowrankError, match="NaN"):
         compress_model(model, calibration_ids(), Settings(ratio=0.5))
+
+
+def test_propagation_consumes_its_inputs(tmp_path):
+    from lowrank.offload import HiddenStates
+    from lowrank.pipeline import _run_block, capture_block_inputs
+
+    model = build_model("llama")
+    block = model.model.layers[0]
+    states, extras = capture_block_inputs(model, block, calibration_ids(samples=6), 2, "cpu")
+    expected = _run_block(block, states, extras, "cpu")
+    spilling = HiddenStates(budget=states[0].numel() * 4, directory=str(tmp_path))  # one batch in memory
+    for batch in states:
+        spilling.append(batch)
+    assert spilling.spilled == 2 and len(os.listdir(spilling._spill_dir)) == 2
+    for stream in (states, spilling):
+        outputs = _run_block(block, stream, extras, "cpu", consume=True)
+        assert all(torch.equal(a, b) for a, b in zip(outputs, expected))
+    assert states == [None] * 3
+    assert spilling.spilled == 0 and spilling._in_memory == 0 and not os.listdir(spilling._spill_dir)
