@@ -8,10 +8,11 @@ Speed: the adapter (32 layers x q/k/v/o/gate/up/down, r = 64, float32 as PEFT sa
 640 MB) is generated once in bench/work/squeeze/. Every timing is a fresh process run 3 times (median), with the
 file already in the page cache (a first untimed read). "io" is what any squeeze must do at least: read every input
 tensor and write the rank-8 output's tensors (the same writer lowrank uses); "copy" reads and rewrites the whole
-input. The dense-SVD approach of kohya's resize_lora.py (our own implementation of the idea: form up @ down in
-float32, full torch.linalg.svd with full_matrices=True, all singular values into up) is far too slow to run on all
-224 modules on this CPU: it is timed on one layer (7 modules, every shape once) and multiplied by 32, which the
-report says. Results go to bench/results/squeeze.json under "speed" / "quality".
+input; "gram_matrices_only" is the arithmetic the exact method cannot skip (both r x r Gram matrices of every
+module, tensors already in memory). The dense-SVD approach of kohya's resize_lora.py (our own implementation of
+the idea: form up @ down in float32, full torch.linalg.svd with full_matrices=True, all singular values into up) is
+far too slow to run on all 224 modules on this CPU: it is timed on one layer (7 modules, every shape once) and
+multiplied by 32, which the report says. Results go to bench/results/squeeze.json under "speed" / "quality".
 """
 
 import argparse
@@ -111,6 +112,20 @@ report = lowrank.squeeze(sys.argv[1], sys.argv[2], rank=int(sys.argv[4]), overwr
 print(time.perf_counter() - start)
 """
 
+GRAMS = r"""
+import os, sys, time
+import torch
+from safetensors import safe_open
+dtype = getattr(torch, sys.argv[2])
+with safe_open(os.path.join(sys.argv[1], "adapter_model.safetensors"), "pt") as f:  # reading untimed
+    tensors = {key: f.get_tensor(key) for key in f.keys()}
+start = time.perf_counter()
+for key, t in tensors.items():
+    t = t.to(dtype)
+    gram = t @ t.T if "lora_A" in key else t.T @ t
+print(time.perf_counter() - start)
+"""
+
 KOHYA = r"""
 import sys, time, json
 import torch
@@ -160,6 +175,9 @@ def speed(args):
               "machine": machine(), "repeats": 3, "statistic": "median of fresh processes"}
     result["io_read_all_write_rank8_s"] = timed(IO, directory, out + "-io", TARGET, 0)[0]
     result["copy_read_all_write_all_s"] = timed(IO, directory, out + "-copy", TARGET, 1)[0]
+    # The exact method's own floor: the r x r Gram matrices of both factors of every module (torch's threads).
+    for dtype in ("float64", "float32"):
+        result[f"gram_matrices_only_{dtype}_s"] = timed(GRAMS, directory, dtype)[0]
     for threads in args.threads:
         name = f"squeeze_threads_{threads}_s" if threads else "squeeze_torch_threads_one_module_at_a_time_s"
         result[name] = timed(SQUEEZE, directory, out, threads, TARGET)[0]

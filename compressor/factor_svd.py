@@ -45,7 +45,7 @@ def as_float64(b):
     this layout are the fast ones for a tall, thin B (~1.3x and ~2x on the development CPU)."""
     if b.dtype == F64 and b.T.is_contiguous():
         return b
-    return torch.empty(b.shape[1], b.shape[0], dtype=F64).copy_(b.T).T
+    return b.T.contiguous().to(F64).T  # transposed in its own dtype first: fewer bytes to shuffle
 
 
 def gram_root(gram):
@@ -123,7 +123,8 @@ class FactorSVD:
         ones, which is what lets an optimizer's state follow them (see squeeze_callback)."""
         k = min(rank, len(self.sigma))
         b64, a64 = as_float64(b), a.to(F64)
-        up, down, left, right = _balanced((self._left[:, :k].T @ b64.T).T, a64.T @ self._right[:, :k], scale_out)
+        # Both products with the long side contiguous and last (b64 is stored transposed): ~4x faster for A.
+        up, down, left, right = _balanced((self._left[:, :k].T @ b64.T).T, (self._right[:, :k].T @ a64).T, scale_out)
         return up, down, self._left[:, :k] * left, (self._right[:, :k] * right).T
 
 

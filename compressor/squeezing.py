@@ -305,7 +305,8 @@ def squeeze(
     previous = torch.get_num_threads()
     # One module's matrices are small (r x r cores, m x r factors): torch's own threads would split every small
     # operation and, on a CPU that other work also uses, mostly wait on each other (a 7B adapter took 10-57 s
-    # with torch's 2 threads and 2.6-2.9 s with one on the shared 2-core development machine; BENCHMARKS.md).
+    # with torch's 2 threads and 2.6-2.9 s with one on the shared 2-core development machine; on a quiet one,
+    # 1.86 s with torch's threads, 1.13 s with two modules at once; BENCHMARKS.md).
     # Whole modules in parallel, each on one thread, do not synchronise at every small operation. Extraction's
     # dense deltas are large matrices: there the threads are torch's, one module at a time.
     torch.set_num_threads(threads if finetuned is not None else 1)
