@@ -389,7 +389,9 @@ def walk_blocks(model, input_ids, targets, blocks_name, visit, *, batch_size, de
                                               new_states)
     finally:
         source.close_capture(model)
-    original = states  # the original model's stream (anchored mode): identical before the first block
+    # The original model's stream (anchored mode only: held otherwise, it would keep the captured states alive
+    # for the whole run): identical to the compressed one before the first block.
+    original = states if anchored else None
     timings["capture"] += time.perf_counter() - begin
 
     progress.start(stage, len(source))

@@ -161,6 +161,32 @@ def test_nan_weights_are_refused():
         compress_model(model, calibration_ids(), Settings(ratio=0.5))
 
 
+@pytest.mark.parametrize("propagate", [True, False])
+def test_walk_holds_one_stream_and_its_outputs(tmp_path, propagate):
+    # Everything spilled to disk, so the live calibration states are the files on disk: while a block is being
+    # decomposed only its input stream (and, without propagation, that stream's outputs) may exist; the captured
+    # first stream must not stay alive behind them.
+    from lowrank.offload import states_factory
+    from lowrank.pipeline import walk_blocks
+    from lowrank.targets import select_targets
+
+    model = build_model("llama")
+    blocks_name, _, targets = select_targets(model, None, None)
+    alive = []
+
+    def visit(index, block, names, collector):
+        alive.append(len([f for _, _, files in os.walk(tmp_path) for f in files]))
+        return []
+
+    ids = calibration_ids(samples=6)
+    walk_blocks(model, ids, targets, blocks_name, visit, batch_size=2, device="cpu", propagate=propagate,
+                new_states=states_factory(0, str(tmp_path)))
+    batches = 3
+    assert len(alive) == model.config.num_hidden_layers
+    assert max(alive) == (batches if propagate else 2 * batches)
+    assert not [f for _, _, files in os.walk(tmp_path) for f in files]
+
+
 def test_propagation_consumes_its_inputs(tmp_path):
     from lowrank.offload import HiddenStates
     from lowrank.pipeline import _run_block, capture_block_inputs
