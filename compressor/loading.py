@@ -102,6 +102,16 @@ def torch_dtype(name):
     return dtypes[name]
 
 
+def require_gguf_support():
+    """transformers reads .gguf files only with the gguf and accelerate packages installed: say so up front."""
+    import importlib.util
+
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"reading a .gguf file needs the {' and '.join(missing)} package"
+                         f"{'s' if len(missing) > 1 else ''}: pip install 'lowrank[gguf]'")
+
+
 def load_model(source, dtype="auto", trust_remote_code=False):
     """Load the model (on CPU) and its tokenizer (None when it has none). Checks for damaged files and weights."""
     import torch
@@ -114,6 +124,7 @@ def load_model(source, dtype="auto", trust_remote_code=False):
         check_checkpoint_files(source.path)
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if source.kind == "gguf":
+        require_gguf_support()
         kwargs["gguf_file"] = source.gguf_file
         cls = transformers.AutoModelForCausalLM
     else:

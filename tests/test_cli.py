@@ -54,6 +54,22 @@ def test_usage_errors_exit_2(case, llama_dir, model_copy, calib_file, tmp_path, 
     assert tree_digest(model) == before  # the input is never modified
 
 
+def test_gguf_without_its_packages_says_what_to_install(tmp_path, calib_file, capsys, monkeypatch):
+    # transformers refuses a .gguf file unless gguf and accelerate are installed; its own message names only the
+    # first it misses. Ours names both and the extra that brings them, before anything is loaded.
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "accelerate" else real_find_spec(name, *args))
+    (tmp_path / "gguf").mkdir()
+    model = tmp_path / "gguf" / "model.gguf"
+    model.write_bytes(b"GGUF")
+    out = str(tmp_path / "out")
+    code, _, err = run(["compress", str(model), "-o", out, "--calib", calib_file, *FAST], capsys)
+    assert_clean_failure(code, err, 2, "needs the accelerate package: pip install 'lowrank[gguf]'", out)
+
+
 def _corrupt(model):
     path = os.path.join(model, "model.safetensors")
     with open(path, "r+b") as f:
