@@ -64,6 +64,8 @@ class HiddenStates:
         item = self._items[index]
         if isinstance(item, torch.Tensor):
             return item
+        if item is None:
+            raise RuntimeError(f"calibration batch {index} was released; the loop read it after its last use")
         path, shape, dtype = item
         # a private mapping: pages come in as the block reads them and leave when the tensor is dropped
         return torch.from_file(path, shared=False, size=math.prod(shape), dtype=dtype).view(shape)

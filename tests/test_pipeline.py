@@ -204,3 +204,5 @@ def test_propagation_consumes_its_inputs(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(outputs, expected))
     assert states == [None] * 3
     assert spilling.spilled == 0 and spilling._in_memory == 0 and not os.listdir(spilling._spill_dir)
+    with pytest.raises(RuntimeError, match="batch 0 was released"):
+        spilling[0]
