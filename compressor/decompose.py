@@ -160,7 +160,8 @@ def factorize(weight, weighting, rank):
 
 def spectrum(weight, weighting, left_vectors=False):
     """The singular values of M = W S (descending, float64) as `factorize` finds them, and, if asked, M's left
-    singular vectors (m x min(m, n)); those of components with sigma = 0 are zero."""
+    singular vectors (m x min(m, n)). For sigma = 0 those are arbitrary unit vectors (m <= n) or zero (m > n):
+    weight them by sigma."""
     w = weight.to(torch.float64)
     sigma, u, v, weighted = _eigen_svd(w if weighting.row is None else weighting.row[:, None] * w, weighting)
     if left_vectors and u is None:
