@@ -26,7 +26,7 @@ def main():
     args = parser.parse_args()
     import torch
 
-    from lowrank.loading import load_model, resolve_model
+    from lowrank.io.loading import load_model, resolve_model
 
     model, tokenizer = load_model(resolve_model(common.prepare()))
     sums = {}

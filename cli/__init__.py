@@ -37,8 +37,11 @@ def _root(
 
 from . import compensate as _compensate  # noqa: E402,F401  (registers the commands)
 from . import compress as _compress  # noqa: E402,F401
+from . import densify as _densify  # noqa: E402,F401
+from . import env as _env
+from . import evaluate as _evaluate
+from . import report as _report
 from . import squeeze as _squeeze  # noqa: E402,F401
-from . import densify as _densify, env as _env, evaluate as _evaluate, report as _report  # noqa: E402,F401
 
 
 def main(argv=None):

@@ -47,7 +47,7 @@ def compensate(
     input covariance and truncated to rank k; the result is a standard PEFT LoRA adapter (load it with
     PeftModel.from_pretrained(compressed_model, OUT)) whose report gives each layer's error before and after.
     """
-    from lowrank.eora import compensate as run
+    from lowrank.repair.eora import compensate as run
 
     from .ui import RichProgress, err, key_value_table, print_json, quiet_libraries
 

@@ -103,7 +103,7 @@ def compress(
     --ratio is the fraction of the targeted layers' parameters that is KEPT: an m x n layer gets rank
     floor(R·m·n/(m+n)), and a layer whose rank reaches the break-even floor(m·n/(m+n)) stays dense.
     """
-    from lowrank.compression import compress as run
+    from lowrank.compression.api import compress as run
 
     from .ui import RichProgress, print_json, quiet_libraries
 
@@ -131,7 +131,7 @@ def compress(
 def show_summary(report, output, seconds):
     from rich.table import Table
 
-    from lowrank.report import summary_rows, worst_layers
+    from lowrank.report.compression import summary_rows, worst_layers
 
     from .ui import err, key_value_table
 

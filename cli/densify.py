@@ -25,8 +25,8 @@ def densify(
     the provenance (`lowrank_densified`), which `lowrank report` shows. The compression's quality loss stays; its
     size and speed gains do not.
     """
-    from lowrank.densification import densify as run
-    from lowrank.report import human_bytes
+    from lowrank.repair.densify import densify as run
+    from lowrank.report.compression import human_bytes
 
     from .ui import RichProgress, err, key_value_table, print_json
 

@@ -76,8 +76,9 @@ def eval_command(
     --output FILE to keep the results.
     """
     from lowrank.errors import UsageError
-    from lowrank.evaluation import default_report, evaluate, record as record_evaluation
-    from lowrank.report_files import check_writable
+    from lowrank.evaluation.api import default_report, evaluate
+    from lowrank.evaluation.api import record as record_evaluation
+    from lowrank.report.files import check_writable
 
     from .ui import RichProgress, err, print_json, quiet_libraries
 
@@ -113,7 +114,7 @@ def eval_command(
 def show(evaluation):
     from rich.table import Table
 
-    from lowrank.summary import evaluation_header, evaluation_rows
+    from lowrank.report.summary import evaluation_header, evaluation_rows
 
     from .ui import err
 

@@ -66,8 +66,8 @@ def report(
     With $GITHUB_STEP_SUMMARY set and no --output, the markdown is appended to the job summary (under 1 MiB).
     """
     from lowrank.errors import UsageError
-    from lowrank.gates import check, parse_gate, status
-    from lowrank.summary import load_run
+    from lowrank.report.gates import check, parse_gate, status
+    from lowrank.report.summary import load_run
 
     from .ui import err
 
@@ -115,17 +115,17 @@ def report(
 def render(output_format, runs, results, verdict, code, top):
     """The rendering as text (the table is rendered without colour, as it would print)."""
     if output_format is Format.markdown:
-        from lowrank.markdown import to_markdown
+        from lowrank.report.markdown import to_markdown
 
         return to_markdown(runs, results, verdict, top)
     if output_format is Format.json:
         import json
 
-        from lowrank.summary import to_json
+        from lowrank.report.summary import to_json
 
         return json.dumps(to_json(runs, results, verdict, code), indent=2) + "\n"
     if output_format is Format.junit:
-        from lowrank.junit import to_junit
+        from lowrank.report.junit import to_junit
 
         return to_junit(runs, results, _plain(runs))
     return _table_text(runs, results, verdict, top)
@@ -133,7 +133,7 @@ def render(output_format, runs, results, verdict, code, top):
 
 def _plain(runs):
     """Plain "label: value" lines of each run and its latest evaluation (JUnit's system-out)."""
-    from lowrank.summary import evaluation_header, evaluation_rows, summary_rows
+    from lowrank.report.summary import evaluation_header, evaluation_rows, summary_rows
 
     lines = []
     for run in runs:
@@ -164,8 +164,8 @@ def tables(runs, results, verdict, top):
     from rich.table import Table
     from rich.text import Text
 
-    from lowrank.markdown import comparison_layers, comparison_rows, extra_columns, layer_row
-    from lowrank.summary import evaluation_header, evaluation_rows, summary_rows
+    from lowrank.report.markdown import comparison_layers, comparison_rows, extra_columns, layer_row
+    from lowrank.report.summary import evaluation_header, evaluation_rows, summary_rows
 
     from .ui import key_value_table
 
@@ -210,7 +210,7 @@ def tables(runs, results, verdict, top):
 
 def _write(path, text):
     from lowrank.errors import LowrankError
-    from lowrank.report_files import write_atomic
+    from lowrank.report.files import write_atomic
 
     try:
         write_atomic(path, text)
@@ -220,7 +220,7 @@ def _write(path, text):
 
 def _step_summary(runs, results, verdict, top, output):
     """Append the markdown to $GITHUB_STEP_SUMMARY (when set and no --output), within GitHub's 1 MiB per step."""
-    from lowrank.markdown import STEP_SUMMARY_LIMIT, to_markdown
+    from lowrank.report.markdown import STEP_SUMMARY_LIMIT, to_markdown
 
     from .ui import err
 
@@ -243,8 +243,8 @@ def _step_summary(runs, results, verdict, top, output):
 
 def _plot(runs, path):
     from lowrank.errors import LowrankError
-    from lowrank.plot import check_available, plot
-    from lowrank.report import read_spectra
+    from lowrank.report.compression import read_spectra
+    from lowrank.report.plot import check_available, plot
 
     from .ui import err
 

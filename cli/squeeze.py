@@ -78,7 +78,7 @@ def squeeze(
     The output is in the input's format, with alpha, rank_pattern and alpha_pattern rewritten so that the
     effective update s'·B'·A' is exactly the truncated SVD of s·B·A. Writes squeeze_report.json and .md.
     """
-    from lowrank.squeezing import squeeze as run
+    from lowrank.squeezing.api import squeeze as run
 
     from .ui import RichProgress, print_json, quiet_libraries
 
@@ -121,7 +121,7 @@ def _num(value):
 
 
 def show_summary(report, verbose, seconds):
-    from lowrank.squeeze_report import summary_rows
+    from lowrank.squeezing.report import summary_rows
 
     from .ui import err, key_value_table
 

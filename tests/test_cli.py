@@ -8,7 +8,6 @@ import pytest
 from conftest import assert_clean_failure, run, tree_digest
 from safetensors.torch import load_file, save_file
 
-
 FAST = ["--num-samples", "8", "--seq-len", "64", "--batch-size", "4"]
 
 

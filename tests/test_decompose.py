@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lowrank import decompose
-from lowrank.stats import InputStats
+from lowrank.core import decompose
+from lowrank.core.stats import InputStats
 
 
 def correlated_inputs(tokens, n, seed=0, rank=None):
@@ -118,7 +118,7 @@ def test_gram_is_accumulated_in_float64():
 
 
 def test_exact_sum_does_not_depend_on_order():
-    from lowrank.stats import ExactSum
+    from lowrank.core.stats import ExactSum
 
     g = torch.Generator().manual_seed(0)
     terms = [(torch.randn(50, generator=g) * 10 ** torch.randint(-8, 8, (50,), generator=g)).double() for _ in range(40)]
@@ -137,7 +137,7 @@ def test_exact_sum_does_not_depend_on_order():
 
 
 def test_gram_from_the_upper_triangle_equals_the_full_product():
-    from lowrank.stats import gram_matrix
+    from lowrank.core.stats import gram_matrix
 
     x = torch.randn(300, 1000, generator=torch.Generator().manual_seed(0))
     got = gram_matrix(x, panel=384)

@@ -110,7 +110,7 @@ def test_densify_streams_without_building_the_model(compressed, tmp_path, monkey
         raise AssertionError("densify must not load a model")
 
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
-    monkeypatch.setattr("lowrank.checkpoint.load_pretrained", refuse)
+    monkeypatch.setattr("lowrank.io.checkpoint.load_pretrained", refuse)
     summary = lowrank.densify(compressed["gpt2"], str(tmp_path / "dense"))
     assert summary["densified_layers"] == 8 and summary["architectures"] == ["GPT2LMHeadModel"]
 

@@ -15,8 +15,8 @@ from conftest import COMPRESS_FAST, english_text, smollm2_available, tree_digest
 from test_cli import run
 
 import lowrank
-from lowrank.evaluation import load_subject
-from lowrank.report_files import append_evaluation, read_report
+from lowrank.evaluation.api import load_subject
+from lowrank.report.files import append_evaluation, read_report
 
 SEQ = 32
 FAST = ["--seq-len", str(SEQ), "--no-speed"]

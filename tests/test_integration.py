@@ -14,9 +14,9 @@ from conftest import COMPRESS_FAST, english_text, smollm2_available
 
 import lowrank
 from lowrank.calibration import draw_windows, tokenize_stream
-from lowrank.loading import load_model, resolve_model
-from lowrank.perplexity import perplexity
-from lowrank.pipeline import Settings, compress_model
+from lowrank.compression.pipeline import Settings, compress_model
+from lowrank.evaluation.perplexity import perplexity
+from lowrank.io.loading import load_model, resolve_model
 
 pytestmark = pytest.mark.slow
 

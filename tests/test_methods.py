@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from conftest import build_model
 
-from lowrank import decompose
+from lowrank.compression.pipeline import Settings, compress_model
+from lowrank.core import decompose
+from lowrank.core.fisher import input_importance
+from lowrank.core.stats import InputStats
 from lowrank.errors import UsageError
-from lowrank.fisher import input_importance
-from lowrank.pipeline import Settings, compress_model
-from lowrank.stats import InputStats
 
 
 def ids(samples=6, length=40, seed=0):

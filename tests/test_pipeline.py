@@ -5,11 +5,11 @@ import pytest
 import torch
 from conftest import build_model
 
+from lowrank.compression.pipeline import Settings, compress_model
+from lowrank.compression.targets import find_blocks, matches, select_targets
+from lowrank.core.stats import StatsCollector
 from lowrank.errors import UsageError
-from lowrank.modeling_lowrank import LowRankLinear
-from lowrank.pipeline import Settings, compress_model
-from lowrank.stats import StatsCollector
-from lowrank.targets import find_blocks, matches, select_targets
+from lowrank.io.modeling_lowrank import LowRankLinear
 
 
 def calibration_ids(seed=0, samples=8, length=48):
@@ -103,7 +103,7 @@ def test_same_input_layers_share_statistics():
 
 
 def test_statistics_pass_stops_at_the_last_input_with_the_same_statistics():
-    from lowrank.pipeline import capture_block_inputs, collect_statistics
+    from lowrank.compression.pipeline import capture_block_inputs, collect_statistics
 
     model = build_model("llama")
     block = model.model.layers[0]
@@ -166,9 +166,9 @@ def test_walk_holds_one_stream_and_its_outputs(tmp_path, propagate):
     # Everything spilled to disk, so the live calibration states are the files on disk: while a block is being
     # decomposed only its input stream (and, without propagation, that stream's outputs) may exist; the captured
     # first stream must not stay alive behind them.
-    from lowrank.offload import states_factory
-    from lowrank.pipeline import walk_blocks
-    from lowrank.targets import select_targets
+    from lowrank.compression.offload import states_factory
+    from lowrank.compression.pipeline import walk_blocks
+    from lowrank.compression.targets import select_targets
 
     model = build_model("llama")
     blocks_name, _, targets = select_targets(model, None, None)
@@ -191,8 +191,8 @@ def test_walk_holds_one_stream_and_its_outputs(tmp_path, propagate):
 
 
 def test_propagation_consumes_its_inputs(tmp_path):
-    from lowrank.offload import HiddenStates
-    from lowrank.pipeline import _run_block, capture_block_inputs
+    from lowrank.compression.offload import HiddenStates
+    from lowrank.compression.pipeline import _run_block, capture_block_inputs
 
     model = build_model("llama")
     block = model.model.layers[0]

@@ -1,4 +1,4 @@
-from lowrank.ranks import break_even_rank, factor_params, uniform_rank
+from lowrank.core.ranks import break_even_rank, factor_params, uniform_rank
 
 
 def test_uniform_rank_formula():

@@ -12,9 +12,9 @@ from conftest import COMPRESS_FAST, english_text
 from test_cli import run
 
 import lowrank
-from lowrank.markdown import STEP_SUMMARY_LIMIT, to_markdown
-from lowrank.report import SPECTRA_FILE
-from lowrank.summary import load_run
+from lowrank.report.compression import SPECTRA_FILE
+from lowrank.report.markdown import STEP_SUMMARY_LIMIT, to_markdown
+from lowrank.report.summary import load_run
 
 SCHEMA = os.path.join(os.path.dirname(__file__), "data", "junit.xsd")
 

@@ -8,7 +8,7 @@ import torch
 from conftest import build_model
 
 import lowrank
-from lowrank.squeeze_callback import geometric_schedule
+from lowrank.squeezing.callback import geometric_schedule
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402

@@ -10,7 +10,6 @@ import torch
 from conftest import assert_clean_failure, build_model, run, tree_digest
 from safetensors.torch import load_file, save_file
 
-
 peft = pytest.importorskip("peft")
 
 

@@ -9,12 +9,26 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lowrank.adapters import clean_number, pattern_value, peft_patterns
+from lowrank.core.factor_svd import (
+    DenseOperator,
+    FactorOperator,
+    FactorSVD,
+    dense_svd,
+    module_seed,
+    randomized_svd,
+    stored_error,
+)
 from lowrank.errors import UsageError
-from lowrank.factor_svd import (DenseOperator, FactorOperator, FactorSVD, dense_svd, module_seed, randomized_svd,
-                                stored_error)
-from lowrank.squeeze_ranks import (Candidate, budget_ranks, energy_curve, energy_ranks, parse_budget,
-                                   rank_for_energy, uniform_ranks)
+from lowrank.squeezing.formats import clean_number, pattern_value, peft_patterns
+from lowrank.squeezing.ranks import (
+    Candidate,
+    budget_ranks,
+    energy_curve,
+    energy_ranks,
+    parse_budget,
+    rank_for_energy,
+    uniform_ranks,
+)
 
 F64 = torch.float64
 

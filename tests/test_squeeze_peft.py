@@ -13,7 +13,7 @@ from conftest import build_model, tree_digest
 from safetensors.torch import load_file
 
 import lowrank
-from lowrank.report_files import read_report
+from lowrank.report.files import read_report
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402

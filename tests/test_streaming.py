@@ -48,11 +48,11 @@ def test_streaming_with_anchoring_and_global_allocation(llama_dir, calib_file, t
 
 @pytest.mark.parametrize("options", [dict(stream="on"), dict(stream="off", anchor=True)])
 def test_hidden_states_spilled_to_disk_give_the_same_bytes(options, llama_dir, calib_file, tmp_path, monkeypatch):
-    import lowrank.offload
+    import lowrank.compression.offload
 
     spill_dirs = []
-    mkdtemp = lowrank.offload.tempfile.mkdtemp
-    monkeypatch.setattr(lowrank.offload.tempfile, "mkdtemp", lambda **kw: spill_dirs.append(mkdtemp(**kw)) or
+    mkdtemp = lowrank.compression.offload.tempfile.mkdtemp
+    monkeypatch.setattr(lowrank.compression.offload.tempfile, "mkdtemp", lambda **kw: spill_dirs.append(mkdtemp(**kw)) or
                         spill_dirs[-1])
     common = dict(ratio=0.5, calib=calib_file, **options, **FAST)
     lowrank.compress(llama_dir, str(tmp_path / "memory"), offload_budget=None, **common)

@@ -1,0 +1,1 @@
+"""`lowrank.compress`: configuration, plan, the sequential engine, rank allocation, offload, resume."""

@@ -1,0 +1,89 @@
+"""Calibration hidden states: in memory up to a budget, in memory-mapped files beyond it.
+
+The layer-major loop holds the calibration hidden states of one stream (two while a block's outputs are being
+produced, twice that when anchoring). With many long windows on a wide model they outgrow memory before the
+weights do (4096 windows x 2048 tokens x 8192 wide in float16 is 128 GiB), so `--offload-budget` caps what is
+kept in memory: batches beyond it are written to files in a private temporary directory and mapped back one at
+a time when the loop reads them. The page cache does the rest; the bytes are identical either way.
+"""
+
+import math
+import os
+import shutil
+import tempfile
+import weakref
+
+import torch
+
+from ..io.shards import tensor_bytes
+
+
+class HiddenStates:
+    """A list of per-batch tensors (append, len, index, iterate) that spills to disk past `budget` bytes."""
+
+    def __init__(self, budget=None, directory=None):
+        self.budget = budget  # bytes kept in memory; None: no limit
+        self.directory = directory  # where the spill directory is made; None: the system's temporary directory
+        self._items = []  # a tensor, or (path, shape, dtype) of a spilled batch
+        self._in_memory = 0
+        self._spill_dir = None
+
+    def append(self, tensor):
+        tensor = tensor.detach().to("cpu")
+        size = tensor.numel() * tensor.element_size()
+        if self.budget is None or self._in_memory + size <= self.budget:
+            self._in_memory += size
+            self._items.append(tensor)
+            return
+        if self._spill_dir is None:
+            self._spill_dir = tempfile.mkdtemp(prefix="lowrank-states-", dir=self.directory)
+            weakref.finalize(self, shutil.rmtree, self._spill_dir, True)  # removed with this object
+        path = os.path.join(self._spill_dir, f"{len(self._items)}.bin")
+        with open(path, "wb") as f:
+            f.write(tensor_bytes(tensor))
+        self._items.append((path, tuple(tensor.shape), tensor.dtype))
+
+    def release(self, index):
+        """Drop batch `index` (the loop has used it for the last time): its memory or its file goes."""
+        item = self._items[index]
+        if isinstance(item, torch.Tensor):
+            self._in_memory -= item.numel() * item.element_size()
+        elif item is not None:
+            os.remove(item[0])
+        self._items[index] = None
+
+    @property
+    def spilled(self):
+        """How many batches live on disk."""
+        return sum(isinstance(item, tuple) for item in self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __getitem__(self, index):
+        item = self._items[index]
+        if isinstance(item, torch.Tensor):
+            return item
+        if item is None:
+            raise RuntimeError(f"calibration batch {index} was released; the loop read it after its last use")
+        path, shape, dtype = item
+        # a private mapping: pages come in as the block reads them and leave when the tensor is dropped
+        return torch.from_file(path, shared=False, size=math.prod(shape), dtype=dtype).view(shape)
+
+    def __iter__(self):
+        return (self[index] for index in range(len(self)))
+
+
+def release_batch(states, index):
+    """Drop batch `index` of a stream (a plain list or HiddenStates)."""
+    if isinstance(states, HiddenStates):
+        states.release(index)
+    else:
+        states[index] = None
+
+
+def states_factory(budget=None, directory=None):
+    """What the loop calls to start a stream: a plain list when there is no budget."""
+    if budget is None:
+        return list
+    return lambda: HiddenStates(budget, directory)

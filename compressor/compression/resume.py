@@ -1,0 +1,85 @@
+"""Durable progress: after every block the staging directory holds a journal, so `--resume` continues an
+interrupted run (crash, Ctrl-C, SIGKILL) from the first unfinished block and writes the same bytes.
+
+The journal records the settings' fingerprint, the blocks done, the shard writer's state and the per-layer
+results. Nothing else is saved: on resume the calibration states are recomputed by running the calibration
+windows through the already-compressed blocks, rebuilt from the factors already written, which is what the
+interrupted run did too, so the resumed blocks see bit-identical inputs.
+"""
+
+import hashlib
+import json
+import os
+
+import torch
+
+from ..errors import UsageError
+from ..io.shards import DTYPES
+
+JOURNAL = ".lowrank-journal.json"
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
+
+
+def fingerprint(**parts):
+    """sha256 of everything that determines the output."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tensor_digest(tensor):
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+def load(staging):
+    path = os.path.join(staging, JOURNAL)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def save(staging, journal):
+    path = os.path.join(staging, JOURNAL)
+    with open(path + ".tmp", "w") as f:
+        json.dump(journal, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    directory = os.open(staging, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def check(journal, expected, staging):
+    if journal is None:
+        return None
+    if journal.get("fingerprint") != expected:
+        raise UsageError(f"the partial output in {staging} was made with other settings, inputs or version; "
+                         "delete it, or run without --resume to start afresh")
+    return journal
+
+
+class StagedTensors:
+    """Read back tensors already written to the staging directory (closed shards and the open shard's data)."""
+
+    def __init__(self, staging, writer_state):
+        self.staging = staging
+        self.closed = {name: path for path, names in writer_state["shards"] for name in names}
+        self.entries = writer_state["entries"]
+        self.open_data = os.path.join(staging, f".shard-{len(writer_state['shards']):05d}.data")
+
+    def get(self, name):
+        from safetensors import safe_open
+
+        if name in self.closed:
+            with safe_open(self.closed[name], "pt") as f:
+                return f.get_tensor(name)
+        entry = self.entries[name]
+        start, end = entry["data_offsets"]
+        with open(self.open_data, "rb") as f:
+            f.seek(start)
+            raw = bytearray(f.read(end - start))
+        dtype = TORCH_DTYPES[entry["dtype"]]
+        return torch.frombuffer(raw, dtype=dtype).reshape(entry["shape"]) if raw else torch.empty(
+            entry["shape"], dtype=dtype)

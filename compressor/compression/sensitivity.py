@@ -1,0 +1,114 @@
+"""`--alloc sensitivity`: ASVD's sensitivity-based truncation rank search, the slow reference for `global`.
+
+For every target layer and every candidate keep fraction, the layer alone is replaced by its whitened rank-r
+approximation and the calibration loss of the whole model is measured on a few windows. Then one threshold on
+the loss increase is searched (ASVD's binary search): each layer takes the smallest candidate whose increase
+stays under it, and the threshold is the smallest one whose choices fit the parameter budget.
+Cost: (layers x candidates) forward passes over the evaluation windows, on top of the compression itself.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ..core import decompose
+from ..core.fisher import has_lm_head
+from ..core.ranks import _exact, uniform_rank
+from ..errors import UsageError
+from ..progress import SILENT
+from .targets import dense_weight
+
+CANDIDATES = (0.2, 0.4, 0.6, 0.8)
+
+
+@torch.no_grad()
+def loss(model, input_ids, device):
+    logits = model(input_ids=input_ids.to(device)).logits.float()
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten().to(device)))
+
+
+def _set_weight(module, weight):
+    if type(module).__name__ == "Conv1D":
+        weight = weight.T
+    module.weight.data.copy_(weight.to(module.weight.dtype))
+
+
+def layer_factors(model, input_ids, targets, blocks_name, settings, progress):
+    """{name: (up_full, down_full)} whitened full-rank factors on the original model's own inputs."""
+    from .pipeline import walk_blocks
+
+    factors = {}
+
+    @torch.no_grad()
+    def visit(index, block, names, collector):
+        weightings = {}
+        for name, rel in names.items():
+            stats = collector.stats_of(name)
+            if id(stats) not in weightings:
+                weightings[id(stats)] = decompose.whiten_weighting(stats, settings.damp)
+            weight = dense_weight(block.get_submodule(rel))
+            full = decompose.factorize(weight, weightings[id(stats)], min(weight.shape))
+            factors[name] = (full.up.float(), full.down.float())
+        return []
+
+    walk_blocks(model, input_ids, targets, blocks_name, visit, batch_size=settings.batch_size,
+                device=settings.device, propagate=False, progress=progress, stage="profile")
+    return factors
+
+
+def measure(model, input_ids, factors, settings, progress=SILENT, samples=2):
+    """{name: {keep fraction: loss increase}} on the first `samples` calibration windows."""
+    if not has_lm_head(model):
+        raise UsageError("--alloc sensitivity measures the language-model loss: it needs a causal LM")
+    data = input_ids[:samples]
+    base = loss(model, data, settings.device)
+    table = {}
+    progress.start("sensitivity", len(factors))
+    for name, (up, down) in factors.items():
+        module = model.get_submodule(name)
+        m, n = up.shape[0], down.shape[1]
+        original = dense_weight(module).clone()
+        table[name] = {}
+        for keep in CANDIDATES:
+            rank = uniform_rank(m, n, keep)
+            if rank is None:
+                continue
+            _set_weight(module, up[:, :rank] @ down[:rank])
+            table[name][keep] = loss(model, data, settings.device) - base
+        _set_weight(module, original)
+        progress.advance("sensitivity", name)
+    return table
+
+
+def choose(table, shapes, ratio):
+    """ASVD's budgeted choice: {name: rank or None (dense)} for the smallest threshold that fits the budget."""
+    budget = _exact(ratio) * sum(m * n for m, n in shapes.values())
+
+    def pick(threshold):
+        chosen = {}
+        for name, increases in table.items():
+            keep = next((k for k in sorted(increases) if increases[k] <= threshold), None)
+            m, n = shapes[name]
+            chosen[name] = None if keep is None else uniform_rank(m, n, keep)
+        return chosen
+
+    def params(chosen):
+        return sum(m * n if chosen[k] is None else chosen[k] * (m + n) for k, (m, n) in shapes.items())
+
+    thresholds = sorted({value for increases in table.values() for value in increases.values()})
+    low, high = 0, len(thresholds) - 1
+    if not thresholds or params(pick(thresholds[-1])) > budget:
+        return pick(thresholds[-1]) if thresholds else {name: None for name in table}
+    while low < high:  # the smallest threshold whose choices fit the budget
+        middle = (low + high) // 2
+        if params(pick(thresholds[middle])) <= budget:
+            high = middle
+        else:
+            low = middle + 1
+    return pick(thresholds[low])
+
+
+def sensitivity_ranks(model, input_ids, targets, blocks_name, settings, progress=SILENT):
+    factors = layer_factors(model, input_ids, targets, blocks_name, settings, progress)
+    table = measure(model, input_ids, factors, settings, progress)
+    shapes = {name: (up.shape[0], down.shape[1]) for name, (up, down) in factors.items()}
+    return choose(table, shapes, settings.ratio), table

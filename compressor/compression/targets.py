@@ -1,0 +1,83 @@
+"""Which modules get factorized: the repeated blocks of a model and the linear layers inside them."""
+
+import fnmatch
+import re
+
+import torch.nn as nn
+
+from ..errors import UsageError
+
+
+def is_linear(module):
+    """nn.Linear or GPT-2 style Conv1D (both compute y = W x + b; Conv1D stores W transposed)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def dense_weight(module):
+    """The (out x in) weight of a linear layer: nn.Linear, Conv1D (transposed), or LowRankLinear (up @ down)."""
+    weight = module.weight.detach()  # for LowRankLinear a plain tensor: detach() leaves the read-only view
+    return weight.T if type(module).__name__ == "Conv1D" else weight
+
+
+def find_blocks(model):
+    """(name, ModuleList) of the repeated blocks: the largest ModuleList whose children share one class."""
+    best, best_params = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        params = sum(p.numel() for p in module.parameters())
+        if params > best_params:
+            best, best_params = (name, module), params
+    if best is None:
+        raise UsageError("found no repeated blocks (an nn.ModuleList of layers) in this model; it is not supported")
+    return best
+
+
+def matches(name, pattern):
+    """llm-compressor style matching: `re:REGEX` (re.match on the full name), a glob, or a name suffix."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+def select_targets(model, targets=None, ignore=None):
+    """Map block index -> names of the linear layers to factorize in that block, in module order.
+
+    By default every linear layer inside the repeated blocks; `targets` narrows that, `ignore` removes from it.
+    A target pattern that names a layer outside the blocks is an error, since only block layers are factorized.
+    """
+    blocks_name, blocks = find_blocks(model)
+    ignore = list(ignore or [])
+    selected, used = {}, set()
+    for index, block in enumerate(blocks):
+        for rel, module in block.named_modules():
+            if not rel or not is_linear(module):
+                continue
+            full = f"{blocks_name}.{index}.{rel}"
+            if targets:
+                hit = [p for p in targets if matches(full, p)]
+                if not hit:
+                    continue
+                used.update(hit)
+            if any(matches(full, p) for p in ignore):
+                continue
+            selected.setdefault(index, []).append(full)
+    if targets:
+        outside = [
+            name
+            for name, module in model.named_modules()
+            if is_linear(module) and not name.startswith(blocks_name + ".") and any(matches(name, p) for p in targets)
+        ]
+        if outside:
+            raise UsageError(
+                f"--targets matches {outside[0]}, which is outside the repeated blocks ({blocks_name}); "
+                "only layers inside the blocks can be factorized"
+            )
+    if not selected:
+        what = f"--targets {' '.join(targets)}" if targets else "the default targets"
+        raise UsageError(f"no linear layer matches {what} (after --ignore); check the patterns against the module names")
+    return blocks_name, blocks, selected

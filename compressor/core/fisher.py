@@ -1,0 +1,99 @@
+"""Fisher importance for FWSVD (Hsu et al., "Language model compression with weighted low-rank factorization").
+
+FWSVD weighs each weight by its Fisher information, the expected squared gradient of the loss, estimated per
+data sample: F_ij = (1/S) sum_s (dL_s/dW_ij)^2. The paper writes a layer as y = x W (W is in x out) and collapses
+F to one importance per ROW of that W, I_j = sum_i F_ij, i.e. one per input feature; in PyTorch's (out x in)
+layout that is a column scale, applied as diag(sqrt(I)) on the input side before the SVD and divided back out
+of the `down` factor. (ASVD's FWSVD baseline and GFWSVD's reference code use the same orientation.)
+
+The gradients need a backward pass through everything downstream of a layer, so this runs once over the whole
+ORIGINAL model before the layer-major loop, one calibration window per backward pass: its memory is that of
+training the model on one window (all layers' activations and the logits) plus one float64 vector per layer.
+Per-sample gradients come from each layer's input x_s and output gradient g_s: dL_s/dW = g_s^T x_s, so no
+parameter .grad is ever allocated.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UsageError
+
+
+def has_lm_head(model):
+    import transformers
+
+    causal = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    names = {name for value in causal for name in ((value,) if isinstance(value, str) else value)}
+    return type(model).__name__ in names and model.get_output_embeddings() is not None
+
+
+def input_importance(model, input_ids, names, batch_size, device, progress=None):
+    """{layer name: I (in_features,), float64}: per-input-feature Fisher importance of each named linear layer."""
+
+    def per_layer(grad, x):
+        # per sample s: dL_s/dW = g_s^T x_s (out x in); sum its squares over outputs -> (in,)
+        total = 0
+        for g_s, x_s in zip(grad.float(), x.float()):
+            per_sample = g_s.reshape(-1, g_s.shape[-1]).T @ x_s.reshape(-1, x_s.shape[-1])
+            total = total + per_sample.square().sum(0, dtype=torch.float64)
+        return total
+
+    return _accumulate_gradients(model, input_ids, names, batch_size, device, per_layer, progress, "fwsvd")
+
+
+def output_importance(model, input_ids, names, batch_size, device, progress=None):
+    """{layer name: D (out_features,), float64}: the diagonal Fisher of each named layer's OUTPUT, the mean
+    over samples of sum_t g_st^2 with g = dL_s/dy. A change dy of the outputs raises the loss by about
+    1/2 sum_k D_k dy_k^2 (per token, on average): what `--alloc fisher` weighs each dropped component by."""
+
+    def per_layer(grad, x):
+        return grad.double().square().reshape(-1, grad.shape[-1]).sum(0)
+
+    return _accumulate_gradients(model, input_ids, names, batch_size, device, per_layer, progress, "--alloc fisher")
+
+
+def _accumulate_gradients(model, input_ids, names, batch_size, device, per_layer, progress, who):
+    """Backward passes of the per-sample mean token loss over `input_ids`; for each named layer, the sum over
+    batches of per_layer(output gradient, input), divided by the number of samples."""
+    if not has_lm_head(model):
+        option = "--method" if who == "fwsvd" else "--alloc"
+        raise UsageError(f"{who} needs a causal language model with its LM head (the loss is next-token "
+                         f"cross-entropy); this model has none, use another {option}")
+    totals, handles = {}, []
+
+    def record(name):
+        def hook(module, args, output):
+            x = args[0].detach()
+
+            def accumulate(grad):
+                value = per_layer(grad.detach(), x)
+                totals[name] = totals[name] + value if name in totals else value
+
+            if output.requires_grad:
+                output.register_hook(accumulate)
+
+        return hook
+
+    for name in names:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_hook(record(name)))  # Conv1D: same math, y = x W + b
+    requires = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    embeddings = model.get_input_embeddings()
+    try:
+        for batch in input_ids.split(batch_size):
+            batch = batch.to(device)
+            embeds = embeddings(batch).detach().requires_grad_(True)
+            logits = model(inputs_embeds=embeds, use_cache=False).logits.float()
+            # the sum over samples of each sample's mean token loss: per-sample gradients stay separate
+            losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none").mean(1)
+            losses.sum().backward()
+            if progress is not None:
+                progress()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for param, flag in zip(model.parameters(), requires):
+            param.requires_grad_(flag)
+    samples = input_ids.shape[0]
+    return {name: value / samples for name, value in totals.items()}

@@ -1,0 +1,1 @@
+"""`lowrank.evaluate`: perplexity, agreement, speed, encoder similarity, lm-eval pass-through."""

@@ -1,0 +1,223 @@
+"""The factorized checkpoint: writing it (atomically, as a sibling directory renamed at the end) and loading it.
+
+Layout: an ordinary Hugging Face directory. Tensor names are the original ones, except that a factorized
+linear `X` stores `X.down.weight` (r x in) and `X.up.weight` (out x r, plus `X.up.bias`). config.json keeps
+the base config and adds a custom `model_type` ("lowrank_<base>"), `architectures`, an `auto_map` into the
+bundled `modeling_lowrank.py`, and a `lowrank` block (format version, method, ratio, ranks, provenance).
+A custom model_type makes a plain transformers load fail loudly instead of building random weights.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import time
+
+from ..errors import LowrankError, UsageError
+from .modeling_lowrank import CLASS_PREFIX, FORMAT_VERSION, MODEL_TYPE_PREFIX, lowrank_class
+from .publish import publish, staging_dir
+from .shards import ShardWriter
+
+MODELING_FILE = "modeling_lowrank.py"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+NOT_COPIED = {"config.json", MODELING_FILE, "README.md", "compression_report.json", "compression_report.md"}
+
+
+def unique_state_dict(model):
+    """The state dict with tied tensors stored once: a tied copy (e.g. lm_head tied to the embeddings) is dropped."""
+    state = model.state_dict()
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    tied_targets = set(tied) if not isinstance(tied, dict) else set(tied.keys())
+    owners = {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else (name,)
+        owners.setdefault(key, []).append(name)
+    keep = set()
+    for names in owners.values():
+        untied = [name for name in names if name not in tied_targets]
+        keep.add((untied or names)[0])
+    return {name: tensor for name, tensor in state.items() if name in keep}
+
+
+def base_class(cls):
+    """The transformers class behind one of our LowRank* classes (or `cls` itself)."""
+    return cls.__mro__[1] if cls.__module__.endswith("modeling_lowrank") else cls
+
+
+def partition_keys(model, blocks_name, tied=()):
+    """The model's tensor names outside the blocks, split into those stored before the blocks and after them
+    (the order a state dict has), leaving out `tied` copies. Works on a weightless (meta) model too."""
+    before, after, seen_block = [], [], False
+    for name in model.state_dict():
+        if name.startswith(blocks_name + "."):
+            seen_block = True
+        elif name not in tied:
+            (after if seen_block else before).append(name)
+    return before, after
+
+
+def tied_names(model):
+    """Tensor names that are copies of others (e.g. lm_head tied to the input embeddings), stored once."""
+    if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return set()
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied) if not isinstance(tied, dict) else set(tied.keys())
+
+
+def auto_map_for(model):
+    """auto_map entries into the bundled modeling file, for every Auto class that knows the base model type."""
+    import transformers
+
+    config_class = base_class(type(model.config))
+    base_type = config_class.model_type
+    entries = {"AutoConfig": f"modeling_lowrank.{CLASS_PREFIX}{config_class.__name__}"}
+    for auto_name in sorted(n for n in dir(transformers) if n.startswith("AutoModel")):
+        mapping = getattr(getattr(getattr(transformers, auto_name), "_model_mapping", None), "_model_mapping", None)
+        class_name = (mapping or {}).get(base_type)
+        if isinstance(class_name, (list, tuple)):
+            class_name = class_name[0]
+        if isinstance(class_name, str) and hasattr(transformers, class_name):
+            entries[auto_name] = f"modeling_lowrank.{CLASS_PREFIX}{class_name}"
+    return entries
+
+
+def checkpoint_config(model, block):
+    """config.json of the factorized checkpoint: the base config, re-typed, plus the `lowrank` block."""
+    config = model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "auto_map", "_commit_hash"):
+        config.pop(key, None)
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    config["model_type"] = MODEL_TYPE_PREFIX + base_class(type(model.config)).model_type
+    config["architectures"] = [CLASS_PREFIX + base_class(type(model)).__name__]
+    config["auto_map"] = auto_map_for(model)
+    config["lowrank"] = block
+    return config
+
+
+def _copy_extra_files(source, model, tokenizer, staging):
+    if source.kind == "dir":
+        for name in sorted(os.listdir(source.path)):
+            path = os.path.join(source.path, name)
+            if os.path.isfile(path) and name not in NOT_COPIED and not name.endswith(WEIGHT_SUFFIXES):
+                shutil.copy2(path, os.path.join(staging, name))
+        return
+    # GGUF files and hub ids: save what transformers rebuilt from them.
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(staging)
+
+
+class CheckpointWriter:
+    """A factorized checkpoint written progressively into the staging sibling of `output`: tensors go out as
+    they are ready (block by block), the rest at `finish`, which renames the directory into place.
+
+    `state` (from `state()`) continues an interrupted run's staging directory instead of starting afresh.
+    """
+
+    def __init__(self, output, max_shard_bytes, state=None):
+        self.output = output
+        self.staging = staging_dir(output)
+        if state is None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            os.makedirs(self.staging)
+        self.shards = ShardWriter(self.staging, max_shard_bytes, state=state)
+        self.seconds = 0.0  # time spent writing (the writes interleave with the compression)
+
+    @contextlib.contextmanager
+    def _timed(self):
+        start = time.perf_counter()
+        yield
+        self.seconds += time.perf_counter() - start
+
+    def add(self, name, tensor):
+        with self._timed():
+            self.shards.add(name, tensor)
+
+    def state(self):
+        with self._timed():
+            self.shards.sync()
+        return self.shards.state()
+
+    def finish(self, model, *, source, tokenizer, block, extra_files):
+        """Write the rest (config, bundled modeling file, copied files, reports) and publish.
+
+        `extra_files(weight_bytes, weight_files, seconds)` returns {file name: text or bytes} to add.
+        Returns the weight file names.
+        """
+        with self._timed():
+            files = self.shards.finish()
+        weight_bytes = sum(os.path.getsize(os.path.join(self.staging, name)) for name in files)
+        extra = extra_files(weight_bytes, files, self.seconds)
+        for name in os.listdir(self.staging):  # resume bookkeeping does not ship
+            if name.startswith("."):
+                os.remove(os.path.join(self.staging, name))
+        _copy_extra_files(source, model, tokenizer, self.staging)
+        with open(os.path.join(self.staging, "config.json"), "w") as f:
+            json.dump(checkpoint_config(model, block), f, indent=2, sort_keys=True)
+            f.write("\n")
+        shutil.copyfile(os.path.join(os.path.dirname(__file__), MODELING_FILE),
+                        os.path.join(self.staging, MODELING_FILE))
+        for name, text in extra.items():
+            with open(os.path.join(self.staging, name), "wb" if isinstance(text, bytes) else "w") as f:
+                f.write(text)
+        publish(self.staging, self.output)
+        return files
+
+    def abort(self):
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def write_checkpoint(model, output, *, source, tokenizer, block, extra_files, max_shard_bytes):
+    """Write a whole in-memory factorized `model` at once (see CheckpointWriter)."""
+    writer = CheckpointWriter(output, max_shard_bytes)
+    try:
+        for name, tensor in unique_state_dict(model).items():
+            writer.add(name, tensor)
+        return writer.finish(model, source=source, tokenizer=tokenizer, block=block, extra_files=extra_files)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def read_lowrank_config(path):
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path} is not a model directory (no config.json)") from None
+    except json.JSONDecodeError as error:
+        raise LowrankError(f"{path}/config.json is not valid JSON ({error})") from None
+    block = config.get("lowrank")
+    if not str(config.get("model_type", "")).startswith(MODEL_TYPE_PREFIX) or not isinstance(block, dict):
+        raise UsageError(f"{path} is not a lowrank factorized checkpoint")
+    if int(block.get("format_version", 0)) > FORMAT_VERSION:
+        raise UsageError(
+            f"{path} uses lowrank checkpoint format {block['format_version']}, newer than this lowrank "
+            f"understands ({FORMAT_VERSION}); upgrade lowrank"
+        )
+    return config
+
+
+def register(config):
+    """Register the checkpoint's classes with transformers' Auto classes, so that they load without remote code."""
+    import transformers
+
+    auto_map = config["auto_map"]
+    config_class = lowrank_class(auto_map["AutoConfig"].rpartition(".")[2])
+    transformers.AutoConfig.register(config["model_type"], config_class, exist_ok=True)
+    for auto_name, reference in auto_map.items():
+        if auto_name.startswith("AutoModel") and hasattr(transformers, auto_name):
+            getattr(transformers, auto_name).register(config_class, lowrank_class(reference.rpartition(".")[2]),
+                                                      exist_ok=True)
+
+
+def load_pretrained(path, **kwargs):
+    """Load a lowrank checkpoint as a transformers model with LowRankLinear modules (no remote code needed).
+
+    Keyword arguments go to `from_pretrained` (dtype, device_map, ...). The model class is the original
+    architecture's (e.g. LlamaForCausalLM), subclassed to hold the factorized layers.
+    """
+    config = read_lowrank_config(path)
+    register(config)
+    return lowrank_class(config["architectures"][0]).from_pretrained(path, **kwargs)

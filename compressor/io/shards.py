@@ -1,0 +1,193 @@
+"""Safetensors I/O that streams: a shard writer that never holds more than one tensor, and header checks.
+
+The writer appends each tensor's bytes to the open shard's data file as it arrives and writes the header when
+the shard closes, so memory stays at one tensor whatever the shard size. Shards roll over at `max_bytes`; at
+the end they are named like transformers names them (model.safetensors, or model-0000k-of-0000N.safetensors
+with model.safetensors.index.json).
+"""
+
+import json
+import os
+import re
+import struct
+
+import torch
+
+from ..errors import LowrankError, UsageError
+
+DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+if hasattr(torch, "float8_e4m3fn"):
+    DTYPES[torch.float8_e4m3fn] = "F8_E4M3"
+    DTYPES[torch.float8_e5m2] = "F8_E5M2"
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def parse_size(text):
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?i?b?)\s*", str(text).lower())
+    if not match:
+        raise UsageError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB")
+    number, unit = float(match.group(1)), match.group(2).rstrip("b")
+    base = 1024 if unit.endswith("i") else 1000
+    power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.rstrip("i")]
+    return int(number * base**power)
+
+
+def tensor_bytes(tensor):
+    """The tensor's raw little-endian bytes, as a buffer that shares the tensor's memory (no copy)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
+
+
+class ShardWriter:
+    """Write named tensors into safetensors shards of at most `max_bytes` each (a larger tensor gets its own).
+
+    Resumable: `state()` describes everything written so far (JSON-serialisable) and `ShardWriter(..., state=)`
+    continues from it, truncating the open shard's data to what the state recorded, so an interrupted run that
+    resumes writes the same bytes as one that never stopped. A closed shard's data file is deleted only by
+    `commit()` (call it once the state is saved), so a state never points at a deleted file.
+    """
+
+    def __init__(self, directory, max_bytes, prefix="model", state=None, metadata=None):
+        self.directory, self.max_bytes, self.prefix = directory, max_bytes, prefix
+        self.metadata = metadata or {}  # extra string metadata for the headers (may be set any time before finish)
+        self.shards = []  # (temporary path, [names])
+        self.total_bytes = 0
+        self._entries, self._data, self._size, self._closed = {}, None, 0, []
+        if state is not None:
+            self.shards = [(path, list(names)) for path, names in state["shards"]]
+            self.total_bytes, self._entries, self._size = state["total_bytes"], dict(state["entries"]), state["size"]
+            if self._entries:
+                self._data = open(self._data_path(len(self.shards)), "r+b")
+                self._data.truncate(self._size)
+                self._data.seek(self._size)
+            for number in range(len(self.shards)):  # data of shards closed before the state was saved
+                if os.path.exists(self._data_path(number)):
+                    os.remove(self._data_path(number))
+
+    def _data_path(self, number):
+        return os.path.join(self.directory, f".shard-{number:05d}.data")
+
+    def add(self, name, tensor):
+        if tensor.dtype not in DTYPES:
+            raise LowrankError(f"cannot store {name}: dtype {tensor.dtype} is not supported by safetensors")
+        data = tensor_bytes(tensor)
+        if self._data is not None and self._size + len(data) > self.max_bytes:
+            self._close_shard()
+        if self._data is None:
+            self._data = open(self._data_path(len(self.shards)), "wb")
+        self._entries[name] = {
+            "dtype": DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._size, self._size + len(data)],
+        }
+        self._data.write(data)
+        self._size += len(data)
+        self.total_bytes += len(data)
+
+    def _close_shard(self):
+        self._data.close()
+        data_path = self._data.name
+        path = os.path.join(self.directory, f".shard-{len(self.shards):05d}.safetensors")
+        header = {"__metadata__": {**self.metadata, "format": "pt"}, **self._entries}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the spec aligns the data to 8 bytes
+        with open(path + ".tmp", "wb") as out, open(data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            while chunk := data.read(1 << 24):
+                out.write(chunk)
+        os.replace(path + ".tmp", path)
+        self._closed.append(data_path)
+        self.shards.append((path, list(self._entries)))
+        self._entries, self._data, self._size = {}, None, 0
+
+    def sync(self):
+        """Make everything written so far durable (before saving a state that refers to it)."""
+        if self._data is not None:
+            self._data.flush()
+            os.fsync(self._data.fileno())
+
+    def state(self):
+        return {"shards": self.shards, "entries": self._entries, "size": self._size, "total_bytes": self.total_bytes}
+
+    def commit(self):
+        for path in self._closed:
+            if os.path.exists(path):
+                os.remove(path)
+        self._closed.clear()
+
+    def finish(self):
+        """Close the last shard, give the shards their final names, write the index. Returns the file names."""
+        if self._data is not None:
+            self._close_shard()
+        self.commit()
+        count = len(self.shards)
+        names = []
+        weight_map = {}
+        for number, (path, tensors) in enumerate(self.shards, 1):
+            name = f"{self.prefix}.safetensors" if count == 1 else f"{self.prefix}-{number:05d}-of-{count:05d}.safetensors"
+            os.replace(path, os.path.join(self.directory, name))
+            names.append(name)
+            weight_map.update({tensor: name for tensor in tensors})
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            with open(os.path.join(self.directory, f"{self.prefix}.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
+        return names
+
+
+def read_header(path):
+    """The header of a safetensors file, after checking that the file holds every byte the header promises."""
+    size = os.path.getsize(path)
+    name = os.path.basename(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise LowrankError(f"{name} is not a safetensors file (it is {size} bytes long); the download is broken")
+        (length,) = struct.unpack("<Q", raw)
+        if length > size - 8:
+            raise LowrankError(f"{name} is truncated or corrupt: its header does not fit in the file")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise LowrankError(f"{name} is corrupt: its header is not valid JSON") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        raise LowrankError(
+            f"{name} is truncated: the header promises {8 + length + end} bytes, the file has {size}; "
+            "download it again"
+        )
+    return header
+
+
+def check_checkpoint_files(directory):
+    """Check that every safetensors shard of a checkpoint directory is present and whole."""
+    index_path = os.path.join(directory, INDEX_NAME)
+    files = set()
+    if os.path.exists(index_path):
+        try:
+            with open(index_path) as f:
+                files = set(json.load(f)["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise LowrankError(f"{INDEX_NAME} in {directory} is corrupt") from None
+        missing = sorted(name for name in files if not os.path.exists(os.path.join(directory, name)))
+        if missing:
+            raise LowrankError(f"{directory} is missing shard {missing[0]} listed in {INDEX_NAME}")
+    files |= {name for name in os.listdir(directory) if name.endswith(".safetensors")}
+    for name in sorted(files):
+        read_header(os.path.join(directory, name))

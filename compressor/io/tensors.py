@@ -1,0 +1,75 @@
+"""A model checkpoint's tensors by name, read one at a time (for DoRA's true error and dense-delta extraction).
+
+Safetensors checkpoints (single or sharded) are read lazily, one tensor at a time, so memory stays at a tensor or
+two whatever the model's size. Other sources (.gguf, .bin checkpoints) are loaded once through
+lowrank.loading and served from the model's state dict.
+"""
+
+import json
+import os
+
+from ..errors import LowrankError, UsageError
+from .shards import INDEX_NAME, check_checkpoint_files, read_header
+
+
+class CheckpointTensors:
+    def __init__(self, spec, trust_remote_code=False):
+        from .loading import read_config, resolve_model
+
+        self.spec = spec
+        self.source = resolve_model(spec)
+        if self.source.kind == "hub":
+            raise UsageError(f"{spec}: give a local checkpoint directory (or pkg:NAME), not a hub id")
+        self.config = read_config(self.source)
+        self._files, self._handles, self._state = {}, {}, None
+        names = []
+        if self.source.kind == "dir":
+            names = sorted(n for n in os.listdir(self.source.path) if n.endswith(".safetensors"))
+        if names:
+            check_checkpoint_files(self.source.path)
+            index = os.path.join(self.source.path, INDEX_NAME)
+            if os.path.exists(index):
+                with open(index) as f:
+                    names = sorted(set(json.load(f)["weight_map"].values()))
+            self.shapes = {}
+            for name in names:
+                header = read_header(os.path.join(self.source.path, name))
+                header.pop("__metadata__", None)
+                for key, entry in header.items():
+                    self._files[key] = name
+                    self.shapes[key] = tuple(entry["shape"])
+        else:
+            from .checkpoint import unique_state_dict
+            from .loading import load_model
+
+            model, _ = load_model(self.source, dtype="float32", trust_remote_code=trust_remote_code)
+            self._state = unique_state_dict(model)
+            self.shapes = {k: tuple(v.shape) for k, v in self._state.items()}
+            if self.config is None:
+                self.config = model.config.to_dict()
+
+    def __contains__(self, key):
+        return key in self.shapes
+
+    def names(self):
+        return list(self.shapes)
+
+    def get(self, key):
+        if self._state is not None:
+            return self._state[key]
+        name = self._files[key]
+        if name not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[name] = safe_open(os.path.join(self.source.path, name), framework="pt")
+        return self._handles[name].get_tensor(key)
+
+    def find(self, module_weight):
+        """The key of a module's weight: exact, else the one key that ends with it (a model saved with or
+        without its outer prefix, e.g. `model.`)."""
+        if module_weight in self.shapes:
+            return module_weight
+        matches = [k for k in self.shapes if k.endswith("." + module_weight) or module_weight.endswith("." + k)]
+        if len(matches) == 1:
+            return matches[0]
+        raise LowrankError(f"{self.spec} has no weight {module_weight}; is it the base model of this adapter?")

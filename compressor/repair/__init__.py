@@ -1,0 +1,1 @@
+"""What repairs or undoes a compression: EoRA compensation, densify."""

@@ -1,0 +1,178 @@
+"""`lowrank.densify`: multiply a factorized checkpoint's factors back into a plain checkpoint of the original
+architecture, for runtimes that cannot run custom code (vLLM's native kernels, llama.cpp's converters).
+
+The output is what the original model would have saved: the original `model_type` and `architectures`, no
+`auto_map`, no bundled code, each factorized `X` stored as `X.weight` = up @ down (transposed back for GPT-2's
+Conv1D) and `X.bias`. It streams tensor by tensor (safe_open in, ShardWriter out), so memory stays at one layer
+whatever the model's size. config.json carries a `lowrank_densified` block (provenance) that `lowrank report`
+recognises; the compression report is copied unchanged, the history of what was removed.
+
+The product is formed in float32 and cast to the checkpoint's dtype. It is the same function as the factorized
+model up to rounding (the factorized forward computes up(down(x)) instead), but it is dense again: the size and
+speed gains are gone, the quality loss of the compression stays.
+"""
+
+import json
+import os
+import shutil
+
+from .. import __version__
+from ..errors import LowrankError
+from ..io.checkpoint import MODELING_FILE, WEIGHT_SUFFIXES, read_lowrank_config
+from ..io.publish import check_output, publish, staging_dir
+from ..io.shards import INDEX_NAME, SINGLE_NAME, ShardWriter, check_checkpoint_files, parse_size
+from ..progress import SILENT, ticker
+from ..report.compression import SPECTRA_FILE, human_bytes
+from ..report.summary import DENSIFY_MARKER
+
+FORMAT_VERSION = 1
+# Not copied: what densify writes itself, the custom code, and the spectra file (vLLM loads every *.safetensors
+# of a directory without an index, and would trip over it).
+NOT_COPIED = {"config.json", MODELING_FILE, "README.md", SPECTRA_FILE}
+
+
+def _weight_map(directory):
+    """{tensor name: shard file} of the checkpoint's weights (from the index, or the single model.safetensors)."""
+    from safetensors import safe_open
+
+    index = os.path.join(directory, INDEX_NAME)
+    if os.path.exists(index):
+        with open(index) as f:
+            return json.load(f)["weight_map"]
+    if not os.path.exists(os.path.join(directory, SINGLE_NAME)):
+        raise LowrankError(f"{directory} has neither {SINGLE_NAME} nor {INDEX_NAME}; the checkpoint is incomplete")
+    with safe_open(os.path.join(directory, SINGLE_NAME), "pt") as f:
+        return {name: SINGLE_NAME for name in f.keys()}
+
+
+def _conv1d_layers(config, block):
+    """Names of the factorized layers that were GPT-2 style Conv1D (weight stored in x out), found by building
+    the original architecture on the meta device (no memory)."""
+    import torch
+    import transformers
+
+    from ..io.modeling_lowrank import resolve_module_name
+
+    architecture = getattr(transformers, block["base_architectures"][0], None)
+    if architecture is None:
+        raise LowrankError(f"this transformers has no class {block['base_architectures'][0]}; upgrade transformers")
+    base_config = {k: v for k, v in config.items() if k not in ("lowrank", "auto_map", "architectures")}
+    base_config["model_type"] = block["base_model_type"]
+    with torch.device("meta"):
+        model = architecture(architecture.config_class.from_dict(base_config))
+    conv = set()
+    for name in block["ranks"]:
+        target = resolve_module_name(model, name)
+        if target is not None and type(model.get_submodule(target)).__name__ == "Conv1D":
+            conv.add(name)
+    return conv
+
+
+def dense_config(config, marker):
+    """The original model's config.json: base model_type and architectures, no auto_map, the densify marker."""
+    block = config["lowrank"]
+    dense = {k: v for k, v in config.items() if k not in ("lowrank", "auto_map")}
+    dense["model_type"] = block["base_model_type"]
+    dense["architectures"] = list(block["base_architectures"])
+    dense[DENSIFY_MARKER] = marker
+    return dense
+
+
+def densify(checkpoint, output, *, max_shard_size="5GB", overwrite=False, progress=SILENT):
+    """Write the dense equivalent of the factorized `checkpoint` to `output`. Returns a summary dict."""
+    import torch
+    from safetensors import safe_open
+
+    max_shard_bytes = parse_size(max_shard_size)
+    config = read_lowrank_config(checkpoint)
+    block = config["lowrank"]
+    check_output(output, checkpoint, overwrite)
+    check_checkpoint_files(checkpoint)
+    weight_map = _weight_map(checkpoint)
+    ranks = block.get("ranks") or {}
+    for name in ranks:
+        for part in ("down.weight", "up.weight"):
+            if f"{name}.{part}" not in weight_map:
+                raise LowrankError(f"{checkpoint} lists {name} as factorized but has no tensor {name}.{part}")
+    conv = _conv1d_layers(config, block)
+    factor_keys = {f"{name}.{part}": name for name in ranks for part in ("down.weight", "up.weight", "up.bias")}
+
+    staging = staging_dir(output)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    handles = {}
+    try:
+        def tensor(key):
+            shard = weight_map[key]
+            if shard not in handles:
+                handles[shard] = safe_open(os.path.join(checkpoint, shard), "pt")
+            return handles[shard].get_tensor(key)
+
+        writer = ShardWriter(staging, max_shard_bytes)
+        tick = ticker(progress, "layers", max(len(ranks), 1), lambda done: f"{done}/{len(ranks)} layers multiplied")
+        params = 0
+        for key in sorted(weight_map):  # sorted: the same input always gives the same bytes
+            layer = factor_keys.get(key)
+            if layer is None:
+                value = tensor(key)
+                writer.add(key, value)
+                params += value.numel()
+            elif key.endswith("down.weight"):
+                down, up = tensor(key), tensor(f"{layer}.up.weight")
+                weight = (up.to(torch.float32) @ down.to(torch.float32)).to(down.dtype)
+                if layer in conv:
+                    weight = weight.T.contiguous()
+                writer.add(f"{layer}.weight", weight)
+                params += weight.numel()
+                tick()
+            elif key.endswith("up.bias"):
+                value = tensor(key)
+                writer.add(f"{layer}.bias", value)
+                params += value.numel()
+        files = writer.finish()
+        weight_bytes = sum(os.path.getsize(os.path.join(staging, name)) for name in files)
+        marker = {"format_version": FORMAT_VERSION, "tool_version": __version__,
+                  "source": os.path.abspath(checkpoint), "base_model": block.get("base_model"),
+                  "method": block.get("method"), "ratio": block.get("ratio"),
+                  "ratio_definition": block.get("ratio_definition"), "densified_layers": len(ranks),
+                  "ranks": ranks, "architectures": list(block["base_architectures"]), "params": params,
+                  "bytes": weight_bytes}
+        for name in sorted(os.listdir(checkpoint)):
+            path = os.path.join(checkpoint, name)
+            if os.path.isfile(path) and name not in NOT_COPIED and not name.endswith(WEIGHT_SUFFIXES):
+                shutil.copy2(path, os.path.join(staging, name))
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(dense_config(config, marker), f, indent=2, sort_keys=True)
+            f.write("\n")
+        with open(os.path.join(staging, "README.md"), "w") as f:
+            f.write(model_card(output, marker))
+        publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        handles.clear()
+    return {"source": checkpoint, "output": output, "densified_layers": len(ranks), "params": params,
+            "bytes": weight_bytes, "files": files, "architectures": marker["architectures"]}
+
+
+def model_card(output, marker):
+    name = os.path.basename(os.path.abspath(output))
+    return f"""# {name}
+
+A plain `{marker['architectures'][0]}` checkpoint made by `lowrank densify` (lowrank {marker['tool_version']}) from
+the factorized checkpoint `{marker['source']}` (method `{marker['method']}`, ratio {marker['ratio']}:
+{marker['ratio_definition']}; base model `{marker['base_model']}`).
+
+Each of the {marker['densified_layers']} factorized layers is stored again as one dense weight, the product of its
+two factors, so any runtime that loads the original architecture loads this, with no custom code:
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{name}")
+```
+
+It computes the same function as the factorized model up to rounding: the compression's quality loss stays, its
+size and speed gains do not ({marker['params']:,} parameters, {human_bytes(marker['bytes'])}). `config.json`
+records where it came from under `lowrank_densified`; `compression_report.json` is the compression's report.
+"""

@@ -1,0 +1,1 @@
+"""Reports: the compression report, report files, summaries, CI gates and their renderings."""

@@ -1,0 +1,173 @@
+"""The compression report: `compression_report.json` is the source of truth; markdown and tables render it."""
+
+import os
+import platform
+import resource
+import sys
+
+SCHEMA = "lowrank.compression"
+SCHEMA_VERSION = 1
+# Optional, beside the report: each factorized layer's full spectrum, for `lowrank report --plot`.
+SPECTRA_FILE = "lowrank_spectra.safetensors"
+
+
+def versions():
+    """Versions that produced a result, read from the installed distributions (importing transformers only to ask
+    its version would cost `lowrank squeeze` seconds)."""
+    import torch
+
+    from .. import __version__
+    from ..environment import package_version
+
+    return {"lowrank": __version__, "torch": torch.__version__, "transformers": package_version("transformers"),
+            "python": platform.python_version()}
+
+
+def peak_rss_bytes():
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _fraction(after, before):
+    return after / before if before else 1.0
+
+
+def layer_entry(layer):
+    entry = {
+        "name": layer.name,
+        "shape": [layer.out_features, layer.in_features],
+        "rank": layer.rank,
+        "dense": layer.rank is None,
+        "params_before": layer.params_before,
+        "params_after": layer.params_after,
+        "energy_kept": round(layer.energy_kept, 6),
+        "predicted_energy_kept": round(layer.predicted_energy_kept, 6),
+        "rel_error": round(layer.rel_error, 6),
+    }
+    if layer.dense_reason:
+        entry["dense_reason"] = layer.dense_reason
+    if layer.info:
+        entry["info"] = layer.info
+    return entry
+
+
+def build_report(*, result, settings, calibration, source, model_params_before, model_params_after,
+                 bytes_dense, bytes_after, files, dtype, command, extra_timings):
+    target_before = sum(layer.params_before for layer in result.layers)
+    target_after = sum(layer.params_after for layer in result.layers)
+    kept_t = _fraction(target_after, target_before)
+    kept_m = _fraction(model_params_after, model_params_before)
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "kind": "compress",
+        "versions": versions(),
+        "command": command,
+        "model": {"source": source.spec, "kind": source.kind, "dtype": dtype, "blocks": result.blocks_name},
+        "method": {"name": settings.method, "propagate": settings.propagate, "damp": settings.damp,
+                   "alpha": settings.alpha if settings.method == "asvd" else None, "alloc": settings.alloc,
+                   "anchor": settings.anchor, "refit": settings.refit, "refine_steps": settings.refine_steps,
+                   "error_definition": "||W x - W' x'|| / ||W x|| against the original model's stream"
+                   if settings.anchor or settings.refit else "||(W - W') x|| / ||W x|| on the layer's inputs"},
+        "ratio": {
+            "requested": settings.ratio,
+            "definition": "fraction of the targeted linear layers' parameters kept",
+            "targets": {"params_before": target_before, "params_after": target_after,
+                        "kept": round(kept_t, 6), "removed": round(1 - kept_t, 6)},
+            "model": {"params_before": model_params_before, "params_after": model_params_after,
+                      "kept": round(kept_m, 6), "removed": round(1 - kept_m, 6)},
+        },
+        "size": {"bytes_dense": bytes_dense, "bytes_after": bytes_after, "files": files},
+        "layers": {
+            "factorized": sum(1 for layer in result.layers if layer.rank is not None),
+            "dense": sum(1 for layer in result.layers if layer.rank is None),
+            "list": [layer_entry(layer) for layer in result.layers],
+        },
+        "calibration": calibration,
+        "timings_s": {k: round(v, 3) for k, v in {**extra_timings, **result.timings}.items()},
+        "peak_rss_bytes": peak_rss_bytes(),
+        "evaluations": [],
+    }
+
+
+def spectra_bytes(layers):
+    """The spectra file's content: per factorized layer (keyed by name) the singular values of the matrix its
+    method decomposed (the weighted W), descending, float32. None when no layer carries a spectrum."""
+    import torch
+    from safetensors.torch import save
+
+    tensors = {layer.name: layer.sigma.to(torch.float32).contiguous()
+               for layer in layers if getattr(layer, "sigma", None) is not None}
+    return save(tensors, metadata={"format": "pt", "content": "lowrank spectra"}) if tensors else None
+
+
+def read_spectra(directory):
+    """{layer name: 1-D float32 tensor} from the spectra file in `directory`, or {} when there is none."""
+    path = os.path.join(directory, SPECTRA_FILE)
+    if not os.path.isfile(path):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def human_bytes(count):
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+
+
+def worst_layers(report, count=None):
+    layers = [layer for layer in report["layers"]["list"] if not layer["dense"]]
+    layers.sort(key=lambda layer: -layer["rel_error"])
+    return layers if count is None else layers[:count]
+
+
+def summary_rows(report):
+    """(label, value) pairs shared by the terminal table and the markdown."""
+    ratio = report["ratio"]
+    t, m = ratio["targets"], ratio["model"]
+    return [
+        ("method", report["method"]["name"] + ("" if report["method"]["propagate"] else " (no propagation)")),
+        ("ratio (kept, targeted layers)", f"{ratio['requested']:g} requested"),
+        ("targeted layers", f"{t['params_before']:,} -> {t['params_after']:,} params: "
+                            f"kept {t['kept']:.1%}, removed {t['removed']:.1%}"),
+        ("whole model", f"{m['params_before']:,} -> {m['params_after']:,} params: "
+                        f"kept {m['kept']:.1%}, removed {m['removed']:.1%}"),
+        ("size", f"{human_bytes(report['size']['bytes_dense'])} dense -> {human_bytes(report['size']['bytes_after'])} "
+                 f"({report['model']['dtype']})"),
+        ("layers", f"{report['layers']['factorized']} factorized, {report['layers']['dense']} kept dense"),
+        ("calibration", describe_calibration(report["calibration"])),
+        ("time", ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())),
+        ("peak memory (RSS)", human_bytes(report["peak_rss_bytes"])),
+    ]
+
+
+def describe_calibration(calibration):
+    tokens = f"{calibration['num_samples']} x {calibration['seq_len']} tokens, seed {calibration['seed']}"
+    return f"{calibration['source']} ({tokens})"
+
+
+def to_markdown(report, worst=20):
+    lines = ["# lowrank compression report", "", f"`{report['command']}`", "", "| | |", "|---|---|"]
+    lines += [f"| {label} | {value} |" for label, value in summary_rows(report)]
+    lines += ["", f"Ratio: {report['ratio']['definition']}.", ""]
+    layers = worst_layers(report)
+    lines += [f"## Layers, worst first ({min(worst, len(layers))} of {len(layers)} factorized)", "",
+              "| layer | shape | rank | params kept | energy kept | rel. output error |", "|---|---|---|---|---|---|"]
+    for layer in layers[:worst]:
+        shape = "x".join(map(str, layer["shape"]))
+        kept = layer["params_after"] / layer["params_before"]
+        lines.append(f"| {layer['name']} | {shape} | {layer['rank']} | {kept:.1%} | {layer['energy_kept']:.4f} "
+                     f"| {layer['rel_error']:.4f} |")
+    dense = [layer["name"] for layer in report["layers"]["list"] if layer["dense"]]
+    if dense:
+        lines += ["", f"Kept dense ({len(dense)}): " + ", ".join(dense[:20]) + (" ..." if len(dense) > 20 else "")]
+    if report.get("evaluations"):
+        from .markdown import evaluations_markdown
+
+        lines += ["", *evaluations_markdown(report["evaluations"], heading="##")]
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    return "\n".join(lines)

@@ -1,0 +1,323 @@
+"""One view of any lowrank report (compress, squeeze, compensate, eval): what `lowrank report` renders and gates.
+
+`load_run(path)` finds and validates the report for a checkpoint directory, an adapter directory or a report
+file, and returns a "run": the report's common fields (the contract in CONVENTIONS.md), summary statistics over
+its layers, its size, whether the directory is a densified checkpoint, and its evaluations. Kind-specific fields
+are kept where the report has them and rendered only then.
+"""
+
+import json
+import os
+
+from .compression import human_bytes
+from .files import read_report, require_report
+
+DENSIFY_MARKER = "lowrank_densified"  # the config.json block lowrank densify writes
+JSON_SCHEMA = "lowrank.report"  # `lowrank report --format json`, documented in README "Report and CI gates"
+JSON_SCHEMA_VERSION = 1
+RUN_FIELDS = ("path", "report_file", "schema", "schema_version", "kind", "command", "versions", "method", "summary",
+              "calibration", "densified", "layers", "evaluations")
+
+
+def quantile(values, q):
+    """Linear-interpolation quantile of a list of numbers."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
+
+
+def _fraction(after, before):
+    return after / before if before else None
+
+
+def _method(report):
+    """compress: method.name; compensate: method (text); squeeze: algorithm.name."""
+    for key in ("method", "algorithm"):
+        value = report.get(key)
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            return value["name"]
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _size(report):
+    """(bytes before, bytes after): compress writes size.bytes_dense/bytes_after, compensate size.bytes, squeeze
+    totals.bytes_before/bytes_after."""
+    size = report.get("size") if isinstance(report.get("size"), dict) else {}
+    totals = report.get("totals") if isinstance(report.get("totals"), dict) else {}
+    after = size.get("bytes_after", size.get("bytes", totals.get("bytes_after")))
+    before = size.get("bytes_dense", size.get("bytes_before", totals.get("bytes_before")))
+    return (before if isinstance(before, (int, float)) else None), (after if isinstance(after, (int, float)) else None)
+
+
+def _densified(directory):
+    """The densify marker of the checkpoint in `directory`, with the bytes its weights take on disk, or None."""
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path) as f:
+            marker = json.load(f).get(DENSIFY_MARKER)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def worst_first(layers):
+    """Layers ordered worst first: highest relative error, then lowest energy kept, then name."""
+    return sorted(layers, key=lambda layer: (-layer["rel_error"], layer["energy_kept"], layer["name"]))
+
+
+def decomposed_layers(layers):
+    """The layers that were decomposed (compress lists layers it kept dense too; they lose nothing)."""
+    return [layer for layer in layers if not layer.get("dense") and layer.get("rank") is not None]
+
+
+def summarize(report):
+    """Summary statistics of a validated report (kind-independent, from the contract fields)."""
+    layers = report["layers"]["list"]
+    decomposed = decomposed_layers(layers)
+    before = sum(layer["params_before"] for layer in layers)
+    after = sum(layer["params_after"] for layer in layers)
+    bytes_before, bytes_after = _size(report)
+    summary = {
+        "layers": len(layers), "decomposed": len(decomposed), "params_before": before, "params_after": after,
+        "params_kept": _fraction(after, before), "model_params_before": None, "model_params_after": None,
+        "model_params_kept": None, "bytes_before": bytes_before, "bytes_after": bytes_after,
+        "energy_kept_mean": None, "energy_kept_min": None, "energy_kept_p10": None, "rel_error_mean": None,
+        "rel_error_max": None, "worst_layer": None,
+    }
+    model = report.get("ratio", {}).get("model") if isinstance(report.get("ratio"), dict) else None
+    if isinstance(model, dict) and "params_before" in model:
+        summary.update(model_params_before=model["params_before"], model_params_after=model["params_after"],
+                       model_params_kept=_fraction(model["params_after"], model["params_before"]))
+    if decomposed:
+        energy = [layer["energy_kept"] for layer in decomposed]
+        error = [layer["rel_error"] for layer in decomposed]
+        summary.update(energy_kept_mean=sum(energy) / len(energy), energy_kept_min=min(energy),
+                       energy_kept_p10=quantile(energy, 0.1), rel_error_mean=sum(error) / len(error),
+                       rel_error_max=max(error), worst_layer=worst_first(decomposed)[0]["name"])
+    return summary
+
+
+def load_run(path):
+    """Read the report for `path` (a directory or a report file) into a run (see the module docstring)."""
+    report_file = require_report(path)
+    report = read_report(report_file)
+    directory = os.path.dirname(os.path.abspath(report_file))
+    summary = summarize(report)
+    densified = _densified(directory)
+    if densified is not None:
+        # The directory holds the dense product, not the factors: its size is what is on disk now.
+        summary["bytes_after"] = densified.get("bytes", summary["bytes_after"])
+    return {
+        "path": path, "report_file": report_file, "directory": directory, "schema": report["schema"],
+        "schema_version": report["schema_version"], "kind": report["kind"], "command": report["command"],
+        "versions": report["versions"], "method": _method(report), "summary": summary,
+        "calibration": report.get("calibration") if isinstance(report.get("calibration"), dict) else None,
+        "densified": densified, "layers": worst_first(report["layers"]["list"]),
+        "evaluations": report["evaluations"], "report": report,
+    }
+
+
+def _flat(value):
+    """A field as one line: scalars as they are, a dict as "key value" pairs of its scalars."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (str, int, bool)):
+        return value
+    if isinstance(value, dict):
+        parts = [f"{k.replace('_', ' ')} {_flat(v)}" for k, v in value.items() if isinstance(v, (str, int, float))]
+        return ", ".join(parts) or None
+    return None
+
+
+def _details(report):
+    """Kind-specific summary fields worth a line each (only those the report has)."""
+    details = {}
+    if isinstance(report.get("ratio"), dict) and "requested" in report["ratio"]:
+        details["ratio requested"] = f"{report['ratio']['requested']:g} ({report['ratio'].get('definition', '')})"
+    for key in ("original", "compressed", "source", "base_model", "rank", "merged", "rule", "algorithm", "scaling",
+                "energy_definition"):
+        line = _flat(report.get(key))
+        if line is not None and line != "":
+            details[key.replace("_", " ")] = line
+    for block in ("summary", "totals"):  # compensate's summary, squeeze's totals
+        values = report.get(block)
+        for key, value in (values.items() if isinstance(values, dict) else ()):
+            line = _flat(value)
+            if line not in (None, "") and not key.startswith("bytes"):
+                label = key.replace("_", " ")
+                details[label if block == "summary" else f"{block}: {label}"] = line
+    return details
+
+
+def latest(run, needs):
+    """(index, evaluation) of the most recent evaluation for which `needs(evaluation)` is not None, or (None, None)."""
+    for index in range(len(run["evaluations"]) - 1, -1, -1):
+        evaluation = run["evaluations"][index]
+        if needs(evaluation) is not None:
+            return index, evaluation
+    return None, None
+
+
+def describe_calibration(calibration):
+    if not calibration:
+        return None
+    parts = [str(calibration.get("source", "?"))]
+    if calibration.get("num_samples") and calibration.get("seq_len"):
+        parts.append(f"{calibration['num_samples']} x {calibration['seq_len']} tokens")
+    if "seed" in calibration:
+        parts.append(f"seed {calibration['seed']}")
+    if calibration.get("sha256_text"):
+        parts.append(f"text sha256 {calibration['sha256_text'][:12]}")
+    return ", ".join(parts)
+
+
+def _compression_rows(report):
+    """The compression report's own summary rows (lowrank.report.summary_rows), or None if it lacks a field."""
+    from .compression import summary_rows as compression_rows
+
+    try:
+        return compression_rows(report)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def summary_rows(run):
+    """(label, value) rows of a run's summary, shared by the terminal table and the markdown."""
+    s = run["summary"]
+    rows = [("report", f"{run['report_file']} ({run['schema']} v{run['schema_version']}, kind {run['kind']})")]
+    own = _compression_rows(run["report"]) if run["kind"] == "compress" else None
+    if own:
+        rows += own
+    else:
+        if run["method"]:
+            rows.append(("method", run["method"]))
+        rows += [(label, value) for label, value in _details(run["report"]).items()]
+        if s["layers"]:
+            kept = f", kept {s['params_kept']:.1%}" if s["params_kept"] is not None else ""
+            rows.append(("listed layers", f"{s['layers']} ({s['decomposed']} with a rank): {s['params_before']:,} "
+                                          f"-> {s['params_after']:,} params{kept}"))
+        if s["bytes_after"] is not None:
+            before = f"{human_bytes(s['bytes_before'])} -> " if s["bytes_before"] else ""
+            rows.append(("size", before + human_bytes(s["bytes_after"])))
+        calibration = describe_calibration(run["calibration"])
+        if calibration:
+            rows.append(("calibration", calibration))
+    if s["energy_kept_mean"] is not None:
+        rows.append(("energy kept per layer", f"mean {s['energy_kept_mean']:.4f}, min {s['energy_kept_min']:.4f}, "
+                                              f"10th percentile {s['energy_kept_p10']:.4f}"))
+        rows.append(("rel. error per layer", f"mean {s['rel_error_mean']:.4f}, max {s['rel_error_max']:.4f} "
+                                             f"({s['worst_layer']})"))
+    if run["densified"]:
+        d = run["densified"]
+        rows.append(("densified", f"yes: a plain {', '.join(d.get('architectures') or [])} checkpoint without custom "
+                                  f"code, {human_bytes(s['bytes_after'])}, made by lowrank densify from "
+                                  f"{d.get('source')}"))
+    rows.append(("evaluations", str(len(run["evaluations"]))))
+    rows.append(("versions", ", ".join(f"{k} {v}" for k, v in run["versions"].items())))
+    return rows
+
+
+def _ratio(model, baseline):
+    return f"x{model / baseline:.2f}" if model and baseline else ""
+
+
+def _change(model, baseline):
+    return f"{model / baseline - 1:+.2%}" if model is not None and baseline else ""
+
+
+def fmt_number(value, spec=".4g"):
+    return "" if value is None else format(value, spec)
+
+
+def evaluation_header(evaluation):
+    """Lines that say what was evaluated, on what text, under which protocol."""
+    model = evaluation["model"]
+    baseline = evaluation.get("baseline")
+    data = evaluation["data"]
+
+    def who(info):
+        adapter = f" + adapter {info['adapter']}" if info.get("adapter") else ""
+        return f"{info['source']}{adapter} ({info['kind']}, {info['dtype']})"
+
+    split = f", split {data['split']}" if data.get("split") else ""
+    rows = data.get("documents")
+    count = f"{rows:,} row{'' if rows == 1 else 's'}" if isinstance(rows, int) else "? rows"
+    lines = [f"model: {who(model)}" + (f" vs baseline {who(baseline)}" if baseline else ""),
+             f"data: {data['source']}{split}, {count}, sha256 {data['sha256_text']}",
+             f"protocol: {evaluation['protocol']['statement']}",
+             f"run: {evaluation.get('created', '?')} on {evaluation.get('device', '?')}"]
+    if evaluation.get("agreement_note"):
+        lines.append(f"note: {evaluation['agreement_note']}")
+    return lines
+
+
+def evaluation_rows(evaluation):
+    """(metric, model, baseline, change) rows of one evaluation."""
+    rows = []
+    ppl = evaluation.get("perplexity")
+    if ppl:
+        rows.append(("perplexity", fmt_number(ppl["model"]), fmt_number(ppl.get("baseline")),
+                     f"{ppl['increase']:+.2%}" if ppl.get("increase") is not None else ""))
+    agreement = evaluation.get("agreement")
+    if agreement:
+        rows.append(("KL(baseline || model), mean nats/token", fmt_number(agreement["kl_mean"]), "", ""))
+        rows.append(("KL median / p99 / max", " / ".join(fmt_number(agreement[k], ".3g") for k in
+                                                         ("kl_median", "kl_p99", "kl_max")), "", ""))
+        rows.append(("top-1 agreement", f"{agreement['top1']:.2%}", "", ""))
+    embeddings = evaluation.get("embeddings")
+    if embeddings:
+        rows.append(("pooled-embedding cosine, mean / min",
+                     f"{embeddings['cosine_mean']:.4f} / {embeddings['cosine_min']:.4f}", "", ""))
+    speed = evaluation.get("speed") or {}
+    model, base = speed.get("model") or {}, speed.get("baseline") or {}
+    def rate(label, key):
+        rows.append((label, fmt_number(model[key], ".1f"), fmt_number(base.get(key), ".1f"),
+                     _ratio(model[key], base.get(key))))
+
+    if model:
+        rate(f"prefill tokens/s ({model['prompt_tokens']} tokens, batch 1)", "prefill_tokens_per_s")
+        if model.get("decode_tokens_per_s"):
+            rate(f"decode tokens/s ({model['decode_tokens']} greedy steps)", "decode_tokens_per_s")
+        rows.append(("weights memory", human_bytes(model["weights_bytes"]),
+                     human_bytes(base["weights_bytes"]) if base else "",
+                     _change(model["weights_bytes"], base.get("weights_bytes"))))
+        if model.get("peak_memory_bytes") is not None:
+            rows.append(("peak memory (CUDA)", human_bytes(model["peak_memory_bytes"]),
+                         human_bytes(base["peak_memory_bytes"]) if base.get("peak_memory_bytes") else "",
+                         _change(model["peak_memory_bytes"], base.get("peak_memory_bytes"))))
+    tasks = evaluation.get("tasks") or {}
+    for task, metrics in ((tasks.get("model") or {}).get("tasks") or {}).items():
+        reference = ((tasks.get("baseline") or {}).get("tasks") or {}).get(task, {})
+        for metric, value in metrics.items():
+            if "stderr" in metric:
+                continue
+            other = reference.get(metric)
+            delta = f"{value - other:+.4f}" if value is not None and other is not None else ""
+            rows.append((f"{task} {metric}", fmt_number(value), fmt_number(other), delta))
+    return rows
+
+
+def _latest_metrics(run):
+    evaluation = run["evaluations"][-1] if run["evaluations"] else {}
+    ppl, agreement = evaluation.get("perplexity") or {}, evaluation.get("agreement") or {}
+    return {"perplexity": ppl.get("model"), "ppl_increase": ppl.get("increase"), "kl_mean": agreement.get("kl_mean"),
+            "top1_agreement": agreement.get("top1")}
+
+
+def to_json(runs, results, verdict, exit_code):
+    """The `lowrank.report` v1 document: the runs (worst-first layers, all evaluations), the gates, the verdict,
+    and for two runs the change of every numeric summary field and latest-evaluation metric from A to B."""
+    document = {"schema": JSON_SCHEMA, "schema_version": JSON_SCHEMA_VERSION, "status": verdict,
+                "exit_code": exit_code, "gates": results, "runs": [{k: run[k] for k in RUN_FIELDS} for run in runs],
+                "comparison": None}
+    if len(runs) == 2:
+        first, second = ({**run["summary"], **_latest_metrics(run)} for run in runs)
+        document["comparison"] = {
+            key: {"a": first[key], "b": second[key],
+                  "change": second[key] - first[key] if None not in (first[key], second[key]) else None}
+            for key in first if isinstance(first[key], (int, float)) or isinstance(second[key], (int, float))}
+    return document

@@ -1,0 +1,1 @@
+"""`lowrank.squeeze`: LoRA-Squeeze of PEFT / kohya / diffusers adapters, extraction, the callback."""
