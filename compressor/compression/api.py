@@ -13,6 +13,7 @@ from dataclasses import asdict
 
 from .. import __version__
 from ..core.ranks import RATIO_DEFINITION
+from ..device import resolve_device
 from ..environment import invocation
 from ..errors import Interrupted, UsageError
 from ..io.checkpoint import CheckpointWriter, partition_keys, tied_names
@@ -26,18 +27,6 @@ from ..report.compression import SPECTRA_FILE, build_report, human_bytes, spectr
 from . import resume
 from .pipeline import LayerResult, Settings, compress_model, keep_large_allocations_returnable
 from .targets import select_targets
-
-
-def resolve_device(device):
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def validate(ratio, method):

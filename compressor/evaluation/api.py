@@ -181,7 +181,7 @@ def evaluate(
     """
     from ..calibration import JOIN, tokenize_stream
     from ..calibration.text import load_texts
-    from ..compression.api import resolve_device
+    from ..device import resolve_device
     from ..io.loading import resolve_model
     from ..report.compression import versions
     from .embeddings import embedding_similarity

@@ -238,7 +238,7 @@ def compensate(original, compressed, output, *, rank=32, merge=False, targets=No
     merge=True a new lowrank checkpoint whose factors include the correction. Returns the report."""
     from lowrank.calibration import load_calibration
 
-    from ..compression.api import resolve_device
+    from ..device import resolve_device
 
     if rank < 1:
         raise UsageError(f"--rank must be at least 1, got {rank}")
