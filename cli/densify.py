@@ -26,7 +26,7 @@ def densify(
     size and speed gains do not.
     """
     from lowrank.repair.densify import densify as run
-    from lowrank.report.compression import human_bytes
+    from lowrank.report.format import human_bytes
 
     from .ui import RichProgress, err, key_value_table, print_json
 

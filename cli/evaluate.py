@@ -75,21 +75,13 @@ def eval_command(
     never replacing earlier runs. A directory without a report (a plain checkpoint) is never written to: pass
     --output FILE to keep the results.
     """
-    from lowrank.errors import UsageError
-    from lowrank.evaluation.api import default_report, evaluate
+    from lowrank.evaluation.api import evaluate
     from lowrank.evaluation.api import record as record_evaluation
-    from lowrank.report.files import check_writable
 
-    from .ui import RichProgress, err, print_json, quiet_libraries
+    from .ui import RichProgress, print_json, quiet_libraries
 
     quiet_libraries(verbose)
-    target = None
-    if record:
-        target = output or default_report(model, adapter)
-        if target:
-            check_writable(target)  # before any work: an evaluation that cannot be recorded fails now
-    elif output:
-        raise UsageError("--output and --no-record contradict each other; pass one of them")
+    target = _record_target(record, output, model, adapter)
     with RichProgress(quiet=quiet, verbose=verbose) as progress:
         evaluation = evaluate(model, baseline=baseline, adapter=adapter, baseline_adapter=baseline_adapter, data=data,
                               split=split, text_column=text_column, seq_len=seq_len, max_tokens=max_tokens,
@@ -103,18 +95,43 @@ def eval_command(
         print_json(evaluation)
     if not quiet:
         show(evaluation)
+        _say_where(target, index, record, model, adapter)
+
+
+def _record_target(record, output, model, adapter):
+    """The report the evaluation will be appended to (None: not recorded), checked writable before any work, so
+    an evaluation that cannot be recorded fails now rather than after minutes of scoring."""
+    from lowrank.errors import UsageError
+    from lowrank.evaluation.api import default_report
+    from lowrank.report.files import check_writable
+
+    target = None
+    if record:
+        target = output or default_report(model, adapter)
         if target:
-            err.print(f"recorded as evaluation {index + 1} in {target}", highlight=False, soft_wrap=True)
-        elif record:
-            what = f"the adapter {adapter}" if adapter else model
-            err.print(f"not recorded: {what} has no lowrank report; pass --output FILE to keep these results",
-                      highlight=False, soft_wrap=True)
+            check_writable(target)
+    elif output:
+        raise UsageError("--output and --no-record contradict each other; pass one of them")
+    return target
+
+
+def _say_where(target, index, record, model, adapter):
+    """Where the evaluation was recorded, or why it was not."""
+    from .ui import err
+
+    if target:
+        err.print(f"recorded as evaluation {index + 1} in {target}", highlight=False, soft_wrap=True)
+    elif record:
+        what = f"the adapter {adapter}" if adapter else model
+        err.print(f"not recorded: {what} has no lowrank report; pass --output FILE to keep these results",
+                  highlight=False, soft_wrap=True)
 
 
 def show(evaluation):
+    """What was evaluated and how, then the metrics table, on stderr."""
     from rich.table import Table
 
-    from lowrank.report.summary import evaluation_header, evaluation_rows
+    from lowrank.report.evaluations import evaluation_header, evaluation_rows
 
     from .ui import err
 

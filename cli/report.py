@@ -69,8 +69,6 @@ def report(
     from lowrank.report.gates import check, parse_gate, status
     from lowrank.report.summary import load_run
 
-    from .ui import err
-
     if len(paths) > 2:
         raise UsageError(f"give one report, or two to compare (got {len(paths)})")
     if json_output:
@@ -79,16 +77,34 @@ def report(
               "max-kl": max_kl, "min-cosine": min_cosine, "max-size": max_size, "max-kept": max_kept,
               "min-energy": min_energy, "max-rel-error": max_rel_error}
     gates = [parse_gate(option, value) for option, value in chosen.items() if value is not None]
+    _check_outputs(output, plot)
+    runs = [load_run(path) for path in paths]
+    results = check(gates, runs[-1])
+    verdict, code = status(results)
+
+    _show(render(output_format, runs, results, verdict, code, top), output_format, output, quiet)
+    _step_summary(runs, results, verdict, top, output)
+    if plot:
+        _plot(runs, plot)
+    _print_verdicts(results, output, quiet)
+    raise typer.Exit(code)
+
+
+def _check_outputs(output, plot):
+    """Fail before reading anything if --output or --plot could not be written."""
+    from lowrank.errors import UsageError
+
     if plot is not None and not plot.lower().endswith(".png"):
         raise UsageError(f"--plot {plot}: give a .png file name")
     for path in [p for p in (output, plot) if p]:
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UsageError(f"the directory of {path} does not exist")
-    runs = [load_run(path) for path in paths]
-    results = check(gates, runs[-1])
-    verdict, code = status(results)
 
-    text = render(output_format, runs, results, verdict, code, top)
+
+def _show(text, output_format, output, quiet):
+    """The rendering to --output, else the table on stderr (unless --quiet) or the document on stdout."""
+    from .ui import err
+
     if output:
         _write(output, text)
     elif output_format is Format.table:
@@ -98,9 +114,12 @@ def report(
         from .ui import print_document
 
         print_document(text)
-    _step_summary(runs, results, verdict, top, output)
-    if plot:
-        _plot(runs, plot)
+
+
+def _print_verdicts(results, output, quiet):
+    """One line per failed or unanswerable gate (even with --quiet), then where the rendering went."""
+    from .ui import err
+
     for result in results:
         if result["status"] == "fail":
             err.print(f"FAILED {result['message']}", highlight=False, markup=False, soft_wrap=True)
@@ -109,15 +128,14 @@ def report(
                       soft_wrap=True)
     if not quiet and output:
         err.print(f"wrote {output}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def render(output_format, runs, results, verdict, code, top):
     """The rendering as text (the table is rendered without colour, as it would print)."""
     if output_format is Format.markdown:
-        from lowrank.report.markdown import to_markdown
+        from lowrank.report.markdown import report_markdown
 
-        return to_markdown(runs, results, verdict, top)
+        return report_markdown(runs, results, verdict, top)
     if output_format is Format.json:
         import json
 
@@ -133,11 +151,12 @@ def render(output_format, runs, results, verdict, code, top):
 
 def _plain(runs):
     """Plain "label: value" lines of each run and its latest evaluation (JUnit's system-out)."""
-    from lowrank.report.summary import evaluation_header, evaluation_rows, summary_rows
+    from lowrank.report.evaluations import evaluation_header, evaluation_rows
+    from lowrank.report.summary import run_rows
 
     lines = []
     for run in runs:
-        lines += [f"{label}: {value}" for label, value in summary_rows(run)]
+        lines += [f"{label}: {value}" for label, value in run_rows(run)]
         if run["evaluations"]:
             lines += evaluation_header(run["evaluations"][-1])
             lines += [f"{metric}: {' | '.join(v for v in values if v)}"
@@ -164,8 +183,9 @@ def tables(runs, results, verdict, top):
     from rich.table import Table
     from rich.text import Text
 
-    from lowrank.report.markdown import comparison_layers, comparison_rows, extra_columns, layer_row
-    from lowrank.report.summary import evaluation_header, evaluation_rows, summary_rows
+    from lowrank.report.evaluations import evaluation_header, evaluation_rows
+    from lowrank.report.markdown import comparison_layers, comparison_rows, layer_header, layer_row
+    from lowrank.report.summary import run_rows
 
     from .ui import key_value_table
 
@@ -191,7 +211,7 @@ def tables(runs, results, verdict, top):
                             ("layer", "rank A", "rank B", "energy A", "energy B", "error A", "error B"), rows))
     for name, run in zip("AB" if len(runs) == 2 else " ", runs):
         label = f"{name}: " if len(runs) == 2 else ""
-        out.append(key_value_table(f"{label}lowrank report: {run['path']}", summary_rows(run)))
+        out.append(key_value_table(f"{label}lowrank report: {run['path']}", run_rows(run)))
         if run["evaluations"]:
             evaluation = run["evaluations"][-1]
             count = len(run["evaluations"])
@@ -199,10 +219,7 @@ def tables(runs, results, verdict, top):
             out.append(grid("", ("metric", "model", "baseline", "change"), evaluation_rows(evaluation)))
         if run["layers"] and len(runs) == 1:
             layers = run["layers"]
-            extra = extra_columns(layers)
-            has_shape = any("shape" in layer for layer in layers)
-            header = ["layer"] + (["shape"] if has_shape else []) + ["rank", "params kept", "energy kept",
-                                                                     "rel. error"] + extra
+            has_shape, extra, header = layer_header(layers)
             out.append(grid(f"Layers, worst first ({min(top, len(layers))} of {len(layers)})", header,
                             [layer_row(layer, has_shape, extra) for layer in layers[:top]]))
     return out
@@ -220,7 +237,7 @@ def _write(path, text):
 
 def _step_summary(runs, results, verdict, top, output):
     """Append the markdown to $GITHUB_STEP_SUMMARY (when set and no --output), within GitHub's 1 MiB per step."""
-    from lowrank.report.markdown import STEP_SUMMARY_LIMIT, to_markdown
+    from lowrank.report.markdown import STEP_SUMMARY_LIMIT, report_markdown
 
     from .ui import err
 
@@ -235,7 +252,7 @@ def _step_summary(runs, results, verdict, top, output):
         return
     try:
         with open(path, "a", encoding="utf-8") as f:
-            f.write(("\n" if used else "") + to_markdown(runs, results, verdict, top, limit=room))
+            f.write(("\n" if used else "") + report_markdown(runs, results, verdict, top, limit=room))
     except OSError as error:  # the job summary is a courtesy: it must not change the gates' verdict
         err.print(f"warning: could not append to {path}: {error.strerror or error}", highlight=False,
                   soft_wrap=True)

@@ -15,7 +15,7 @@ from conftest import COMPRESS_FAST, english_text, smollm2_available, tree_digest
 from test_cli import run
 
 import lowrank
-from lowrank.evaluation.api import load_subject
+from lowrank.evaluation.subjects import load_subject
 from lowrank.report.files import append_evaluation, read_report
 
 SEQ = 32

@@ -13,7 +13,7 @@ from test_cli import run
 
 import lowrank
 from lowrank.report.compression import SPECTRA_FILE
-from lowrank.report.markdown import STEP_SUMMARY_LIMIT, to_markdown
+from lowrank.report.markdown import STEP_SUMMARY_LIMIT, report_markdown
 from lowrank.report.summary import load_run
 
 SCHEMA = os.path.join(os.path.dirname(__file__), "data", "junit.xsd")
@@ -343,10 +343,10 @@ def test_markdown_stays_under_githubs_limit(lr50):
     padding = "x" * 120  # long names (a mixture of experts' layers) make a big table from few layers
     run_["layers"] = [{**layer, "name": f"model.layers.{i}.mlp.experts.{padding}.very_long_projection_name_{i}",
                        "rel_error": 1 / (i + 1)} for i in range(6000)]
-    full = to_markdown([run_], [], "no-gates")
+    full = report_markdown([run_], [], "no-gates")
     assert len(full.encode()) > STEP_SUMMARY_LIMIT  # the case exists
     limit = STEP_SUMMARY_LIMIT - 5000
-    text = to_markdown([run_], [], "no-gates", limit=limit)
+    text = report_markdown([run_], [], "no-gates", limit=limit)
     assert len(text.encode()) <= limit
     assert "more layers are left out" in text and text.count("<details>") == text.count("</details>")
     assert "very_long_projection_name_0 " in text  # the worst layers are the ones kept

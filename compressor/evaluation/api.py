@@ -1,9 +1,9 @@
 """`lowrank.evaluate`: perplexity with the fixed protocol, agreement with a baseline, speed, lm-eval tasks.
 
 What can be evaluated (MODEL and the baseline alike): our factorized checkpoints, dense checkpoint directories
-(including densified ones), .gguf files, hub ids and pkg:NAME, each optionally with a PEFT adapter on top. The
-result is one evaluation entry (schema `lowrank.evaluation`, version 1, described in README "Evaluate") that
-`record` appends to a report's `evaluations` list.
+(including densified ones), .gguf files, hub ids and pkg:NAME, each optionally with a PEFT adapter on top
+(evaluation/subjects.py loads them). The result is one evaluation entry (schema `lowrank.evaluation`, version 1,
+described in README "Evaluate") that `record` appends to a report's `evaluations` list.
 
 Both models are held in memory together, so that KL divergence and top-1 agreement compare the two next-token
 distributions position by position on the same windows without storing logits.
@@ -13,93 +13,20 @@ import importlib.metadata
 import importlib.util
 import os
 import time
-from dataclasses import dataclass
 
 from ..environment import invocation
-from ..errors import LowrankError, UsageError
-from ..progress import SILENT, ticker
+from ..errors import UsageError
+from ..progress import SILENT, Progress, ticker
 from ..report.files import utc_now
+from ..report.schema import EVALUATION_SCHEMA, EVALUATION_VERSION
+from .subjects import check_measurable, load_subjects, max_positions
 
 DEFAULT_DATA = "wikitext:wikitext-2-raw-v1"
 DEFAULT_SPLIT = "test"
 DEFAULT_SEQ_LEN = 2048
-SCHEMA = "lowrank.evaluation"
-SCHEMA_VERSION = 1
+SCHEMA = EVALUATION_SCHEMA
+SCHEMA_VERSION = EVALUATION_VERSION  # the newest this lowrank reads is the one it writes
 LOCAL_SUFFIXES = (".txt", ".cor", ".md", ".json", ".jsonl", ".parquet", ".csv")
-
-
-@dataclass
-class Subject:
-    """A loaded model to evaluate, its tokenizer, and what it is (recorded in the evaluation)."""
-
-    model: object
-    tokenizer: object
-    info: dict
-
-
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _apply_adapter(model, adapter):
-    if importlib.util.find_spec("peft") is None:
-        raise UsageError("--adapter needs PEFT: pip install 'lowrank[peft]' (or pip install peft)")
-    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        raise UsageError(f"{adapter} is not a PEFT adapter directory (it has no adapter_config.json)")
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=False).eval()
-    except (ValueError, OSError, RuntimeError, KeyError, TypeError) as error:
-        raise LowrankError(f"could not apply the adapter {adapter}: {_first_line(error)}") from error
-
-
-def load_subject(spec, adapter=None, dtype="auto", trust_remote_code=False):
-    """Load MODEL (any kind resolve_model knows, factorized or not) and put the PEFT `adapter` on it."""
-    from ..io.checkpoint import load_pretrained
-    from ..io.loading import load_model, load_tokenizer, read_config, resolve_model, torch_dtype
-    from ..io.modeling_lowrank import MODEL_TYPE_PREFIX
-    from ..io.shards import check_checkpoint_files
-    from .speed import weights_bytes
-
-    source = resolve_model(spec)
-    config = read_config(source) or {}
-    if str(config.get("model_type", "")).startswith(MODEL_TYPE_PREFIX):
-        check_checkpoint_files(source.path)
-        try:
-            model = load_pretrained(source.path, dtype=torch_dtype(dtype)).eval()
-        except (OSError, ValueError, RuntimeError, AttributeError, KeyError) as error:
-            raise LowrankError(f"could not load {spec}: {_first_line(error)}") from error
-        tokenizer, kind = load_tokenizer(source), "lowrank"
-    else:
-        model, tokenizer = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
-        kind = "densified" if config.get("lowrank_densified") else source.kind
-    if adapter:
-        model = _apply_adapter(model, adapter)
-    parameter = next(model.parameters())
-    info = {"source": spec, "kind": kind, "adapter": adapter, "architecture": type(_base(model)).__name__,
-            "dtype": str(parameter.dtype).removeprefix("torch."),
-            "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
-            "weights_bytes": weights_bytes(model)}
-    return Subject(model, tokenizer, info)
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def is_causal_lm(model):
-    base = _base(model)
-    if getattr(base.config, "is_encoder_decoder", False):
-        raise UsageError(f"{type(base).__name__} is an encoder-decoder model; lowrank eval scores decoder-only "
-                         "language models and encoders")
-    return bool(type(base).can_generate())
-
-
-def _max_positions(model):
-    config = _base(model).config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def _check_data_source(spec):
@@ -132,7 +59,7 @@ def _validate(seq_len, max_tokens, batch_size, decode_tokens, baseline, baseline
 
 
 def _choose_seq_len(seq_len, subjects, progress):
-    limits = [limit for limit in (_max_positions(s.model) for s in subjects) if limit]
+    limits = [limit for limit in (max_positions(s.model) for s in subjects) if limit]
     limit = min(limits) if limits else None
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
@@ -151,43 +78,103 @@ def _same_width(model, baseline, stream, device):
         return model(input_ids=probe).logits.shape[-1] == baseline(input_ids=probe).logits.shape[-1]
 
 
+def _evaluation_text(data, split, text_column, tokenizer, seq_len, max_tokens):
+    """(texts, data provenance, token stream, windows): the text tokenized once, cut into --seq-len windows."""
+    from ..calibration import JOIN, tokenize_stream
+    from ..calibration.text import load_texts
+    from .perplexity import windows
+
+    texts, data_info = load_texts(data, split=split, text_column=text_column, tokenizer=tokenizer, keep_empty=True,
+                                  what="evaluation")
+    stream, digest = tokenize_stream(texts, tokenizer)
+    data_info.update(sha256_text=digest, characters=sum(map(len, texts)) + len(JOIN) * (len(texts) - 1),
+                     stream_tokens=int(stream.numel()))
+    batches = windows(stream, seq_len, max_tokens)
+    if batches.shape[0] == 0:
+        raise UsageError(f"the evaluation text has {stream.numel():,} tokens, fewer than one window of {seq_len}; "
+                         "use a shorter --seq-len or more text")
+    return texts, data_info, stream, batches
+
+
+def _new_evaluation(command, device, subject, reference, data_info, seq_len, batches, stream, peft_used):
+    """The evaluation entry before anything is measured: what, on what text, under which protocol."""
+    from ..report.compression import versions
+    from .perplexity import protocol
+
+    evaluation = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": utc_now().isoformat(timespec="seconds"),
+        "command": command or invocation(),
+        "versions": versions(), "device": device, "model": subject.info,
+        "baseline": reference.info if reference else None, "data": data_info,
+        "protocol": protocol(seq_len, int(batches.shape[0]), int(stream.numel())),
+        "perplexity": None, "agreement": None, "agreement_note": None, "embeddings": None, "speed": None,
+        "tasks": None,
+    }
+    if importlib.util.find_spec("peft") is not None and peft_used:
+        evaluation["versions"]["peft"] = importlib.metadata.version("peft")
+    return evaluation
+
+
+def _score_encoder(subject, reference, batches, batch_size, device, progress):
+    """The cosine similarity of the two encoders' pooled embeddings, window by window."""
+    from .embeddings import embedding_similarity
+
+    steps = -(-int(batches.shape[0]) // batch_size)
+    tick = ticker(progress, "windows", steps, lambda done: f"{done}/{steps} batches · pooled embeddings")
+    return embedding_similarity(subject.model, reference.model, batches, batch_size, device, tick)
+
+
+def _measure_speed(subjects, window, device, decode_tokens, causal, progress):
+    """Prefill (and, for a causal LM, decode) throughput and memory of the model and the baseline."""
+    from .speed import measure
+
+    progress.start("speed", len(subjects))
+    speed = {}
+    for role, item in zip(("model", "baseline"), subjects):
+        speed[role] = measure(item.model, window, device, decode_tokens if causal else 0, causal=causal)
+        progress.advance("speed", f"{role}: prefill and decode")
+    return speed
+
+
+def _run_lm_eval(subjects, tasks, manager, batch_size, limit, num_fewshot):
+    """lm-eval's results for the model and the baseline, each already loaded (lm-eval does not load them again)."""
+    from .harness import run_tasks
+
+    return {role: run_tasks(item.model, item.tokenizer, tasks, manager, batch_size, limit, num_fewshot)
+            for role, item in zip(("model", "baseline"), subjects)}
+
+
 def evaluate(
-    model,
+    model: str,
     *,
-    baseline=None,
-    adapter=None,
-    baseline_adapter=None,
-    data=DEFAULT_DATA,
-    split=DEFAULT_SPLIT,
-    text_column="text",
-    seq_len=None,
-    max_tokens=None,
-    batch_size=1,
-    device="auto",
-    dtype="auto",
-    speed=True,
-    decode_tokens=32,
-    tasks=None,
-    limit=None,
-    num_fewshot=None,
-    include_path=None,
-    trust_remote_code=False,
-    progress=SILENT,
-    command=None,
-):
+    baseline: str | None = None,
+    adapter: str | None = None,
+    baseline_adapter: str | None = None,
+    data: str = DEFAULT_DATA,
+    split: str = DEFAULT_SPLIT,
+    text_column: str = "text",
+    seq_len: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 1,
+    device: str = "auto",
+    dtype: str = "auto",
+    speed: bool = True,
+    decode_tokens: int = 32,
+    tasks: list[str] | None = None,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    include_path: str | None = None,
+    trust_remote_code: bool = False,
+    progress: Progress = SILENT,
+    command: str | None = None,
+) -> dict:
     """Evaluate `model` (optionally + `adapter`) against `baseline` (optionally + `baseline_adapter`).
 
     Returns the evaluation entry (a dict; see README "Evaluate"). Nothing is written: `record` does that.
     """
-    from ..calibration import JOIN, tokenize_stream
-    from ..calibration.text import load_texts
     from ..device import resolve_device
     from ..io.loading import resolve_model
-    from ..report.compression import versions
-    from .embeddings import embedding_similarity
-    from .harness import run_tasks, task_manager
-    from .perplexity import protocol, windows
-    from .speed import measure
+    from .harness import task_manager
 
     _validate(seq_len, max_tokens, batch_size, decode_tokens, baseline, baseline_adapter)
     device = resolve_device(device)
@@ -199,78 +186,39 @@ def evaluate(
     timings = {}
 
     start = time.perf_counter()
-    progress.log(f"loading {model}" + (f" + adapter {adapter}" if adapter else ""))
-    subject = load_subject(model, adapter, dtype, trust_remote_code)
-    reference = None
-    if baseline:
-        progress.log(f"loading baseline {baseline}" + (f" + adapter {baseline_adapter}" if baseline_adapter else ""))
-        reference = load_subject(baseline, baseline_adapter, dtype, trust_remote_code)
+    subject, reference = load_subjects(model, adapter, baseline, baseline_adapter, dtype, trust_remote_code,
+                                       progress)
     timings["load"] = time.perf_counter() - start
-    causal = is_causal_lm(subject.model)
-    if not causal and reference is None:
-        raise UsageError(f"{model} is not a causal language model, so it has no perplexity; pass --baseline BASE to "
-                         "compare its pooled embeddings with the baseline's")
-    if not causal and tasks:
-        raise UsageError(f"{model} is not a causal language model; lm-eval tasks (--tasks) need one")
-    if subject.tokenizer is None:
-        raise UsageError(f"{model} has no tokenizer, so the evaluation text cannot be tokenized")
+    causal = check_measurable(model, subject, reference, tasks)
     subjects = [subject] + ([reference] if reference else [])
     seq_len = _choose_seq_len(seq_len, subjects, progress)
 
     start = time.perf_counter()
-    texts, data_info = load_texts(data, split=split, text_column=text_column, tokenizer=subject.tokenizer,
-                                  keep_empty=True, what="evaluation")
-    stream, digest = tokenize_stream(texts, subject.tokenizer)
-    data_info.update(sha256_text=digest, characters=sum(map(len, texts)) + len(JOIN) * (len(texts) - 1),
-                     stream_tokens=int(stream.numel()))
-    batches = windows(stream, seq_len, max_tokens)
-    if batches.shape[0] == 0:
-        raise UsageError(f"the evaluation text has {stream.numel():,} tokens, fewer than one window of {seq_len}; "
-                         "use a shorter --seq-len or more text")
+    texts, data_info, stream, batches = _evaluation_text(data, split, text_column, subject.tokenizer, seq_len,
+                                                         max_tokens)
     timings["data"] = time.perf_counter() - start
     for item in subjects:
         item.model.to(device)
-
-    evaluation = {
-        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": utc_now().isoformat(timespec="seconds"),
-        "command": command or invocation(),
-        "versions": versions(), "device": device, "model": subject.info,
-        "baseline": reference.info if reference else None, "data": data_info,
-        "protocol": protocol(seq_len, int(batches.shape[0]), int(stream.numel())),
-        "perplexity": None, "agreement": None, "agreement_note": None, "embeddings": None, "speed": None,
-        "tasks": None,
-    }
-    if importlib.util.find_spec("peft") is not None and (adapter or baseline_adapter):
-        evaluation["versions"]["peft"] = importlib.metadata.version("peft")
+    evaluation = _new_evaluation(command, device, subject, reference, data_info, seq_len, batches, stream,
+                                 bool(adapter or baseline_adapter))
 
     start = time.perf_counter()
-    count = int(batches.shape[0])
     if causal:
         evaluation.update(_score_causal(subject, reference, texts, stream, batches, max_tokens, batch_size, device,
                                         progress))
     else:
-        steps = -(-count // batch_size)
-        tick = ticker(progress, "windows", steps, lambda done: f"{done}/{steps} batches · pooled embeddings")
-        evaluation["embeddings"] = embedding_similarity(subject.model, reference.model, batches, batch_size, device,
-                                                        tick)
+        evaluation["embeddings"] = _score_encoder(subject, reference, batches, batch_size, device, progress)
     timings["score"] = time.perf_counter() - start
 
     if speed:
         start = time.perf_counter()
-        progress.start("speed", len(subjects))
-        evaluation["speed"] = {}
-        for role, item in zip(("model", "baseline"), subjects):
-            evaluation["speed"][role] = measure(item.model, batches[0], device, decode_tokens if causal else 0,
-                                                causal=causal)
-            progress.advance("speed", f"{role}: prefill and decode")
+        evaluation["speed"] = _measure_speed(subjects, batches[0], device, decode_tokens, causal, progress)
         timings["speed"] = time.perf_counter() - start
 
     if tasks:
         start = time.perf_counter()
         progress.log(f"lm-eval tasks: {', '.join(tasks)}")
-        evaluation["tasks"] = {role: run_tasks(item.model, item.tokenizer, tasks, manager, batch_size, limit,
-                                               num_fewshot)
-                               for role, item in zip(("model", "baseline"), subjects)}
+        evaluation["tasks"] = _run_lm_eval(subjects, tasks, manager, batch_size, limit, num_fewshot)
         timings["tasks"] = time.perf_counter() - start
     evaluation["timings_s"] = {key: round(value, 3) for key, value in timings.items()}
     return evaluation
@@ -332,16 +280,16 @@ def default_report(model, adapter=None):
     return None
 
 
-def record(evaluation, report_path):
+def record(evaluation: dict, report_path: str | os.PathLike) -> int:
     """Append `evaluation` to the report at `report_path` (created as an `eval` report if missing). Returns its
     index in `evaluations`. A compression report's markdown rendering beside it is refreshed too."""
-    from ..report.compression import to_markdown
+    from ..report.compression import compression_markdown
     from ..report.files import append_evaluation
 
     def rerender(report):
         markdown = os.path.join(os.path.dirname(os.path.abspath(report_path)), "compression_report.md")
         if report.get("kind") == "compress" and os.path.exists(markdown):
-            return {"compression_report.md": to_markdown(report)}
+            return {"compression_report.md": compression_markdown(report)}
         return {}
 
     return append_evaluation(report_path, evaluation, rerender)

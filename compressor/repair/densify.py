@@ -21,8 +21,9 @@ from ..errors import LowrankError
 from ..io.checkpoint import MODELING_FILE, WEIGHT_SUFFIXES, read_lowrank_config
 from ..io.publish import check_output, publish, staging_dir
 from ..io.shards import INDEX_NAME, SINGLE_NAME, ShardWriter, check_checkpoint_files, parse_size
-from ..progress import SILENT, ticker
-from ..report.compression import SPECTRA_FILE, human_bytes
+from ..progress import SILENT, Progress, ticker
+from ..report.compression import SPECTRA_FILE
+from ..report.format import human_bytes
 from ..report.summary import DENSIFY_MARKER
 
 FORMAT_VERSION = 1
@@ -78,7 +79,8 @@ def dense_config(config, marker):
     return dense
 
 
-def densify(checkpoint, output, *, max_shard_size="5GB", overwrite=False, progress=SILENT):
+def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", overwrite: bool = False,
+            progress: Progress = SILENT) -> dict:
     """Write the dense equivalent of the factorized `checkpoint` to `output`. Returns a summary dict."""
     import torch
     from safetensors import safe_open

@@ -29,7 +29,7 @@ from ..io.loading import load_model, read_config, resolve_model
 from ..io.modeling_lowrank import LowRankLinear, linear_shape
 from ..io.publish import check_output, publish, staging_dir
 from ..io.shards import ShardWriter
-from ..progress import SILENT
+from ..progress import SILENT, Progress
 from ..report.compression import peak_rss_bytes, versions
 
 SCHEMA = "lowrank.compensate"
@@ -206,7 +206,8 @@ def build_report(corrections, *, original, compressed, rank, merge, calibration,
     }
 
 
-def to_markdown(report):
+def compensation_markdown(report):
+    """compensation_report.md: what was corrected and each layer's error before and after, worst first."""
     s = report["summary"]
     lines = ["# lowrank compensation report (EoRA)", "", f"`{report['command']}`", "", "| | |", "|---|---|",
              f"| original | {report['original']} |", f"| compressed | {report['compressed']} |",
@@ -227,17 +228,46 @@ def write_reports(directory, report):
         json.dump(report, f, indent=2)
         f.write("\n")
     with open(os.path.join(directory, "compensation_report.md"), "w") as f:
-        f.write(to_markdown(report))
+        f.write(compensation_markdown(report))
 
 
-def compensate(original, compressed, output, *, rank=32, merge=False, targets=None, ignore=None, calib="auto",
-               num_samples=128, seq_len=None, batch_size=8, seed=0, device="auto", dtype="auto", damp=1e-4,
-               text_column="text", calib_split="train", overwrite=False, trust_remote_code=False, progress=SILENT,
-               command=None):
+def write_merged(repaired, corrections, report, output, compressed_source, rank):
+    """Fold the corrections into the factorized checkpoint and write it, with the compensation report beside the
+    compression history it came with."""
+    merge_corrections(repaired, corrections)
+    block = dict(repaired.config.lowrank)
+    block["ranks"] = {name: module.rank for name, module in repaired.named_modules()
+                      if isinstance(module, LowRankLinear)}
+    block["compensation"] = {"method": "eora", "rank": rank, "layers": len(corrections)}
+
+    def extra_files(weight_bytes, files, seconds):
+        report["size"] = {"bytes": weight_bytes, "files": files}
+        text = {"compensation_report.json": json.dumps(report, indent=2) + "\n",
+                "compensation_report.md": compensation_markdown(report)}
+        for name in ("compression_report.json", "compression_report.md", "README.md"):
+            path = os.path.join(compressed_source.path, name)
+            if os.path.exists(path):  # the compression history stays with the checkpoint
+                text[name] = open(path).read()
+        return text
+
+    write_checkpoint(repaired, output, source=compressed_source, tokenizer=None, block=block,
+                     extra_files=extra_files, max_shard_bytes=5 * 10**9)
+
+
+def _seeded_cuda_devices(device):
+    """The CUDA devices whose RNG state is saved and restored around the seeded work: every one on a CUDA run
+    (torch.manual_seed seeds them all), none on the CPU (so a CPU run never initializes CUDA)."""
+    return list(range(torch.cuda.device_count())) if device.startswith("cuda") else []
+
+
+def compensate(original: str, compressed: str, output: str, *, rank: int = 32, merge: bool = False,
+               targets: list[str] | None = None, ignore: list[str] | None = None, calib: str = "auto",
+               num_samples: int = 128, seq_len: int | None = None, batch_size: int = 8, seed: int = 0,
+               device: str = "auto", dtype: str = "auto", damp: float = 1e-4, text_column: str = "text",
+               calib_split: str = "train", overwrite: bool = False, trust_remote_code: bool = False,
+               progress: Progress = SILENT, command: str | None = None) -> dict:
     """Write an EoRA repair for `compressed` (relative to `original`) to `output`: a PEFT adapter, or with
     merge=True a new lowrank checkpoint whose factors include the correction. Returns the report."""
-    from lowrank.calibration import load_calibration
-
     from ..device import resolve_device
 
     if rank < 1:
@@ -247,9 +277,24 @@ def compensate(original, compressed, output, *, rank=32, merge=False, targets=No
     check_output(output, original_source.local_dir, overwrite)
     compressed_source = resolve_model(compressed)
     check_output(output, compressed_source.local_dir, overwrite)
-    timings = {}
-    torch.manual_seed(seed)
+    # `seed` makes the calibration sample reproducible. It is set inside fork_rng, so the process-wide RNG is
+    # restored on return: a library call leaves the caller's random state as it found it.
+    with torch.random.fork_rng(devices=_seeded_cuda_devices(device)):
+        torch.manual_seed(seed)
+        return _repair(original_source, compressed_source, output, original=original, compressed=compressed,
+                       rank=rank, merge=merge, targets=targets, ignore=ignore, calib=calib, num_samples=num_samples,
+                       seq_len=seq_len, batch_size=batch_size, seed=seed, device=device, dtype=dtype, damp=damp,
+                       text_column=text_column, calib_split=calib_split, trust_remote_code=trust_remote_code,
+                       progress=progress, command=command)
 
+
+def _repair(original_source, compressed_source, output, *, original, compressed, rank, merge, targets, ignore,
+            calib, num_samples, seq_len, batch_size, seed, device, dtype, damp, text_column, calib_split,
+            trust_remote_code, progress, command):
+    """compensate's work once the arguments are checked: load, calibrate, correct, write."""
+    from lowrank.calibration import load_calibration
+
+    timings = {}
     start = time.perf_counter()
     progress.log(f"loading {original} and {compressed}")
     reference, tokenizer = load_model(original_source, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -275,26 +320,8 @@ def compensate(original, compressed, output, *, rank=32, merge=False, targets=No
     command = command or invocation()
     report = build_report(corrections, original=original, compressed=compressed, rank=rank, merge=merge,
                           calibration=calibration.provenance, timings=timings, command=command)
-    if not merge:
+    if merge:
+        write_merged(repaired, corrections, report, output, compressed_source, rank)
+    else:
         write_adapter(corrections, output, adapter_config(corrections, repaired, compressed, rank), report)
-        return report
-    merge_corrections(repaired, corrections)
-    block = dict(repaired.config.lowrank)
-    block["ranks"] = {name: module.rank for name, module in repaired.named_modules()
-                      if isinstance(module, LowRankLinear)}
-    block["compensation"] = {"method": "eora", "rank": rank, "layers": len(corrections)}
-
-    def extra_files(weight_bytes, files, seconds):
-        report["size"] = {"bytes": weight_bytes, "files": files}
-        text = {"compensation_report.json": json.dumps(report, indent=2) + "\n",
-                "compensation_report.md": to_markdown(report)}
-        for name in ("compression_report.json", "compression_report.md", "README.md"):
-            path = os.path.join(compressed_source.path, name)
-            if os.path.exists(path):  # the compression history stays with the checkpoint
-                text[name] = open(path).read()
-        return text
-
-    write_checkpoint(repaired, output, source=compressed_source, tokenizer=None, block=block,
-                     extra_files=extra_files, max_shard_bytes=5 * 10**9)
     return report
-

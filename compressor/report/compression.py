@@ -5,6 +5,9 @@ import platform
 import resource
 import sys
 
+from .evaluations import evaluations_markdown
+from .format import human_bytes
+
 SCHEMA = "lowrank.compression"
 SCHEMA_VERSION = 1
 # Optional, beside the report: each factorized layer's full spectrum, for `lowrank report --plot`.
@@ -112,21 +115,15 @@ def read_spectra(directory):
         return {name: f.get_tensor(name) for name in f.keys()}
 
 
-def human_bytes(count):
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(count) < 1000 or unit == "TB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-
-
 def worst_layers(report, count=None):
     layers = [layer for layer in report["layers"]["list"] if not layer["dense"]]
     layers.sort(key=lambda layer: -layer["rel_error"])
     return layers if count is None else layers[:count]
 
 
-def summary_rows(report):
-    """(label, value) pairs shared by the terminal table and the markdown."""
+def compression_rows(report):
+    """(label, value) pairs of a compression report, shared by `lowrank compress`'s table, the report's markdown
+    and `lowrank report`'s summary of a compress run."""
     ratio = report["ratio"]
     t, m = ratio["targets"], ratio["model"]
     return [
@@ -139,20 +136,23 @@ def summary_rows(report):
         ("size", f"{human_bytes(report['size']['bytes_dense'])} dense -> {human_bytes(report['size']['bytes_after'])} "
                  f"({report['model']['dtype']})"),
         ("layers", f"{report['layers']['factorized']} factorized, {report['layers']['dense']} kept dense"),
-        ("calibration", describe_calibration(report["calibration"])),
+        ("calibration", compression_calibration(report["calibration"])),
         ("time", ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())),
         ("peak memory (RSS)", human_bytes(report["peak_rss_bytes"])),
     ]
 
 
-def describe_calibration(calibration):
+def compression_calibration(calibration):
+    """The calibration row of a compression report: "source (N x L tokens, seed S)". Strict, as compress always
+    records all three; summary.describe_calibration is the tolerant line for any report kind."""
     tokens = f"{calibration['num_samples']} x {calibration['seq_len']} tokens, seed {calibration['seed']}"
     return f"{calibration['source']} ({tokens})"
 
 
-def to_markdown(report, worst=20):
+def compression_markdown(report, worst=20):
+    """compression_report.md: the summary, the worst layers, the evaluations recorded so far, the versions."""
     lines = ["# lowrank compression report", "", f"`{report['command']}`", "", "| | |", "|---|---|"]
-    lines += [f"| {label} | {value} |" for label, value in summary_rows(report)]
+    lines += [f"| {label} | {value} |" for label, value in compression_rows(report)]
     lines += ["", f"Ratio: {report['ratio']['definition']}.", ""]
     layers = worst_layers(report)
     lines += [f"## Layers, worst first ({min(worst, len(layers))} of {len(layers)} factorized)", "",
@@ -166,8 +166,10 @@ def to_markdown(report, worst=20):
     if dense:
         lines += ["", f"Kept dense ({len(dense)}): " + ", ".join(dense[:20]) + (" ..." if len(dense) > 20 else "")]
     if report.get("evaluations"):
-        from .markdown import evaluations_markdown
-
         lines += ["", *evaluations_markdown(report["evaluations"], heading="##")]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)
+
+
+to_markdown = compression_markdown  # alias removed once compression/api.py is switched
+summary_rows = compression_rows  # alias removed once cli/compress.py is switched

@@ -1,9 +1,9 @@
 """Finding, reading and appending to the report JSON files that compress, squeeze, compensate and eval write.
 
-Every report follows the contract in CONVENTIONS.md: `schema` ("lowrank.<...>"), `schema_version`, `kind`,
-`versions`, `command`, `evaluations` (a list) and `layers.list` (entries with at least name, rank, params_before,
-params_after, energy_kept, rel_error). Anything else (not JSON, cut short, another tool's JSON, a newer version
-than this lowrank reads, a missing contract field) is a ReportError (exit code 3) that names the problem.
+Every report follows the report contract described in report/schema.py (`schema` "lowrank.<...>",
+`schema_version`, `kind`, `versions`, `command`, `evaluations`, `layers.list`); `read_report` returns only reports
+that pass its check, and anything else (not JSON, cut short, another tool's JSON, a newer version than this lowrank
+reads, a missing contract field) is a ReportError (exit code 3) that names the problem.
 
 Appending an evaluation rewrites the file atomically (a temporary sibling renamed over it) under an exclusive
 lock, re-reading it first, so concurrent `lowrank eval` runs never lose each other's results.
@@ -15,15 +15,11 @@ import time
 from contextlib import contextmanager
 
 from ..errors import ReportError, UsageError
+from .schema import EVALUATION_SCHEMA, validate_report
 
 # In a directory, the first of these that exists is its report: the most recent step comes first (a compensate
 # or squeeze output may sit on top of a compressed checkpoint).
 REPORT_FILES = ("compensation_report.json", "squeeze_report.json", "compression_report.json")
-# The newest schema_version of each kind's report that this lowrank reads.
-READABLE_VERSIONS = {"compress": 1, "squeeze": 1, "compensate": 1, "eval": 1}
-EVALUATION_VERSION = 1  # schema_version of one evaluation entry (schema "lowrank.evaluation")
-LAYER_FIELDS = ("name", "rank", "params_before", "params_after", "energy_kept", "rel_error")
-TOP_FIELDS = ("schema", "schema_version", "kind", "versions", "command", "evaluations", "layers")
 
 
 def find_report(path):
@@ -51,59 +47,8 @@ def require_report(path):
     return found
 
 
-def _check_number(value, where):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ReportError(f"{where} is not a number ({value!r}); the report is damaged")
-
-
-def validate(report, where):
-    """Raise ReportError unless `report` follows the report contract in a version this lowrank reads."""
-    if not isinstance(report, dict):
-        raise ReportError(f"{where} is not a lowrank report: it holds a JSON {type(report).__name__}, not an object")
-    schema = report.get("schema")
-    if not isinstance(schema, str) or not schema.startswith("lowrank."):
-        found = f"its schema is {schema!r}" if "schema" in report else "it has no 'schema' field"
-        raise ReportError(f"{where} is not a lowrank report ({found}); give a file written by lowrank")
-    version, kind = report.get("schema_version"), report.get("kind")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ReportError(f"{where}: schema_version {version!r} is not a positive integer; the report is damaged")
-    if kind not in READABLE_VERSIONS:
-        raise ReportError(f"{where}: report kind {kind!r} is unknown to this lowrank (it reads "
-                          f"{', '.join(READABLE_VERSIONS)}); upgrade lowrank")
-    if version > READABLE_VERSIONS[kind]:
-        raise ReportError(f"{where} was written by a newer lowrank ({schema} version {version}; this lowrank reads up "
-                          f"to version {READABLE_VERSIONS[kind]}); upgrade lowrank")
-    missing = [key for key in TOP_FIELDS if key not in report]
-    if report.get("mode") == "analyze" and "layers" in missing:
-        raise ReportError(f"{where} is a `lowrank squeeze --analyze` result: nothing was squeezed, so there are no "
-                          "layers to report")
-    if missing:
-        raise ReportError(f"{where} is incomplete: it lacks {', '.join(missing)}")
-    layers = report["layers"].get("list") if isinstance(report["layers"], dict) else None
-    if not isinstance(layers, list):
-        raise ReportError(f"{where} is incomplete: 'layers' has no 'list' of layers")
-    for index, layer in enumerate(layers):
-        if not isinstance(layer, dict):
-            raise ReportError(f"{where}: layers.list[{index}] is not an object; the report is damaged")
-        absent = [key for key in LAYER_FIELDS if key not in layer]
-        if absent:
-            raise ReportError(f"{where}: layer {layer.get('name', index)!r} lacks {', '.join(absent)}")
-        for key in ("params_before", "params_after", "energy_kept", "rel_error"):
-            _check_number(layer[key], f"{where}: layer {layer['name']!r} {key}")
-    if not isinstance(report["evaluations"], list):
-        raise ReportError(f"{where}: 'evaluations' is not a list; the report is damaged")
-    for index, evaluation in enumerate(report["evaluations"]):
-        if not isinstance(evaluation, dict) or not isinstance(evaluation.get("schema_version"), int):
-            raise ReportError(f"{where}: evaluations[{index}] is not a lowrank evaluation; the report is damaged")
-        if evaluation["schema_version"] > EVALUATION_VERSION:
-            raise ReportError(f"{where}: evaluations[{index}] was written by a newer lowrank (evaluation version "
-                              f"{evaluation['schema_version']}; this lowrank reads up to {EVALUATION_VERSION}); "
-                              "upgrade lowrank")
-    return report
-
-
-def read_report(path):
-    """Parse and validate a report file; every problem is one ReportError line."""
+def read_report(path: str | os.PathLike) -> dict:
+    """Parse and validate a report file (the contract in report/schema.py); every problem is one ReportError line."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -119,7 +64,7 @@ def read_report(path):
         hint = " (the file is cut short: an interrupted write or copy?)" if _left_open(text) else ""
         raise ReportError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}"
                           f"{hint}") from None
-    return validate(report, path)
+    return validate_report(report, path)
 
 
 def _left_open(text):
@@ -198,7 +143,7 @@ def dump(report):
 
 def new_evaluation_report(evaluation):
     """A report of kind `eval` that holds only evaluations (for `lowrank eval --output FILE`)."""
-    return {"schema": "lowrank.evaluation", "schema_version": 1, "kind": "eval",
+    return {"schema": EVALUATION_SCHEMA, "schema_version": 1, "kind": "eval",
             "versions": evaluation["versions"], "command": evaluation["command"], "layers": {"list": []},
             "evaluations": []}
 

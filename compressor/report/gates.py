@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import UsageError
-from .compression import human_bytes
+from .format import human_bytes
 from .summary import decomposed_layers, latest
 
 

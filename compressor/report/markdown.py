@@ -1,53 +1,17 @@
 """GitHub-flavoured markdown of one run or two runs side by side, fit for $GITHUB_STEP_SUMMARY.
 
-GitHub refuses a step summary over 1 MiB, so `to_markdown(..., limit=...)` shortens the collapsed per-layer table
-(worst layers are kept) until the document fits, and says how many layers it left out. Long tables sit in
+GitHub refuses a step summary over 1 MiB, so `report_markdown(..., limit=...)` shortens the collapsed per-layer
+table (worst layers are kept) until the document fits, and says how many layers it left out. Long tables sit in
 <details> blocks so the summary page stays readable.
 """
 
-from .summary import evaluation_header, evaluation_rows, fmt_number, summary_rows
+from .evaluations import evaluations_markdown
+from .format import fmt_number, human_bytes, markdown_table
+from .summary import run_rows
 
 STEP_SUMMARY_LIMIT = 1024 * 1024  # bytes GitHub accepts per step summary
 TOP = 10  # layers shown open; the rest are collapsed
 ICONS = {"pass": "✅", "fail": "❌", "missing": "⚠️"}
-
-
-def cell(value):
-    """A table cell: pipes escaped, newlines flattened."""
-    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
-def table(header, rows):
-    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
-    return lines
-
-
-def evaluations_markdown(evaluations, heading="###"):
-    """The most recent evaluation in full (what was measured, on what text, under which protocol); earlier ones
-    as one line each."""
-    if not evaluations:
-        return []
-    last = evaluations[-1]
-    lines = [f"{heading} Evaluation {len(evaluations)} of {len(evaluations)}", ""]
-    lines += [f"- {line}" for line in evaluation_header(last)] + [""]
-    lines += table(("metric", "model", "baseline", "change"), evaluation_rows(last))
-    if len(evaluations) > 1:
-        lines += ["", "<details><summary>Earlier evaluations</summary>", ""]
-        rows = []
-        for index, evaluation in enumerate(evaluations[:-1], 1):
-            ppl = evaluation.get("perplexity") or {}
-            agreement = evaluation.get("agreement") or {}
-            rows.append((index, evaluation.get("created", ""), evaluation["data"]["source"],
-                         evaluation["protocol"]["seq_len"], evaluation["protocol"]["tokens_scored"],
-                         fmt_number(ppl.get("model")), fmt_number(ppl.get("baseline")),
-                         f"{ppl['increase']:+.2%}" if ppl.get("increase") is not None else "",
-                         fmt_number(agreement.get("kl_mean")),
-                         f"{agreement['top1']:.2%}" if agreement.get("top1") is not None else ""))
-        lines += table(("#", "created", "data", "seq len", "tokens", "ppl", "baseline ppl", "change", "KL",
-                        "top-1"), rows)
-        lines += ["", "</details>"]
-    return lines
 
 
 def gates_markdown(results, verdict):
@@ -61,12 +25,13 @@ def gates_markdown(results, verdict):
                               + (f", {failed} failed" if failed else "")}[verdict]
     rows = [(f"--{r['option']}", r["metric"], r["value_text"] or "missing", f"{r['op']} {r['threshold_text']}",
              f"{ICONS[r['status']]} {r['status']}") for r in results]
-    lines = [f"**{headline}**", ""] + table(("gate", "metric", "value", "threshold", "result"), rows)
+    lines = [f"**{headline}**", ""] + markdown_table(("gate", "metric", "value", "threshold", "result"), rows)
     notes = [f"- {ICONS[r['status']]} {r['message']}" for r in results if r["status"] != "pass"]
     return lines + ([""] + notes if notes else [])
 
 
-def _layer_header(layers):
+def layer_header(layers):
+    """(whether any layer has a shape, the extra columns, the header) of a per-layer table."""
     has_shape = any("shape" in layer for layer in layers)
     extra = extra_columns(layers)
     return has_shape, extra, (["layer"] + (["shape"] if has_shape else []) +
@@ -105,14 +70,14 @@ def layers_markdown(layers, heading, top=TOP, collapsed_limit=None):
     """The `top` worst layers open, every layer (or the worst `collapsed_limit`) in a <details> block."""
     if not layers:
         return []
-    has_shape, extra, header = _layer_header(layers)
+    has_shape, extra, header = layer_header(layers)
     rows = [layer_row(layer, has_shape, extra) for layer in layers]
     lines = [f"{heading} Layers, worst first ({min(top, len(rows))} of {len(rows)})", ""]
-    lines += table(header, rows[:top])
+    lines += markdown_table(header, rows[:top])
     if len(rows) > top:
         shown = rows if collapsed_limit is None else rows[:collapsed_limit]
         lines += ["", f"<details><summary>All {len(rows)} layers, worst first</summary>", ""]
-        lines += table(header, shown)
+        lines += markdown_table(header, shown)
         if len(shown) < len(rows):
             lines += ["", f"{len(rows) - len(shown)} more layers are left out to keep this summary under GitHub's "
                           "1 MiB limit; the report JSON has them all."]
@@ -121,7 +86,7 @@ def layers_markdown(layers, heading, top=TOP, collapsed_limit=None):
 
 
 def _run_markdown(run, top, collapsed_limit, heading="###"):
-    lines = [f"{heading} Summary", ""] + table(("", ""), summary_rows(run)) + [""]
+    lines = [f"{heading} Summary", ""] + markdown_table(("", ""), run_rows(run)) + [""]
     lines += evaluations_markdown(run["evaluations"], heading)
     if run["evaluations"]:
         lines.append("")
@@ -131,8 +96,6 @@ def _run_markdown(run, top, collapsed_limit, heading="###"):
 
 def comparison_rows(first, second):
     """(metric, A, B, change) rows of two runs' summaries and latest evaluations."""
-    from .compression import human_bytes
-
     def pair(label, a, b, fmt, change="relative"):
         if a is None and b is None:
             return None
@@ -179,8 +142,9 @@ def comparison_layers(first, second, top):
     return rows[:top], len(rows)
 
 
-def to_markdown(runs, results, verdict, top=TOP, limit=None):
-    """The whole document. With `limit` (bytes), the collapsed layer tables shrink until it fits."""
+def report_markdown(runs, results, verdict, top=TOP, limit=None):
+    """The whole `lowrank report` document: the gates, then one run or two side by side. With `limit` (bytes), the
+    collapsed layer tables shrink until it fits."""
     def render(collapsed_limit):
         lines = ["## lowrank report: " + " vs ".join(f"`{run['path']}`" for run in runs), ""]
         if results:
@@ -190,11 +154,12 @@ def to_markdown(runs, results, verdict, top=TOP, limit=None):
         else:
             first, second = runs
             lines += ["### Side by side", "", f"A = `{first['path']}`, B = `{second['path']}`", ""]
-            lines += table(("", "A", "B", "change"), comparison_rows(first, second)) + [""]
+            lines += markdown_table(("", "A", "B", "change"), comparison_rows(first, second)) + [""]
             rows, total = comparison_layers(first, second, top)
             if rows:
                 lines += [f"### Layers, worst first in B ({len(rows)} of {total} in both)", ""]
-                lines += table(("layer", "rank A", "rank B", "energy A", "energy B", "error A", "error B"), rows)
+                lines += markdown_table(("layer", "rank A", "rank B", "energy A", "energy B", "error A", "error B"),
+                                        rows)
                 lines.append("")
             for name, run in zip("AB", runs):
                 lines += [f"<details><summary>{name}: {run['path']}</summary>", ""]

@@ -1,16 +1,17 @@
 """One view of any lowrank report (compress, squeeze, compensate, eval): what `lowrank report` renders and gates.
 
 `load_run(path)` finds and validates the report for a checkpoint directory, an adapter directory or a report
-file, and returns a "run": the report's common fields (the contract in CONVENTIONS.md), summary statistics over
-its layers, its size, whether the directory is a densified checkpoint, and its evaluations. Kind-specific fields
-are kept where the report has them and rendered only then.
+file, and returns a "run": the report's common fields (the report contract, described in report/schema.py),
+summary statistics over its layers, its size, whether the directory is a densified checkpoint, and its
+evaluations. Kind-specific fields are kept where the report has them and rendered only then.
 """
 
 import json
 import os
 
-from .compression import human_bytes
+from .compression import compression_rows
 from .files import read_report, require_report
+from .format import human_bytes
 
 DENSIFY_MARKER = "lowrank_densified"  # the config.json block lowrank densify writes
 JSON_SCHEMA = "lowrank.report"  # `lowrank report --format json`, documented in README "Report and CI gates"
@@ -163,6 +164,8 @@ def latest(run, needs):
 
 
 def describe_calibration(calibration):
+    """The calibration line of any report kind: whatever provenance it recorded (source, windows, seed, text
+    hash), or None without one. A compress run shows its report's own row instead (compression_calibration)."""
     if not calibration:
         return None
     parts = [str(calibration.get("source", "?"))]
@@ -176,17 +179,15 @@ def describe_calibration(calibration):
 
 
 def _compression_rows(report):
-    """The compression report's own summary rows (lowrank.report.summary_rows), or None if it lacks a field."""
-    from .compression import summary_rows as compression_rows
-
+    """The compression report's own summary rows (compression.compression_rows), or None if it lacks a field."""
     try:
         return compression_rows(report)
     except (KeyError, TypeError, ValueError):
         return None
 
 
-def summary_rows(run):
-    """(label, value) rows of a run's summary, shared by the terminal table and the markdown."""
+def run_rows(run):
+    """(label, value) rows of a run's summary, shared by `lowrank report`'s table, markdown and JUnit output."""
     s = run["summary"]
     rows = [("report", f"{run['report_file']} ({run['schema']} v{run['schema_version']}, kind {run['kind']})")]
     own = _compression_rows(run["report"]) if run["kind"] == "compress" else None
@@ -218,86 +219,6 @@ def summary_rows(run):
                                   f"{d.get('source')}"))
     rows.append(("evaluations", str(len(run["evaluations"]))))
     rows.append(("versions", ", ".join(f"{k} {v}" for k, v in run["versions"].items())))
-    return rows
-
-
-def _ratio(model, baseline):
-    return f"x{model / baseline:.2f}" if model and baseline else ""
-
-
-def _change(model, baseline):
-    return f"{model / baseline - 1:+.2%}" if model is not None and baseline else ""
-
-
-def fmt_number(value, spec=".4g"):
-    return "" if value is None else format(value, spec)
-
-
-def evaluation_header(evaluation):
-    """Lines that say what was evaluated, on what text, under which protocol."""
-    model = evaluation["model"]
-    baseline = evaluation.get("baseline")
-    data = evaluation["data"]
-
-    def who(info):
-        adapter = f" + adapter {info['adapter']}" if info.get("adapter") else ""
-        return f"{info['source']}{adapter} ({info['kind']}, {info['dtype']})"
-
-    split = f", split {data['split']}" if data.get("split") else ""
-    rows = data.get("documents")
-    count = f"{rows:,} row{'' if rows == 1 else 's'}" if isinstance(rows, int) else "? rows"
-    lines = [f"model: {who(model)}" + (f" vs baseline {who(baseline)}" if baseline else ""),
-             f"data: {data['source']}{split}, {count}, sha256 {data['sha256_text']}",
-             f"protocol: {evaluation['protocol']['statement']}",
-             f"run: {evaluation.get('created', '?')} on {evaluation.get('device', '?')}"]
-    if evaluation.get("agreement_note"):
-        lines.append(f"note: {evaluation['agreement_note']}")
-    return lines
-
-
-def evaluation_rows(evaluation):
-    """(metric, model, baseline, change) rows of one evaluation."""
-    rows = []
-    ppl = evaluation.get("perplexity")
-    if ppl:
-        rows.append(("perplexity", fmt_number(ppl["model"]), fmt_number(ppl.get("baseline")),
-                     f"{ppl['increase']:+.2%}" if ppl.get("increase") is not None else ""))
-    agreement = evaluation.get("agreement")
-    if agreement:
-        rows.append(("KL(baseline || model), mean nats/token", fmt_number(agreement["kl_mean"]), "", ""))
-        rows.append(("KL median / p99 / max", " / ".join(fmt_number(agreement[k], ".3g") for k in
-                                                         ("kl_median", "kl_p99", "kl_max")), "", ""))
-        rows.append(("top-1 agreement", f"{agreement['top1']:.2%}", "", ""))
-    embeddings = evaluation.get("embeddings")
-    if embeddings:
-        rows.append(("pooled-embedding cosine, mean / min",
-                     f"{embeddings['cosine_mean']:.4f} / {embeddings['cosine_min']:.4f}", "", ""))
-    speed = evaluation.get("speed") or {}
-    model, base = speed.get("model") or {}, speed.get("baseline") or {}
-    def rate(label, key):
-        rows.append((label, fmt_number(model[key], ".1f"), fmt_number(base.get(key), ".1f"),
-                     _ratio(model[key], base.get(key))))
-
-    if model:
-        rate(f"prefill tokens/s ({model['prompt_tokens']} tokens, batch 1)", "prefill_tokens_per_s")
-        if model.get("decode_tokens_per_s"):
-            rate(f"decode tokens/s ({model['decode_tokens']} greedy steps)", "decode_tokens_per_s")
-        rows.append(("weights memory", human_bytes(model["weights_bytes"]),
-                     human_bytes(base["weights_bytes"]) if base else "",
-                     _change(model["weights_bytes"], base.get("weights_bytes"))))
-        if model.get("peak_memory_bytes") is not None:
-            rows.append(("peak memory (CUDA)", human_bytes(model["peak_memory_bytes"]),
-                         human_bytes(base["peak_memory_bytes"]) if base.get("peak_memory_bytes") else "",
-                         _change(model["peak_memory_bytes"], base.get("peak_memory_bytes"))))
-    tasks = evaluation.get("tasks") or {}
-    for task, metrics in ((tasks.get("model") or {}).get("tasks") or {}).items():
-        reference = ((tasks.get("baseline") or {}).get("tasks") or {}).get(task, {})
-        for metric, value in metrics.items():
-            if "stderr" in metric:
-                continue
-            other = reference.get(metric)
-            delta = f"{value - other:+.4f}" if value is not None and other is not None else ""
-            rows.append((f"{task} {metric}", fmt_number(value), fmt_number(other), delta))
     return rows
 
 
