@@ -5,9 +5,67 @@ from typing import Annotated
 
 import typer
 
+from lowrank.squeezing.config import DEFAULTS as D
+from lowrank.squeezing.config import SqueezeConfig
+
 from . import app
 
 RULE, ALG, SCALE, OUT, DANGER = "Rank rule", "Algorithm", "Scaling and DoRA", "Output", "Dangerous"
+
+# The options, one alias each: the command's signature below then reads as a table of names and defaults, and
+# every default comes from SqueezeConfig (lowrank/squeezing/config.py), where it is written once.
+Adapter = Annotated[str | None, typer.Argument(help="PEFT adapter directory (adapter_config.json + "
+                    "adapter_model.safetensors/.bin, or one sub-folder holding them), or a kohya / diffusers LoRA "
+                    ".safetensors file.", show_default=False)]
+Rank = Annotated[int | None, typer.Option("--rank", "-r", help="Uniform target rank K for every module (the "
+                 "paper's setting).", rich_help_panel=RULE, show_default=False)]
+Energy = Annotated[float | None, typer.Option(help="Per module, the smallest rank keeping this fraction of "
+                   "sum(sigma^2) of its update s·B·A (energy; not kohya's Frobenius ratio sv_fro, which is "
+                   "sqrt(energy)).", rich_help_panel=RULE, show_default=False)]
+Budget = Annotated[str | None, typer.Option(help="Global parameter budget: a fraction of the adapter's LoRA "
+                   "parameters (0.25) or a count (2M), allocated across modules by energy gained per parameter.",
+                   rich_help_panel=RULE, show_default=False)]
+Analyze = Annotated[bool, typer.Option("--analyze", help="Print the spectra (energy kept per rank, mean/min/p10 "
+                    "over modules) and, with a rule, the plan; write nothing.", rich_help_panel=RULE)]
+MaxRank = Annotated[int | None, typer.Option(help="Cap on any module's rank (--energy, --budget; required for "
+                    "extraction without --rank).", rich_help_panel=RULE, show_default=False)]
+MinRank = Annotated[int, typer.Option(help="Floor on any module's rank (--energy, --budget).", rich_help_panel=RULE)]
+MinEnergy = Annotated[float | None, typer.Option(help="--budget: every module first gets the rank that keeps this "
+                      "energy, so that none starves.", rich_help_panel=RULE, show_default=False)]
+AllowPad = Annotated[bool, typer.Option(help="Allow --rank above a module's source rank (zero padding).",
+                     rich_help_panel=RULE)]
+Algorithm = Annotated[str | None, typer.Option(help="exact: SVD of the r x r core from QRs of B and A^T (never "
+                      "forms B·A); rsvd: randomized SVD (the paper's; default for --finetuned extraction).",
+                      rich_help_panel=ALG, show_default="exact; rsvd when extracting")]
+Oversample = Annotated[int, typer.Option(help="rsvd: extra sketch columns.", rich_help_panel=ALG)]
+PowerIters = Annotated[int, typer.Option(help="rsvd: power iterations (QR re-orthonormalised).",
+                       rich_help_panel=ALG)]
+Seed = Annotated[int, typer.Option(help="rsvd: seed (the same seed gives the same bytes).", rich_help_panel=ALG)]
+Threads = Annotated[int | None, typer.Option(help="Modules decomposed at once, each on one torch thread "
+                    "(extraction: torch threads).", rich_help_panel=ALG, show_default="the CPU count, at most 8")]
+AlphaPolicy = Annotated[str | None, typer.Option(help="keep-scale: every module keeps the adapter's scale alpha/r "
+                        "(alpha/sqrt(r) with rsLoRA), uniform so vLLM scales it right; unit: alpha = r, scale 1; "
+                        "keep-alpha: alpha unchanged, scale alpha/k.", rich_help_panel=SCALE,
+                        show_default="keep-scale; unit when extracting")]
+BaseModel = Annotated[str | None, typer.Option(help="The base model (checkpoint directory or pkg:NAME): for a DoRA "
+                      "adapter, measures the true error of the DoRA weights; with --finetuned, the base of the "
+                      "extraction.", rich_help_panel=SCALE, show_default=False)]
+Finetuned = Annotated[str | None, typer.Option(help="Extract a LoRA from the dense difference FINETUNED - "
+                      "BASE_MODEL instead of squeezing an adapter (streams one tensor pair at a time).",
+                      rich_help_panel=SCALE, show_default=False)]
+Output = Annotated[str | None, typer.Option("--output", "-o", help="Output directory (PEFT) or .safetensors file "
+                   "(kohya / diffusers) (default: the input's name + -r8, -e0.95 or -b0.25).", rich_help_panel=OUT,
+                   show_default=False)]
+Dtype = Annotated[str, typer.Option(help="Dtype of the new factors: auto (as the input's), float32, bfloat16 or "
+                  "float16.", rich_help_panel=OUT)]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing output.", rich_help_panel=OUT)]
+Json = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.", rich_help_panel=OUT)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.", rich_help_panel=OUT)]
+Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail: every module (-vv: library "
+                    "logs).", rich_help_panel=OUT)]
+Debug = Annotated[bool, typer.Option(help="Show tracebacks.", rich_help_panel=OUT)]
+TrustRemoteCode = Annotated[bool, typer.Option(help="Allow a model's own Python code to run (--base-model, "
+                            "--finetuned).", rich_help_panel=DANGER)]
 
 
 @app.command(
@@ -16,81 +74,33 @@ RULE, ALG, SCALE, OUT, DANGER = "Rank rule", "Algorithm", "Scaling and DoRA", "O
     "lowrank squeeze ./my-adapter --analyze  ·  lowrank squeeze --base-model ./base --finetuned ./ft --rank 16",
 )
 def squeeze(
-    adapter: Annotated[str | None, typer.Argument(help="PEFT adapter directory (adapter_config.json + "
-                       "adapter_model.safetensors/.bin, or one sub-folder holding them), or a kohya / diffusers "
-                       "LoRA .safetensors file.", show_default=False)] = None,
-    rank: Annotated[int | None, typer.Option("--rank", "-r", help="Uniform target rank K for every module (the "
-                    "paper's setting).", rich_help_panel=RULE, show_default=False)] = None,
-    energy: Annotated[float | None, typer.Option(help="Per module, the smallest rank keeping this fraction of "
-                      "sum(sigma^2) of its update s·B·A (energy; not kohya's Frobenius ratio sv_fro, which is "
-                      "sqrt(energy)).", rich_help_panel=RULE, show_default=False)] = None,
-    budget: Annotated[str | None, typer.Option(help="Global parameter budget: a fraction of the adapter's LoRA "
-                      "parameters (0.25) or a count (2M), allocated across modules by energy gained per parameter.",
-                      rich_help_panel=RULE, show_default=False)] = None,
-    analyze: Annotated[bool, typer.Option("--analyze", help="Print the spectra (energy kept per rank, mean/min/p10 "
-                       "over modules) and, with a rule, the plan; write nothing.", rich_help_panel=RULE)] = False,
-    max_rank: Annotated[int | None, typer.Option(help="Cap on any module's rank (--energy, --budget; required "
-                        "for extraction without --rank).", rich_help_panel=RULE, show_default=False)] = None,
-    min_rank: Annotated[int, typer.Option(help="Floor on any module's rank (--energy, --budget).",
-                        rich_help_panel=RULE)] = 1,
-    min_energy: Annotated[float | None, typer.Option(help="--budget: every module first gets the rank that keeps "
-                          "this energy, so that none starves.", rich_help_panel=RULE, show_default=False)] = None,
-    allow_pad: Annotated[bool, typer.Option(help="Allow --rank above a module's source rank (zero padding).",
-                         rich_help_panel=RULE)] = False,
-    algorithm: Annotated[str | None, typer.Option(help="exact: SVD of the r x r core from QRs of B and A^T "
-                         "(never forms B·A); rsvd: randomized SVD (the paper's; default for --finetuned extraction).",
-                         rich_help_panel=ALG, show_default="exact; rsvd when extracting")] = None,
-    oversample: Annotated[int, typer.Option(help="rsvd: extra sketch columns.", rich_help_panel=ALG)] = 10,
-    power_iters: Annotated[int, typer.Option(help="rsvd: power iterations (QR re-orthonormalised).",
-                           rich_help_panel=ALG)] = 2,
-    seed: Annotated[int, typer.Option(help="rsvd: seed (the same seed gives the same bytes).",
-                    rich_help_panel=ALG)] = 0,
-    threads: Annotated[int | None, typer.Option(help="Modules decomposed at once, each on one torch thread "
-                       "(extraction: torch threads).", rich_help_panel=ALG,
-                       show_default="the CPU count, at most 8")] = None,
-    alpha_policy: Annotated[str | None, typer.Option(help="keep-scale: every module keeps the adapter's scale "
-                            "alpha/r (alpha/sqrt(r) with rsLoRA), uniform so vLLM scales it right; unit: alpha = r, "
-                            "scale 1; keep-alpha: alpha unchanged, scale alpha/k.", rich_help_panel=SCALE,
-                            show_default="keep-scale; unit when extracting")] = None,
-    base_model: Annotated[str | None, typer.Option(help="The base model (checkpoint directory or pkg:NAME): for a "
-                          "DoRA adapter, measures the true error of the DoRA weights; with --finetuned, the base "
-                          "of the extraction.", rich_help_panel=SCALE, show_default=False)] = None,
-    finetuned: Annotated[str | None, typer.Option(help="Extract a LoRA from the dense difference FINETUNED - "
-                         "BASE_MODEL instead of squeezing an adapter (streams one tensor pair at a time).",
-                         rich_help_panel=SCALE, show_default=False)] = None,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Output directory (PEFT) or .safetensors "
-                      "file (kohya / diffusers) (default: the input's name + -r8, -e0.95 or -b0.25).",
-                      rich_help_panel=OUT, show_default=False)] = None,
-    dtype: Annotated[str, typer.Option(help="Dtype of the new factors: auto (as the input's), float32, bfloat16 "
-                     "or float16.", rich_help_panel=OUT)] = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.", rich_help_panel=OUT)] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.",
-                           rich_help_panel=OUT)] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.", rich_help_panel=OUT)] = False,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail: every module (-vv: "
-                       "library logs).", rich_help_panel=OUT)] = 0,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks.", rich_help_panel=OUT)] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow a model's own Python code to run (--base-model, "
-                                 "--finetuned).", rich_help_panel=DANGER)] = False,
+    adapter: Adapter = None, rank: Rank = D["rank"], energy: Energy = D["energy"], budget: Budget = D["budget"],
+    analyze: Analyze = D["analyze"], max_rank: MaxRank = D["max_rank"], min_rank: MinRank = D["min_rank"],
+    min_energy: MinEnergy = D["min_energy"], allow_pad: AllowPad = D["allow_pad"],
+    algorithm: Algorithm = D["algorithm"], oversample: Oversample = D["oversample"],
+    power_iters: PowerIters = D["power_iters"], seed: Seed = D["seed"], threads: Threads = D["threads"],
+    alpha_policy: AlphaPolicy = D["alpha_policy"], base_model: BaseModel = D["base_model"],
+    finetuned: Finetuned = D["finetuned"], output: Output = None, dtype: Dtype = D["dtype"],
+    overwrite: Overwrite = D["overwrite"], json_output: Json = False, quiet: Quiet = False, verbose: Verbose = 0,
+    debug: Debug = False, trust_remote_code: TrustRemoteCode = D["trust_remote_code"],
 ):
     """Squeeze a LoRA adapter to lower ranks (LoRA-Squeeze), exactly and without the base model.
 
     The output is in the input's format, with alpha, rank_pattern and alpha_pattern rewritten so that the
     effective update s'·B'·A' is exactly the truncated SVD of s·B·A. Writes squeeze_report.json and .md.
     """
+    options = {name: value for name, value in locals().items() if name in D}  # the SqueezeConfig fields
+
     from lowrank.squeezing.api import squeeze as run
 
     from .ui import RichProgress, print_json, quiet_libraries
 
+    config = SqueezeConfig(**options)  # every option checked before any file is opened
     if base_model is not None or finetuned is not None:
         quiet_libraries(verbose)
     started = time.perf_counter()
     with RichProgress(quiet=quiet, verbose=verbose) as progress:
-        report = run(adapter, output, rank=rank, energy=energy, budget=budget, analyze=analyze, max_rank=max_rank,
-                     min_rank=min_rank, min_energy=min_energy, algorithm=algorithm, oversample=oversample,
-                     power_iters=power_iters, seed=seed, allow_pad=allow_pad, alpha_policy=alpha_policy,
-                     base_model=base_model, finetuned=finetuned, dtype=dtype, overwrite=overwrite,
-                     trust_remote_code=trust_remote_code, threads=threads, progress=progress)
+        report = run(adapter, output, config, progress=progress)
     if json_output:
         print_json(report)
     if not quiet:
@@ -121,12 +131,12 @@ def _num(value):
 
 
 def show_summary(report, verbose, seconds):
-    from lowrank.squeezing.report import summary_rows
+    from lowrank.squeezing.report import squeeze_summary_rows
 
     from .ui import err, key_value_table
 
     err.print(key_value_table("lowrank squeeze" + (" (plan: nothing written)" if report.get("mode") == "plan"
-                                                   else ""), summary_rows(report)))
+                                                   else ""), squeeze_summary_rows(report)))
     layers = report["layers"]["list"]
     if verbose:
         err.print(_layer_table("Modules", layers))

@@ -14,18 +14,17 @@ import time
 from dataclasses import dataclass
 
 from ..errors import LowrankError, UsageError
-from .api import (
-    Job,
+from ..io.publish import check_output, publish, staging_dir
+from .formats import peft_patterns
+from .output import remove_quietly
+from .plan import Job, choose_ranks, error_if_nonfinite, factor_dtype, output_scale, rank_cap, rule_tag, with_budget
+from .report import (
     algorithm_info,
     analysis_report,
-    choose_ranks,
-    error_if_nonfinite,
-    factor_dtype,
-    output_scale,
-    rank_cap,
-    remove_quietly,
+    build,
     rule_info,
     scaling_info,
+    squeeze_layer_entry,
     write_report_files,
 )
 
@@ -49,13 +48,13 @@ def module_types(tensors, trust_remote_code):
     import torch
     import transformers
 
-    from ..io.loading import _model_class
+    from ..io.loading import model_class
 
     model = getattr(tensors, "model", None)
     if model is None:
         try:
             config = transformers.AutoConfig.from_pretrained(tensors.source.path, trust_remote_code=trust_remote_code)
-            cls = _model_class(tensors.config, trust_remote_code)
+            cls = model_class(tensors.config, trust_remote_code)
             with torch.device("meta"):
                 model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
         except (OSError, ValueError, KeyError) as error:
@@ -87,29 +86,48 @@ def _delta(base, finetuned, delta):
     return difference.T if delta.transpose else difference
 
 
-def extract(base_spec, finetuned_spec, output, settings, *, analyze, overwrite, trust_remote_code, progress, command,
-            started):
-    import torch
-
-    from ..core.factor_svd import DenseOperator, dense_svd, module_seed, randomized_svd
-    from ..io.publish import check_output
+def extract(config, output, plan, notes, *, progress, command, started):
+    """Extract a LoRA from config.finetuned - config.base_model and write it to `output` (a PEFT directory), or
+    only report with config.analyze. Returns the report."""
     from ..io.tensors import CheckpointTensors
 
-    base = CheckpointTensors(base_spec, trust_remote_code)
-    finetuned = CheckpointTensors(finetuned_spec, trust_remote_code)
-    if not analyze:
-        tag = {"rank": "r{}", "energy": "e{}", "budget": "b{}"}[settings.rule].format(settings.value)
-        output = output or f"{os.path.normpath(finetuned_spec.removeprefix('pkg:'))}-lora-{tag}"
-        check_output(output, finetuned.source.local_dir, overwrite)
+    base_spec, finetuned_spec = config.base_model, config.finetuned
+    base = CheckpointTensors(base_spec, config.trust_remote_code)
+    finetuned = CheckpointTensors(finetuned_spec, config.trust_remote_code)
+    if not config.analyze:
+        output = output or f"{os.path.normpath(finetuned_spec.removeprefix('pkg:'))}-lora-{rule_tag(plan)}"
+        check_output(output, finetuned.source.local_dir, config.overwrite)
         check_output(output, base.source.local_dir, True)
-    types = module_types(finetuned, trust_remote_code)
+    jobs, targeted = _linear_jobs(module_types(finetuned, config.trust_remote_code), base, finetuned)
+    if not jobs:
+        raise UsageError(f"{finetuned_spec} and {base_spec} share no linear layer of the same shape; are they the "
+                         "same architecture?")
+    timings = {}
+    start = time.perf_counter()
+    jobs = _decompose_changed(base, finetuned, jobs, targeted, plan, progress)
+    if not jobs:
+        raise UsageError(f"{finetuned_spec} has the same linear weights as {base_spec}: there is nothing to extract")
+    saved = _changed_modules(base, finetuned, targeted)
+    timings["decompose"] = time.perf_counter() - start
+    info = {"path": finetuned_spec, "format": "dense delta", "base_model": base_spec, "modules": len(jobs),
+            "rank_min": None, "rank_max": None, "modules_to_save": sorted(saved)}
+    if config.analyze and plan.rule is None:
+        return analysis_report(info, jobs, plan, command, timings, started)
+    plan = with_budget(plan, sum(job.params_before for job in jobs))
+    ranks = choose_ranks(jobs, plan, notes)
+    return _write(base, finetuned, jobs, ranks, saved, output, plan, notes, info, analyze=config.analyze,
+                  progress=progress, command=command, timings=timings, started=started, base_spec=base_spec)
+
+
+def _linear_jobs(types, base, finetuned):
+    """A job for every linear / Conv1D layer in both checkpoints with the same shape, and the keys they cover."""
     jobs, targeted = [], set()
     for name, kind in types.items():
         key = name + ".weight"
         if kind not in ("linear", "conv1d") or key not in finetuned or key not in base:
             continue
         if finetuned.shapes[key] != base.shapes[key] or len(finetuned.shapes[key]) != 2:
-            continue  # a resized layer: saved whole below
+            continue  # a resized layer: saved whole (_changed_modules)
         shape = finetuned.shapes[key][::-1] if kind == "conv1d" else finetuned.shapes[key]
         delta = Delta(key=key, base_key=key, transpose=kind == "conv1d")
         bias = name + ".bias"
@@ -118,11 +136,16 @@ def extract(base_spec, finetuned_spec, output, settings, *, analyze, overwrite, 
         jobs.append(Job(name=name, kind="linear", shape=list(shape), cost=sum(shape),
                         params_before=shape[0] * shape[1], delta=delta))
         targeted.update({key, bias})
-    if not jobs:
-        raise UsageError(f"{finetuned_spec} and {base_spec} share no linear layer of the same shape; are they the "
-                         "same architecture?")
-    timings = {}
-    start = time.perf_counter()
+    return jobs, targeted
+
+
+def _decompose_changed(base, finetuned, jobs, targeted, plan, progress):
+    """The jobs whose weight changed, each with the SVD of its delta (randomized, or dense with --algorithm exact).
+    An unchanged layer is dropped from `targeted`, so that a changed bias alone is saved in modules_to_save."""
+    import torch
+
+    from ..core.factor_svd import DenseOperator, dense_svd, module_seed, randomized_svd
+
     progress.start("decompose", len(jobs))
     kept = []
     for job in jobs:
@@ -136,27 +159,15 @@ def extract(base_spec, finetuned_spec, output, settings, *, analyze, overwrite, 
             targeted.discard(job.delta.key)
             progress.advance("decompose", f"{job.name} (unchanged)")
             continue
-        job.cap = rank_cap(job, settings)
-        if settings.algorithm == "rsvd":
-            job.decomposition = randomized_svd(DenseOperator(difference), job.cap + settings.oversample,
-                                               settings.power_iters, module_seed(settings.seed, job.name),
-                                               keep=job.cap)
+        job.cap = rank_cap(job, plan)
+        if plan.algorithm == "rsvd":
+            job.decomposition = randomized_svd(DenseOperator(difference), job.cap + plan.oversample,
+                                               plan.power_iters, module_seed(plan.seed, job.name), keep=job.cap)
         else:
             job.decomposition = dense_svd(difference, keep=job.cap)
         kept.append(job)
         progress.advance("decompose", job.name)
-    jobs = kept
-    if not jobs:
-        raise UsageError(f"{finetuned_spec} has the same linear weights as {base_spec}: there is nothing to extract")
-    saved = _changed_modules(base, finetuned, targeted)
-    timings["decompose"] = time.perf_counter() - start
-    info = {"path": finetuned_spec, "format": "dense delta", "base_model": base_spec, "modules": len(jobs),
-            "rank_min": None, "rank_max": None, "modules_to_save": sorted(saved)}
-    if analyze and settings.rule is None:
-        return analysis_report(info, jobs, settings, None, command, timings, started)
-    ranks = choose_ranks(jobs, settings, sum(job.params_before for job in jobs))
-    return _write(base, finetuned, jobs, ranks, saved, output, settings, info, analyze=analyze, progress=progress,
-                  command=command, timings=timings, started=started, base_spec=base_spec)
+    return kept
 
 
 def _changed_modules(base, finetuned, targeted):
@@ -178,15 +189,10 @@ def _changed_modules(base, finetuned, targeted):
     return changed
 
 
-def _write(base, finetuned, jobs, ranks, saved, output, settings, info, *, analyze, progress, command, timings,
+def _write(base, finetuned, jobs, ranks, saved, output, plan, notes, info, *, analyze, progress, command, timings,
            started, base_spec):
-    import torch
-
-    from ..core.factor_svd import F64, stored_error
-    from ..io.publish import publish, staging_dir
+    """Write the PEFT adapter of the extracted modules (or, with analyze, only compute the report of the plan)."""
     from ..io.shards import ShardWriter
-    from .formats import peft_patterns
-    from .report import build, layer_entry
 
     layers = []
     bias_lora = any(job.delta.bias_changed for job in jobs)
@@ -199,35 +205,23 @@ def _write(base, finetuned, jobs, ranks, saved, output, settings, info, *, analy
         progress.start("write", len(jobs))
         start = time.perf_counter()
         for job, k in zip(jobs, ranks):
-            alpha, scale, _ = output_scale(job, k, settings, None)
-            difference = _delta(base, finetuned, job.delta)
-            dtype = factor_dtype(settings.dtype, finetuned.get(job.delta.key).dtype)
-            up, down = job.decomposition.factors(None, None, k, scale)
-            up, down = up.to(dtype), down.to(dtype)
-            error_sq = stored_error(lambda x: difference @ x.to(torch.float32), job.decomposition.total, up, down,
-                                    scale)
-            layers.append(layer_entry(job, k, scale, alpha, error_sq))
+            tensors, entry = _extracted_tensors(base, finetuned, job, k, plan, bias_lora)
+            layers.append(entry)
             if staging:
-                writer.add(f"{PREFIX}{job.name}.lora_A.weight", down.contiguous())
-                writer.add(f"{PREFIX}{job.name}.lora_B.weight", up.contiguous())
-                if bias_lora:  # PEFT creates lora_B's bias for every module: unchanged ones get zeros, not noise
-                    if job.delta.bias_changed:
-                        bias = (finetuned.get(job.delta.bias_key).to(F64)
-                                - base.get(job.delta.bias_key).to(F64)) / scale
-                    else:
-                        bias = torch.zeros(job.shape[0], dtype=F64)
-                    writer.add(f"{PREFIX}{job.name}.lora_B.bias", bias.to(dtype))
+                for name, tensor in tensors:
+                    writer.add(name, tensor)
             progress.advance("write", job.name)
-        names, alphas, out_ranks = [j.name for j in jobs], [l["alpha"] for l in layers], [l["rank"] for l in layers]
+        names = [job.name for job in jobs]
+        alphas, out_ranks = [layer["alpha"] for layer in layers], [layer["rank"] for layer in layers]
         r, alpha, rank_pattern, alpha_pattern = peft_patterns(names, out_ranks, alphas)
-        scaling = scaling_info(layers, settings)
+        scaling = scaling_info(layers, plan, notes)
         scaling.update(r=r, lora_alpha=alpha, rank_pattern=len(rank_pattern), alpha_pattern=len(alpha_pattern))
         if staging:
             for module in sorted(saved):
                 for key in saved[module]:
                     writer.add(PREFIX + key, finetuned.get(key))
-            writer.metadata = {"lowrank_extract": json.dumps({"base_model": base_spec, "rule": settings.rule,
-                                                              "value": settings.value}, sort_keys=True)}
+            writer.metadata = {"lowrank_extract": json.dumps({"base_model": base_spec, "rule": plan.rule,
+                                                              "value": plan.value}, sort_keys=True)}
             files = writer.finish()
             config = {
                 "peft_type": "LORA", "task_type": _task_type(finetuned.config), "base_model_name_or_path": base_spec,
@@ -237,19 +231,17 @@ def _write(base, finetuned, jobs, ranks, saved, output, settings, info, *, analy
                 "fan_in_fan_out": any(job.delta.transpose for job in jobs), "init_lora_weights": True,
                 "inference_mode": True,
             }
-            with open(os.path.join(staging, "adapter_config.json"), "w") as f:
-                json.dump(config, f, indent=2, sort_keys=True)
-                f.write("\n")
+            _write_json(os.path.join(staging, "adapter_config.json"), config)
         timings["write"] = time.perf_counter() - start
         timings["total"] = time.perf_counter() - started
         params_dense = sum(job.params_before for job in jobs)
-        report = build(command=command, source=info, rule=rule_info(settings), algorithm=algorithm_info(settings),
+        report = build(command=command, source=info, rule=rule_info(plan), algorithm=algorithm_info(plan),
                        scaling=scaling, layers=layers,
                        output=None if analyze else {"path": output, "format": "peft", "files": files,
-                                                    "dtype": settings.dtype},
+                                                    "dtype": plan.dtype},
                        bytes_before=None,
                        bytes_after=None if analyze else os.path.getsize(os.path.join(staging, files[0])),
-                       warnings=settings.warnings, timings=timings,
+                       warnings=notes.warnings, timings=timings,
                        extra={"mode": "plan" if analyze else "extract", "dense_params": params_dense})
         if staging:
             write_report_files(report, staging)
@@ -259,3 +251,32 @@ def _write(base, finetuned, jobs, ranks, saved, output, settings, info, *, analy
             remove_quietly(staging)
         raise
     return report
+
+
+def _write_json(path, data):
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _extracted_tensors(base, finetuned, job, k, plan, bias_lora):
+    """[(key, tensor)] of one extracted module at rank k, and its report line."""
+    import torch
+
+    from ..core.factor_svd import F64, stored_error
+
+    alpha, scale, _ = output_scale(job, k, plan, None)
+    difference = _delta(base, finetuned, job.delta)
+    dtype = factor_dtype(plan.dtype, finetuned.get(job.delta.key).dtype)
+    up, down = job.decomposition.factors(None, None, k, scale)
+    up, down = up.to(dtype), down.to(dtype)
+    error_sq = stored_error(lambda x: difference @ x.to(torch.float32), job.decomposition.total, up, down, scale)
+    tensors = [(f"{PREFIX}{job.name}.lora_A.weight", down.contiguous()),
+               (f"{PREFIX}{job.name}.lora_B.weight", up.contiguous())]
+    if bias_lora:  # PEFT creates lora_B's bias for every module: unchanged ones get zeros, not noise
+        if job.delta.bias_changed:
+            bias = (finetuned.get(job.delta.bias_key).to(F64) - base.get(job.delta.bias_key).to(F64)) / scale
+        else:
+            bias = torch.zeros(job.shape[0], dtype=F64)
+        tensors.append((f"{PREFIX}{job.name}.lora_B.bias", bias.to(dtype)))
+    return tensors, squeeze_layer_entry(job, k, scale, alpha, error_sq)

@@ -1,13 +1,18 @@
 """The squeeze report: squeeze_report.json is the source of truth; squeeze_report.md and the CLI tables render it."""
 
+import json
 import math
+import os
+import time
 
 from ..report.compression import human_bytes, peak_rss_bytes, versions
+from .config import POLICY_TEXT
 from .ranks import ENERGY_DEFINITION, energy_curve
 
 SCHEMA = "lowrank.squeeze"
 SCHEMA_VERSION = 1
 WORST = 5
+THRESHOLDS = [0.5, 0.8, 0.9, 0.95, 0.99]  # energies the analysis reports the ranks for
 
 
 def _g(value, digits=6):
@@ -20,7 +25,7 @@ def percentile(values, fraction):
     return ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)] if ordered else None
 
 
-def layer_entry(job, rank, scale_out, alpha_out, stored_error_sq=None, true_error=None):
+def squeeze_layer_entry(job, rank, scale_out, alpha_out, stored_error_sq=None, true_error=None):
     """One module's line: what it was, what it became, and what the truncation kept."""
     sigma = [float(s) for s in job.decomposition.sigma]
     curve = energy_curve(sigma, job.decomposition.total)
@@ -128,6 +133,59 @@ def build(*, command, source, rule, algorithm, scaling, layers, output, bytes_be
     return report
 
 
+def source_info(source, jobs):
+    """The report's source block for an adapter (formats.Adapter)."""
+    ranks = [job.rank_before for job in jobs]
+    info = {"path": source.path, "format": source.format, "modules": len(jobs), "rank_min": min(ranks),
+            "rank_max": max(ranks), "weights": os.path.basename(source.weights),
+            "dora_modules": sum(job.dora for job in jobs)}
+    if source.format == "peft":
+        info.update(r=source.config["r"], lora_alpha=source.config["lora_alpha"], use_rslora=source.use_rslora,
+                    use_dora=source.use_dora, subfolder=source.subfolder,
+                    rank_pattern=bool(source.config.get("rank_pattern")),
+                    alpha_pattern=bool(source.config.get("alpha_pattern")))
+    return info
+
+
+def rule_info(plan):
+    return {"name": plan.rule, "value": plan.value, "max_rank": plan.max_rank, "min_rank": plan.min_rank,
+            "min_energy": plan.min_energy, "allow_pad": plan.allow_pad}
+
+
+def algorithm_info(plan):
+    import torch
+
+    info = {"name": plan.algorithm, "threads": plan.workers, "torch_threads": torch.get_num_threads()}
+    if plan.algorithm == "rsvd":
+        info.update(oversample=plan.oversample, power_iters=plan.power_iters, seed=plan.seed)
+    else:
+        info["method"] = "QR (CholeskyQR, float64 Gram) of B and A^T, SVD of the r x r core in float64"
+    return info
+
+
+def scaling_info(layers, plan, notes, peft=True):
+    scales = {layer["scale"] for layer in layers}
+    uniform = len(scales) == 1
+    info = {"policy": plan.policy, "definition": POLICY_TEXT[plan.policy], "uniform": uniform,
+            "scale": next(iter(scales)) if uniform else None,
+            "description": plan.policy + (f": scale {next(iter(scales)):g} in every module" if uniform
+                                          else ": the scale differs between modules")}
+    if peft and not uniform and not any("scale differs" in w for w in notes.warnings):
+        notes.warnings.append("the scale differs between modules: consumers that ignore rank_pattern / "
+                              "alpha_pattern (vLLM) will mis-scale some of them; the default keep-scale or unit "
+                              "policies keep it uniform")
+    return info
+
+
+def analysis_report(info, jobs, plan, command, timings, started):
+    """--analyze without a rule: the spectra of every module, nothing written."""
+    timings["total"] = time.perf_counter() - started
+    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "kind": "squeeze", "mode": "analyze",
+            "versions": versions(), "command": command, "source": info, "algorithm": algorithm_info(plan),
+            "analysis": analysis(jobs, THRESHOLDS), "output": None,
+            "timings_s": {k: round(v, 3) for k, v in timings.items()}, "evaluations": []}
+
+
 def describe_rule(rule):
     name, value = rule["name"], rule["value"]
     if name == "rank":
@@ -147,7 +205,7 @@ def describe_rule(rule):
     return text
 
 
-def summary_rows(report):
+def squeeze_summary_rows(report):
     t = report["totals"]
     e = t["energy_kept"]
     src = report["source"]
@@ -173,9 +231,9 @@ def _range(low, high):
     return f"{low}" if low == high else f"{low}-{high}"
 
 
-def to_markdown(report, worst=20):
+def squeeze_markdown(report, worst=20):
     lines = ["# lowrank squeeze report", "", f"`{report['command']}`", "", "| | |", "|---|---|"]
-    lines += [f"| {label} | {value} |" for label, value in summary_rows(report)]
+    lines += [f"| {label} | {value} |" for label, value in squeeze_summary_rows(report)]
     lines += ["", f"Energy: {report['energy_definition']}.", ""]
     for warning in report["warnings"]:
         lines.append(f"- warning: {warning}")
@@ -198,3 +256,14 @@ def to_markdown(report, worst=20):
 
 def _num(value):
     return "-" if value is None else f"{value:.4g}"
+
+
+def write_report_files(report, directory, stem="squeeze_report"):
+    """<stem>.json (the source of truth) and <stem>.md in `directory`."""
+    _write_text(os.path.join(directory, f"{stem}.json"), json.dumps(report, indent=2) + "\n")
+    _write_text(os.path.join(directory, f"{stem}.md"), squeeze_markdown(report))
+
+
+def _write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
