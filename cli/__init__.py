@@ -9,39 +9,8 @@ import sys
 
 import typer
 
-from lowrank import __version__
-
-app = typer.Typer(
-    name="lowrank",
-    help="Post-training low-rank compression of Hugging Face models.",
-    no_args_is_help=True,
-    rich_markup_mode="markdown",
-    context_settings={"help_option_names": ["-h", "--help"]},
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-
-
-def _version(value: bool):
-    if value:
-        print(f"lowrank {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-):
-    """Post-training low-rank compression of Hugging Face models."""
-
-
-from . import compensate as _compensate  # noqa: E402,F401  (registers the commands)
-from . import compress as _compress  # noqa: E402,F401
-from . import densify as _densify  # noqa: E402,F401
-from . import env as _env
-from . import evaluate as _evaluate
-from . import report as _report
-from . import squeeze as _squeeze  # noqa: E402,F401
+from . import compensate, compress, densify, env, evaluate, report, squeeze  # noqa: E402,F401,I001
+from .app import app  # first: the command modules register on it
 
 
 def main(argv=None):

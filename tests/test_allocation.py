@@ -4,11 +4,13 @@ import pytest
 import torch
 from conftest import build_model
 
-from lowrank.compression.pipeline import Settings, compress_model
+from lowrank.compression.config import CompressConfig
+from lowrank.compression.model import compress_model
 from lowrank.core import decompose
 from lowrank.core.ranks import allocate_global, break_even_rank, uniform_rank
 from lowrank.core.stats import PairedStats
 from lowrank.errors import UsageError
+from lowrank.methods.whiten import whiten_weighting
 
 
 def ids(samples=8, length=48, seed=0):
@@ -63,13 +65,13 @@ def test_output_fisher_is_the_mean_squared_gradient_of_each_samples_loss():
 
 
 def test_fisher_allocation_in_the_pipeline():
-    result = compress_model(build_model("llama"), ids(), Settings(ratio=0.5, alloc="fisher"))
+    result = compress_model(build_model("llama"), ids(), CompressConfig(ratio=0.5, alloc="fisher"))
     assert len({layer.rank for layer in result.layers if layer.rank}) > 3
     kept = sum(layer.params_after for layer in result.layers) / sum(layer.params_before for layer in result.layers)
     assert 0.45 <= kept <= 0.5
     assert "fisher" in result.timings or "allocation" in result.timings
     with pytest.raises(UsageError, match="LM head"):
-        compress_model(build_model("bert"), ids(), Settings(alloc="fisher"))
+        compress_model(build_model("bert"), ids(), CompressConfig(alloc="fisher"))
 
 
 def paired(x, x_shifted, weight):
@@ -85,7 +87,7 @@ def test_anchored_target_is_the_least_squares_map_and_beats_plain_whitening():
     x_shifted = x + 0.3 * torch.randn(2000, 24, generator=g) @ torch.randn(24, 24, generator=g)
     w = torch.randn(16, 24, generator=g)
     stats = paired(x, x_shifted, w)
-    weighting = decompose.whiten_weighting(stats, 1e-10)
+    weighting = whiten_weighting(stats, 1e-10)
     target = decompose.anchored_target(w, stats, weighting)
     lstsq = torch.linalg.lstsq(x_shifted.double(), x.double() @ w.double().T).solution.T
     assert torch.allclose(target, lstsq, rtol=1e-3, atol=1e-4)  # the statistics come from float32 GEMMs
@@ -107,7 +109,7 @@ def test_anchored_compression_matches_original_outputs_better():
     for anchor in (False, True):
         model = build_model("llama")
         reference = build_model("llama")
-        compress_model(model, ids(), Settings(ratio=0.4, anchor=anchor))
+        compress_model(model, ids(), CompressConfig(alloc="uniform", ratio=0.4, anchor=anchor))
         with torch.no_grad():
             errors[anchor] = float((model(input_ids=ids()).logits - reference(input_ids=ids()).logits).norm())
     assert errors[True] < 0.9 * errors[False]
@@ -115,8 +117,8 @@ def test_anchored_compression_matches_original_outputs_better():
 
 def test_first_block_anchored_equals_whitening():
     a, b = build_model("llama"), build_model("llama")
-    ra = compress_model(a, ids(), Settings(ratio=0.5, anchor=True, damp=1e-8))
-    rb = compress_model(b, ids(), Settings(ratio=0.5, damp=1e-8))
+    ra = compress_model(a, ids(), CompressConfig(alloc="uniform", ratio=0.5, anchor=True, damp=1e-8))
+    rb = compress_model(b, ids(), CompressConfig(alloc="uniform", ratio=0.5, damp=1e-8))
     first = [(x.rel_error, y.rel_error) for x, y in zip(ra.layers, rb.layers) if ".layers.0." in x.name]
     assert all(x == pytest.approx(y, abs=1e-3) for x, y in first)
 
@@ -124,7 +126,7 @@ def test_first_block_anchored_equals_whitening():
 def test_refinement_lowers_the_block_loss_and_moves_only_factors():
     model = build_model("llama")
     norms = [p.detach().clone() for n, p in model.named_parameters() if "norm" in n]
-    result = compress_model(model, ids(), Settings(ratio=0.4, anchor=True, refine_steps=20, refine_lr=1e-3))
+    result = compress_model(model, ids(), CompressConfig(alloc="uniform", ratio=0.4, anchor=True, refine_steps=20, refine_lr=1e-3))
     refine = [layer.info["refine"] for layer in result.layers if ".self_attn.q_proj" in layer.name]
     assert all(r["loss_last"] < r["loss_first"] for r in refine)
     assert all(torch.equal(a, b) for a, b in zip(norms, [p for n, p in model.named_parameters() if "norm" in n]))
@@ -133,7 +135,7 @@ def test_refinement_lowers_the_block_loss_and_moves_only_factors():
 
 def test_global_allocation_in_the_pipeline():
     model = build_model("llama")
-    result = compress_model(model, ids(), Settings(ratio=0.5, alloc="global"))
+    result = compress_model(model, ids(), CompressConfig(ratio=0.5, alloc="global"))
     ranks = [layer.rank for layer in result.layers if layer.rank]
     assert len(set(ranks)) > 3  # heterogeneous
     kept = sum(layer.params_after for layer in result.layers) / sum(layer.params_before for layer in result.layers)
@@ -143,11 +145,11 @@ def test_global_allocation_in_the_pipeline():
 
 def test_option_checks():
     with pytest.raises(UsageError, match="--method whiten"):
-        compress_model(build_model("llama"), ids(), Settings(method="svd", anchor=True))
+        compress_model(build_model("llama"), ids(), CompressConfig(alloc="uniform", method="svd", anchor=True))
     with pytest.raises(UsageError, match="needs propagation"):
-        compress_model(build_model("llama"), ids(), Settings(anchor=True, propagate=False))
+        compress_model(build_model("llama"), ids(), CompressConfig(alloc="uniform", anchor=True, propagate=False))
     with pytest.raises(UsageError, match="unknown allocation"):
-        compress_model(build_model("llama"), ids(), Settings(alloc="magic"))
+        compress_model(build_model("llama"), ids(), CompressConfig(alloc="magic"))
 
 
 def test_sensitivity_choice_meets_the_budget_and_spares_sensitive_layers():
@@ -162,6 +164,6 @@ def test_sensitivity_choice_meets_the_budget_and_spares_sensitive_layers():
 
 def test_sensitivity_allocation_runs():
     model = build_model("llama")
-    result = compress_model(model, ids(), Settings(ratio=0.5, alloc="sensitivity"))
+    result = compress_model(model, ids(), CompressConfig(ratio=0.5, alloc="sensitivity"))
     kept = sum(layer.params_after for layer in result.layers) / sum(layer.params_before for layer in result.layers)
     assert kept <= 0.5 and len({layer.rank for layer in result.layers}) > 2

@@ -10,7 +10,8 @@ from conftest import COMPRESS_FAST
 from safetensors import safe_open
 
 import lowrank
-from lowrank.compression.pipeline import Settings, compress_model
+from lowrank.compression.config import CompressConfig
+from lowrank.compression.model import compress_model
 from lowrank.errors import UsageError
 from lowrank.io.checkpoint import unique_state_dict
 from lowrank.io.loading import load_model, resolve_model
@@ -50,7 +51,7 @@ def test_reloaded_logits_equal_in_memory_model(llama_dir, llama_out):
     data = load_calibration(calibration["source"], model, tokenizer, calibration["num_samples"],
                             calibration["seq_len"], seed=calibration["seed"])
     alloc = config["lowrank"]["settings"]["alloc"]  # what --alloc auto chose, recorded for reproduction
-    compress_model(model, data.input_ids, Settings(ratio=0.5, alloc=alloc, batch_size=COMPRESS_FAST["batch_size"]))
+    compress_model(model, data.input_ids, CompressConfig(ratio=0.5, alloc=alloc, batch_size=COMPRESS_FAST["batch_size"]))
     reloaded = lowrank.load_pretrained(llama_out)
     assert type(reloaded).__name__ == "LowRankLlamaForCausalLM"
     with torch.no_grad():

@@ -3,6 +3,10 @@ import torch
 
 from lowrank.core import decompose
 from lowrank.core.stats import InputStats
+from lowrank.methods.asvd import asvd_weighting
+from lowrank.methods.corda import corda_weighting
+from lowrank.methods.svd import identity_weighting
+from lowrank.methods.whiten import whiten_weighting
 
 
 def correlated_inputs(tokens, n, seed=0, rank=None):
@@ -23,10 +27,10 @@ def stats_of(x):
 
 def weightings(stats):
     return {
-        "svd": decompose.identity_weighting(),
-        "whiten": decompose.whiten_weighting(stats, 1e-6),
-        "asvd": decompose.asvd_weighting(stats, 0.5),
-        "corda": decompose.corda_weighting(stats),
+        "svd": identity_weighting(),
+        "whiten": whiten_weighting(stats, 1e-6),
+        "asvd": asvd_weighting(stats, 0.5),
+        "corda": corda_weighting(stats),
     }
 
 
@@ -56,7 +60,7 @@ def test_whiten_dropped_singular_values_are_the_output_error():
     x = correlated_inputs(4096, 40)
     w = torch.randn(30, 40)
     stats = stats_of(x)
-    weighting = decompose.whiten_weighting(stats, 1e-12)
+    weighting = whiten_weighting(stats, 1e-12)
     f = decompose.factorize(w, weighting, 10)
     err, _ = decompose.output_error(w.double(), f.up @ f.down, stats.gram)
     assert err == pytest.approx(float(f.sigma[10:].square().sum()), rel=1e-4)
@@ -68,7 +72,7 @@ def test_rank_deficient_gram_does_not_fail():
     stats = stats_of(x)
     with pytest.raises(torch.linalg.LinAlgError):
         torch.linalg.cholesky(stats.gram)
-    weighting = decompose.whiten_weighting(stats, 1e-4)
+    weighting = whiten_weighting(stats, 1e-4)
     w = torch.randn(32, 64)
     f = decompose.factorize(w, weighting, 8)
     assert torch.isfinite(f.up).all() and torch.isfinite(f.down).all()
@@ -80,15 +84,15 @@ def test_rank_deficient_gram_does_not_fail():
 def test_dead_input_gives_identity_weighting():
     stats = InputStats(8)
     stats.add(torch.zeros(10, 8))
-    weighting = decompose.whiten_weighting(stats, 1e-4)
+    weighting = whiten_weighting(stats, 1e-4)
     assert weighting.info["dead"]
     assert decompose.whitened_error(torch.ones(3, 8), torch.zeros(3, 8), weighting) == (0.0, 0.0)
 
 
 def test_signs_are_fixed():
     w = torch.randn(20, 12)
-    f1 = decompose.factorize(w, decompose.identity_weighting(), 5)
-    f2 = decompose.factorize(w.clone(), decompose.identity_weighting(), 5)
+    f1 = decompose.factorize(w, identity_weighting(), 5)
+    f2 = decompose.factorize(w.clone(), identity_weighting(), 5)
     assert torch.equal(f1.up, f2.up)
     index = f1.up.abs().argmax(0)
     assert (f1.up[index, torch.arange(5)] > 0).all()
@@ -99,7 +103,7 @@ def test_whitened_error_equals_the_gram_error():
     stats = stats_of(x)
     w, approx = torch.randn(10, 24), torch.randn(10, 24)
     expected = decompose.output_error(w, approx, stats.gram)
-    got = decompose.whitened_error(w, approx, decompose.whiten_weighting(stats, 1e-3, consume=True))
+    got = decompose.whitened_error(w, approx, whiten_weighting(stats, 1e-3, consume=True))
     assert got[0] == pytest.approx(expected[0], rel=1e-5) and got[1] == pytest.approx(expected[1], rel=1e-5)
     with pytest.raises(RuntimeError, match="spent"):
         stats.gram  # consumed
@@ -158,7 +162,7 @@ def test_count_below_is_the_number_of_eigenvalues_below():
 @pytest.mark.parametrize("out_features", [24, 60])  # wide (from M M^T) and tall (from M^T M, S formed)
 def test_factorize_matches_a_direct_svd_of_the_weighted_matrix(out_features):
     stats = stats_of(correlated_inputs(2048, 40))
-    weighting = decompose.whiten_weighting(stats, 1e-6)
+    weighting = whiten_weighting(stats, 1e-6)
     damped = stats.gram + 1e-6 * stats.gram.diagonal().mean() * torch.eye(40, dtype=torch.float64)
     w = torch.randn(out_features, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     f = decompose.factorize(w, weighting, 10)

@@ -14,7 +14,8 @@ from conftest import COMPRESS_FAST, english_text, smollm2_available
 
 import lowrank
 from lowrank.calibration import draw_windows, tokenize_stream
-from lowrank.compression.pipeline import Settings, compress_model
+from lowrank.compression.config import CompressConfig
+from lowrank.compression.model import compress_model
 from lowrank.evaluation.perplexity import perplexity
 from lowrank.io.loading import load_model, resolve_model
 
@@ -35,7 +36,7 @@ def test_smollm2_keeps_a_sane_perplexity():
     held_out, _ = tokenize_stream([text[len(text) // 2 :]], tokenizer)
     dense = perplexity(model, held_out, 256, max_tokens=4096)
     compressed = copy.deepcopy(model)
-    result = compress_model(compressed, draw_windows(calibration, 16, 256, 0, "docs"), Settings(ratio=0.9))
+    result = compress_model(compressed, draw_windows(calibration, 16, 256, 0, "docs"), CompressConfig(alloc="uniform", ratio=0.9))
     assert len(result.layers) == 210 and all(layer.rank for layer in result.layers)
     ppl = perplexity(compressed, held_out, 256, max_tokens=4096)
     assert math.isfinite(ppl["perplexity"]) and ppl["tokens_scored"] == dense["tokens_scored"] == 16 * 255

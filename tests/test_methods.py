@@ -5,11 +5,16 @@ import torch
 import torch.nn.functional as F
 from conftest import build_model
 
-from lowrank.compression.pipeline import Settings, compress_model
+from lowrank.compression.config import CompressConfig
+from lowrank.compression.model import compress_model
 from lowrank.core import decompose
 from lowrank.core.fisher import input_importance
 from lowrank.core.stats import InputStats
 from lowrank.errors import UsageError
+from lowrank.methods.asvd import asvd_weighting
+from lowrank.methods.corda import corda_weighting
+from lowrank.methods.fwsvd import fisher_weighting
+from lowrank.methods.svd import identity_weighting
 
 
 def ids(samples=6, length=40, seed=0):
@@ -35,7 +40,7 @@ def test_fisher_is_the_per_sample_squared_gradient_summed_over_outputs(kind, nam
 
 def test_fwsvd_needs_a_causal_lm():
     with pytest.raises(UsageError, match="causal language model"):
-        compress_model(build_model("bert"), ids(), Settings(method="fwsvd"))
+        compress_model(build_model("bert"), ids(), CompressConfig(alloc="uniform", method="fwsvd"))
 
 
 def test_fwsvd_protects_important_inputs():
@@ -43,9 +48,9 @@ def test_fwsvd_protects_important_inputs():
     w = torch.randn(40, 30, dtype=torch.float64)
     importance = torch.ones(30, dtype=torch.float64)
     importance[7] = 1e4
-    weighting = decompose.fisher_weighting(importance)
+    weighting = fisher_weighting(importance)
     fw = decompose.factorize(w, weighting, 5)
-    plain = decompose.factorize(w, decompose.identity_weighting(), 5)
+    plain = decompose.factorize(w, identity_weighting(), 5)
     column_error = lambda f: float((w[:, 7] - (f.up @ f.down)[:, 7]).norm())  # noqa: E731
     assert column_error(fw) < 0.05 * column_error(plain)
 
@@ -53,7 +58,7 @@ def test_fwsvd_protects_important_inputs():
 def test_asvd_scale_is_mean_absolute_activation_to_alpha():
     stats = InputStats(3)
     stats.add(torch.tensor([[1.0, -4.0, 0.0], [-3.0, 4.0, 0.0]]))
-    weighting = decompose.asvd_weighting(stats, 0.5)
+    weighting = asvd_weighting(stats, 0.5)
     assert torch.allclose(weighting.right, torch.tensor([2.0, 4.0, 0.0], dtype=torch.float64).sqrt() + 1e-6)
     assert torch.allclose(weighting.right * weighting.right_inv, torch.ones(3, dtype=torch.float64))
 
@@ -62,7 +67,7 @@ def test_corda_uses_the_covariance_itself_with_its_damping_loop():
     x = torch.randn(64, 16, dtype=torch.float64) @ torch.diag(torch.logspace(0, -8, 16, dtype=torch.float64))
     stats = InputStats(16)
     stats.add(x)
-    weighting = decompose.corda_weighting(stats)
+    weighting = corda_weighting(stats)
     cov = stats.gram / stats.tokens
     damp = weighting.info["damp"]
     eye = torch.eye(16, dtype=torch.float64)
@@ -74,6 +79,6 @@ def test_corda_uses_the_covariance_itself_with_its_damping_loop():
 def test_every_method_compresses_a_model():
     for method in ("svd", "whiten", "asvd", "corda", "fwsvd"):
         model = build_model("llama")
-        result = compress_model(model, ids(), Settings(method=method, ratio=0.5))
+        result = compress_model(model, ids(), CompressConfig(alloc="uniform", method=method, ratio=0.5))
         assert all(torch.isfinite(torch.tensor(layer.rel_error)) for layer in result.layers)
         assert ("fisher" in result.timings) == (method == "fwsvd")

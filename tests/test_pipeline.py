@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import build_model
 
-from lowrank.compression.pipeline import Settings, compress_model
+from lowrank.compression.config import CompressConfig
+from lowrank.compression.model import compress_model
 from lowrank.compression.targets import find_blocks, matches, select_targets
 from lowrank.core.stats import StatsCollector
 from lowrank.errors import UsageError
@@ -29,7 +30,7 @@ def logits(model, ids):
 def test_ratio_one_is_exactly_lossless(kind):
     model = build_model(kind)
     before = logits(model, calibration_ids(9, 2))
-    result = compress_model(model, calibration_ids(), Settings(ratio=1.0, batch_size=4))
+    result = compress_model(model, calibration_ids(), CompressConfig(alloc="uniform", ratio=1.0, batch_size=4))
     assert all(layer.rank is None for layer in result.layers)
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
     assert torch.equal(logits(model, calibration_ids(9, 2)), before)
@@ -43,7 +44,7 @@ def test_full_rank_reproduces_outputs(kind, method):
     before = logits(model, calibration_ids(9, 2))
     _, _, targets = select_targets(model)
     ranks = {name: min(model.get_submodule(name).weight.shape) for names in targets.values() for name in names}
-    compress_model(model, calibration_ids(), Settings(method=method, ranks=ranks, batch_size=4))
+    compress_model(model, calibration_ids(), CompressConfig(alloc="uniform", method=method, ranks=ranks, batch_size=4))
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == len(ranks)
     assert torch.allclose(logits(model, calibration_ids(9, 2)), before, atol=2e-4, rtol=1e-3)
 
@@ -52,7 +53,7 @@ def test_whiten_beats_svd_on_calibration_error(kind):
     errors = {}
     for method in ("whiten", "svd"):
         model = build_model(kind)
-        result = compress_model(model, calibration_ids(), Settings(ratio=0.4, method=method, propagate=False))
+        result = compress_model(model, calibration_ids(), CompressConfig(alloc="uniform", ratio=0.4, method=method, propagate=False))
         errors[method] = [layer.rel_error for layer in result.layers]
     # Same inputs (no propagation) and equal ranks: whitening is the output-error optimum for every layer.
     assert all(w <= s + 1e-6 for w, s in zip(errors["whiten"], errors["svd"]))
@@ -61,7 +62,7 @@ def test_whiten_beats_svd_on_calibration_error(kind):
 
 def test_ranks_follow_the_uniform_rule():
     model = build_model("llama")
-    result = compress_model(model, calibration_ids(), Settings(ratio=0.5))
+    result = compress_model(model, calibration_ids(), CompressConfig(alloc="uniform", ratio=0.5))
     for layer in result.layers:
         m, n = layer.out_features, layer.in_features
         assert layer.rank == int(0.5 * m * n / (m + n))
@@ -73,15 +74,15 @@ def test_ranks_follow_the_uniform_rule():
 
 def test_whiten_prediction_matches_measurement_in_float32():
     model = build_model("llama")
-    result = compress_model(model, calibration_ids(samples=16), Settings(ratio=0.5, damp=1e-8, propagate=False))
+    result = compress_model(model, calibration_ids(samples=16), CompressConfig(alloc="uniform", ratio=0.5, damp=1e-8, propagate=False))
     for layer in result.layers:
         assert layer.energy_kept == pytest.approx(layer.predicted_energy_kept, abs=2e-3)
 
 
 def test_propagation_changes_later_blocks_only():
     a, b = build_model("llama"), build_model("llama")
-    ra = compress_model(a, calibration_ids(), Settings(ratio=0.5, propagate=True))
-    rb = compress_model(b, calibration_ids(), Settings(ratio=0.5, propagate=False))
+    ra = compress_model(a, calibration_ids(), CompressConfig(alloc="uniform", ratio=0.5, propagate=True))
+    rb = compress_model(b, calibration_ids(), CompressConfig(alloc="uniform", ratio=0.5, propagate=False))
     first = [x.rel_error for x in ra.layers if ".layers.0." in x.name]
     assert first == [x.rel_error for x in rb.layers if ".layers.0." in x.name]
     assert [x.rel_error for x in ra.layers] != [x.rel_error for x in rb.layers]
@@ -103,7 +104,7 @@ def test_same_input_layers_share_statistics():
 
 
 def test_statistics_pass_stops_at_the_last_input_with_the_same_statistics():
-    from lowrank.compression.pipeline import capture_block_inputs, collect_statistics
+    from lowrank.compression.sequential import capture_block_inputs, collect_statistics
 
     model = build_model("llama")
     block = model.model.layers[0]
@@ -144,7 +145,7 @@ def test_gpt2_conv1d_is_factorized_in_linear_layout():
     conv = copy.deepcopy(model.transformer.h[0].attn.c_attn)
     _, _, targets = select_targets(model)
     ranks = {name: 64 for names in targets.values() for name in names}
-    compress_model(model, calibration_ids(), Settings(ranks=ranks, method="svd"))
+    compress_model(model, calibration_ids(), CompressConfig(alloc="uniform", ranks=ranks, method="svd"))
     layer = model.transformer.h[0].attn.c_attn
     assert isinstance(layer, LowRankLinear) and (layer.out_features, layer.in_features) == (192, 64)
     x = torch.randn(3, 64)
@@ -158,7 +159,7 @@ def test_nan_weights_are_refused():
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(LowrankError, match="NaN"):
-        compress_model(model, calibration_ids(), Settings(ratio=0.5))
+        compress_model(model, calibration_ids(), CompressConfig(alloc="uniform", ratio=0.5))
 
 
 @pytest.mark.parametrize("propagate", [True, False])
@@ -166,8 +167,7 @@ def test_walk_holds_one_stream_and_its_outputs(tmp_path, propagate):
     # Everything spilled to disk, so the live calibration states are the files on disk: while a block is being
     # decomposed only its input stream (and, without propagation, that stream's outputs) may exist; the captured
     # first stream must not stay alive behind them.
-    from lowrank.compression.offload import states_factory
-    from lowrank.compression.pipeline import walk_blocks
+    from lowrank.compression.sequential import WalkOptions, walk_blocks
     from lowrank.compression.targets import select_targets
 
     model = build_model("llama")
@@ -182,8 +182,8 @@ def test_walk_holds_one_stream_and_its_outputs(tmp_path, propagate):
         return []
 
     ids = calibration_ids(samples=6)
-    walk_blocks(model, ids, targets, blocks_name, visit, batch_size=2, device="cpu", propagate=propagate,
-                new_states=states_factory(0, str(tmp_path)))
+    walk_blocks(model, ids, targets, blocks_name, visit,
+                WalkOptions(batch_size=2, propagate=propagate, offload_budget=0, offload_dir=str(tmp_path)))
     batches = 3
     assert len(alive) == model.config.num_hidden_layers
     assert max(alive) == (batches if propagate else 2 * batches)
@@ -192,18 +192,18 @@ def test_walk_holds_one_stream_and_its_outputs(tmp_path, propagate):
 
 def test_propagation_consumes_its_inputs(tmp_path):
     from lowrank.compression.offload import HiddenStates
-    from lowrank.compression.pipeline import _run_block, capture_block_inputs
+    from lowrank.compression.sequential import capture_block_inputs, run_block
 
     model = build_model("llama")
     block = model.model.layers[0]
     states, extras = capture_block_inputs(model, block, calibration_ids(samples=6), 2, "cpu")
-    expected = _run_block(block, states, extras, "cpu")
+    expected = run_block(block, states, extras, "cpu")
     spilling = HiddenStates(budget=states[0].numel() * 4, directory=str(tmp_path))  # one batch in memory
     for batch in states:
         spilling.append(batch)
     assert spilling.spilled == 2 and len(os.listdir(spilling._spill_dir)) == 2
     for stream in (states, spilling):
-        outputs = _run_block(block, stream, extras, "cpu", consume=True)
+        outputs = run_block(block, stream, extras, "cpu", consume=True)
         assert all(torch.equal(a, b) for a, b in zip(outputs, expected))
     assert states == [None] * 3
     assert spilling.spilled == 0 and spilling._in_memory == 0 and not os.listdir(spilling._spill_dir)

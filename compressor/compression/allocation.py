@@ -13,20 +13,19 @@ from ..core import decompose
 from ..core.fisher import output_importance
 from ..core.ranks import allocate_global
 from ..io.modeling_lowrank import linear_shape
+from ..methods.whiten import whiten_weighting
 from ..progress import SILENT
-from .offload import states_factory
-from .pipeline import walk_blocks
+from .sensitivity import sensitivity_ranks
+from .sequential import WalkOptions, walk_blocks
 from .targets import dense_weight
 
 
-def allocate_ranks(model, input_ids, targets, blocks_name, settings, progress=SILENT, source=None, dist=None):
-    """{module name: rank, or None for dense} for settings.alloc in global, fisher, sensitivity."""
-    if settings.alloc == "sensitivity":
-        from .sensitivity import sensitivity_ranks
-
-        return sensitivity_ranks(model, input_ids, targets, blocks_name, settings, progress)[0]
+def allocate_ranks(model, input_ids, targets, blocks_name, config, progress=SILENT, source=None, dist=None):
+    """{module name: rank, or None for dense} for config.alloc in global, fisher, sensitivity."""
+    if config.alloc == "sensitivity":
+        return sensitivity_ranks(model, input_ids, targets, blocks_name, config, progress)[0]
     output_fisher, profile_ids = None, input_ids
-    if settings.alloc == "fisher":
+    if config.alloc == "fisher":
         # Ranking components needs rough loss curves, not the exact statistics the decomposition uses: the
         # gradients and the spectra both come from a quarter of the windows (>= 4), which keeps this first pass
         # (a backward pass, then the spectra) cheaper than the compression that follows.
@@ -34,19 +33,19 @@ def allocate_ranks(model, input_ids, targets, blocks_name, settings, progress=SI
         profile_ids = input_ids[: max(4, input_ids.shape[0] // 4)]
         # one window per backward pass: it holds every layer's activations and the logits at once
         progress.start("fisher", profile_ids.shape[0])
-        output_fisher = output_importance(model, profile_ids, names, 1, settings.device,
+        output_fisher = output_importance(model, profile_ids, names, 1, config.device,
                                           progress=lambda: progress.advance("fisher", "output gradients"))
-    spectra, weights = profile_spectra(model, profile_ids, targets, blocks_name, settings, progress, source, dist,
+    spectra, weights = profile_spectra(model, profile_ids, targets, blocks_name, config, progress, source, dist,
                                        output_fisher)
     ranks = None
     if dist is None or dist.main:
         shapes = {name: tuple(linear_shape(model.get_submodule(name))[:2]) for name in spectra}
-        ranks = allocate_global(spectra, shapes, settings.ratio, settings.min_rank_fraction, weights)
+        ranks = allocate_global(spectra, shapes, config.ratio, config.min_rank_fraction, weights)
     return dist.broadcast_object(ranks) if dist else ranks
 
 
 @torch.no_grad()
-def profile_spectra(model, input_ids, targets, blocks_name, settings, progress=SILENT, source=None, dist=None,
+def profile_spectra(model, input_ids, targets, blocks_name, config, progress=SILENT, source=None, dist=None,
                     output_fisher=None):
     """Whitened singular values of every target on the original model's own inputs (no change to the model):
     sigma_i^2 is exactly what dropping component i costs, which is what rank allocation needs.
@@ -63,16 +62,17 @@ def profile_spectra(model, input_ids, targets, blocks_name, settings, progress=S
         for name, rel in names.items():
             stats = collector.stats_of(name)
             if id(stats) not in whitenings:
-                whitenings[id(stats)] = decompose.whiten_weighting(stats, settings.damp, consume=True)
+                whitenings[id(stats)] = whiten_weighting(stats, config.damp, consume=True)
             weight = dense_weight(block.get_submodule(rel))
             spectra[name], u = decompose.spectrum(weight, whitenings[id(stats)], output_fisher is not None)
             if output_fisher is not None:
                 weights[name] = output_fisher[name].to(u.device) @ u.square()
         return []
 
-    walk_blocks(model, input_ids, targets, blocks_name, visit, batch_size=settings.batch_size,
-                device=settings.device, propagate=False, progress=progress, stage="profile", source=source,
-                dist=dist, new_states=states_factory(settings.offload_budget, settings.offload_dir))
+    options = WalkOptions(batch_size=config.batch_size, device=config.device, propagate=False,
+                          offload_budget=config.offload_budget, offload_dir=config.offload_dir)
+    walk_blocks(model, input_ids, targets, blocks_name, visit, options, source=source, progress=progress,
+                stage="profile", dist=dist)
     if dist is not None:
         merged, merged_weights = {}, {}
         for part, part_weights in dist.gather_objects((spectra, weights)) or []:

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 
 from ..core import decompose
 from ..core.fisher import has_lm_head
-from ..core.ranks import _exact, uniform_rank
+from ..core.ranks import exact_ratio, uniform_rank
 from ..errors import UsageError
+from ..methods.whiten import whiten_weighting
 from ..progress import SILENT
+from .sequential import WalkOptions, walk_blocks
 from .targets import dense_weight
 
 CANDIDATES = (0.2, 0.4, 0.6, 0.8)
@@ -32,10 +34,8 @@ def _set_weight(module, weight):
     module.weight.data.copy_(weight.to(module.weight.dtype))
 
 
-def layer_factors(model, input_ids, targets, blocks_name, settings, progress):
+def layer_factors(model, input_ids, targets, blocks_name, config, progress):
     """{name: (up_full, down_full)} whitened full-rank factors on the original model's own inputs."""
-    from .pipeline import walk_blocks
-
     factors = {}
 
     @torch.no_grad()
@@ -44,23 +44,23 @@ def layer_factors(model, input_ids, targets, blocks_name, settings, progress):
         for name, rel in names.items():
             stats = collector.stats_of(name)
             if id(stats) not in weightings:
-                weightings[id(stats)] = decompose.whiten_weighting(stats, settings.damp)
+                weightings[id(stats)] = whiten_weighting(stats, config.damp)
             weight = dense_weight(block.get_submodule(rel))
             full = decompose.factorize(weight, weightings[id(stats)], min(weight.shape))
             factors[name] = (full.up.float(), full.down.float())
         return []
 
-    walk_blocks(model, input_ids, targets, blocks_name, visit, batch_size=settings.batch_size,
-                device=settings.device, propagate=False, progress=progress, stage="profile")
+    options = WalkOptions(batch_size=config.batch_size, device=config.device, propagate=False)
+    walk_blocks(model, input_ids, targets, blocks_name, visit, options, progress=progress, stage="profile")
     return factors
 
 
-def measure(model, input_ids, factors, settings, progress=SILENT, samples=2):
+def measure(model, input_ids, factors, config, progress=SILENT, samples=2):
     """{name: {keep fraction: loss increase}} on the first `samples` calibration windows."""
     if not has_lm_head(model):
         raise UsageError("--alloc sensitivity measures the language-model loss: it needs a causal LM")
     data = input_ids[:samples]
-    base = loss(model, data, settings.device)
+    base = loss(model, data, config.device)
     table = {}
     progress.start("sensitivity", len(factors))
     for name, (up, down) in factors.items():
@@ -73,7 +73,7 @@ def measure(model, input_ids, factors, settings, progress=SILENT, samples=2):
             if rank is None:
                 continue
             _set_weight(module, up[:, :rank] @ down[:rank])
-            table[name][keep] = loss(model, data, settings.device) - base
+            table[name][keep] = loss(model, data, config.device) - base
         _set_weight(module, original)
         progress.advance("sensitivity", name)
     return table
@@ -81,7 +81,7 @@ def measure(model, input_ids, factors, settings, progress=SILENT, samples=2):
 
 def choose(table, shapes, ratio):
     """ASVD's budgeted choice: {name: rank or None (dense)} for the smallest threshold that fits the budget."""
-    budget = _exact(ratio) * sum(m * n for m, n in shapes.values())
+    budget = exact_ratio(ratio) * sum(m * n for m, n in shapes.values())
 
     def pick(threshold):
         chosen = {}
@@ -107,8 +107,8 @@ def choose(table, shapes, ratio):
     return pick(thresholds[low])
 
 
-def sensitivity_ranks(model, input_ids, targets, blocks_name, settings, progress=SILENT):
-    factors = layer_factors(model, input_ids, targets, blocks_name, settings, progress)
-    table = measure(model, input_ids, factors, settings, progress)
+def sensitivity_ranks(model, input_ids, targets, blocks_name, config, progress=SILENT):
+    factors = layer_factors(model, input_ids, targets, blocks_name, config, progress)
+    table = measure(model, input_ids, factors, config, progress)
     shapes = {name: (up.shape[0], down.shape[1]) for name, (up, down) in factors.items()}
-    return choose(table, shapes, settings.ratio), table
+    return choose(table, shapes, config.ratio), table

@@ -81,3 +81,9 @@ def select_targets(model, targets=None, ignore=None):
         what = f"--targets {' '.join(targets)}" if targets else "the default targets"
         raise UsageError(f"no linear layer matches {what} (after --ignore); check the patterns against the module names")
     return blocks_name, blocks, selected
+
+
+def replace_module(root, name, module):
+    """Put `module` where `name` (dotted, relative to `root`) is: the one place that swaps a layer for another."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)

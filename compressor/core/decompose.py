@@ -204,48 +204,6 @@ def output_error(weight, approx, gram):
     return float(((delta @ gram) * delta).sum(dtype=torch.float64)), float(((w @ gram) * w).sum(dtype=torch.float64))
 
 
-# --- the methods' weightings -------------------------------------------------------------------------------------
-
-
-def whiten_weighting(stats, damp, consume=False):
-    """The whitening of the input statistics; `consume` builds it in the statistics' own storage (which is then
-    gone): the Gram matrix of a wide layer is the largest thing in memory, and this saves two copies of it."""
-    return whitening(stats.take_gram() if consume else stats.gram, damp)
-
-
-def asvd_weighting(stats, alpha):
-    # ASVD adds a small epsilon so that dead channels stay invertible.
-    scale = stats.mean_abs.pow(alpha) + 1e-6
-    return Weighting(right=scale, right_inv=1.0 / scale, info={"alpha": alpha})
-
-
-def corda_weighting(stats, damp=0.01, tolerance=0.05):
-    """CorDA: the covariance C = X^T X / N itself, damped as PEFT does (start at 1% of mean(diag C) and double
-    until ||C_d C_d^-1 - I|| < tolerance)."""
-    cov = stats.gram / max(stats.tokens, 1)
-    n = cov.shape[0]
-    eye = torch.eye(n, dtype=torch.float64, device=cov.device)
-    scale = torch.diagonal(cov).mean().item() or 1.0
-    for _ in range(40):
-        damped = cov + damp * scale * eye
-        inverse = torch.linalg.inv(damped)
-        if torch.linalg.matrix_norm(damped @ inverse - eye).item() < tolerance:
-            break
-        damp *= 2
-    return Weighting(right=damped, right_inv=inverse, info={"damp": damp})
-
-
-def fisher_weighting(importance):
-    """FWSVD: diag(sqrt(I)) on the input side (see fisher.py for the orientation), floored so it stays invertible."""
-    scale = importance.to(torch.float64).sqrt()
-    scale = scale.clamp_min(1e-6 * float(scale.max()) if scale.max() > 0 else 1.0)
-    return Weighting(right=scale, right_inv=1.0 / scale, info={"fisher_max_over_min": float(scale.max() / scale.min())})
-
-
-def identity_weighting():
-    return Weighting()
-
-
 # --- anchored fitting: the compressed block sees shifted inputs x' but should reproduce W x -----------------------
 
 

@@ -10,7 +10,7 @@ from fractions import Fraction
 RATIO_DEFINITION = "fraction of the targeted linear layers' parameters that is kept (1 - ratio is removed)"
 
 
-def _exact(ratio):
+def exact_ratio(ratio):
     # Fraction(repr(0.3)) == 3/10: floor() must not lose a rank to binary rounding of the ratio.
     return Fraction(repr(float(ratio)))
 
@@ -21,7 +21,7 @@ def break_even_rank(m, n):
 
 def uniform_rank(m, n, ratio):
     """Rank for keep-fraction `ratio` of an m x n matrix, at least 1; None when the layer should stay dense."""
-    rank = max(1, int(_exact(ratio) * m * n / (m + n)))
+    rank = max(1, int(exact_ratio(ratio) * m * n / (m + n)))
     return None if rank >= break_even_rank(m, n) else rank
 
 
@@ -45,7 +45,7 @@ def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None):
     """
     import heapq
 
-    budget = int(_exact(ratio) * sum(m * n for m, n in shapes.values()))
+    budget = int(exact_ratio(ratio) * sum(m * n for m, n in shapes.values()))
     ranks, losses, heap = {}, {}, []
 
     def push(name):

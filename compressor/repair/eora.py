@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compression.pipeline import walk_blocks
+from ..compression.sequential import WalkOptions, walk_blocks
 from ..compression.targets import dense_weight, select_targets
 from ..core import decompose
 from ..environment import invocation
@@ -29,6 +29,7 @@ from ..io.loading import load_model, read_config, resolve_model
 from ..io.modeling_lowrank import LowRankLinear, linear_shape
 from ..io.publish import check_output, publish, staging_dir
 from ..io.shards import ShardWriter
+from ..methods.whiten import whiten_weighting
 from ..progress import SILENT, Progress
 from ..report.compression import peak_rss_bytes, versions
 
@@ -86,7 +87,7 @@ def layer_correction(name, original_module, compressed_module, stats, rank, damp
     before, ref = decompose.output_error(w, wc, stats.gram)
     if not delta.any():
         return None
-    factors = decompose.factorize(delta, decompose.whiten_weighting(stats, damp), rank)
+    factors = decompose.factorize(delta, whiten_weighting(stats, damp), rank)
     up, down = factors.up.to(dtype), factors.down.to(dtype)
     after, _ = decompose.output_error(w, wc + up.double() @ down.double(), stats.gram)
     scale = ref if ref > 0 else 1.0
@@ -111,8 +112,8 @@ def compute_corrections(original, compressed, input_ids, rank, targets=None, ign
         return found
 
     # The statistics are the ORIGINAL model's: every block sees the original block's outputs (no propagation).
-    walk_blocks(original, input_ids, selected, blocks_name, visit, batch_size=batch_size, device=device,
-                propagate=False, progress=progress)
+    walk_blocks(original, input_ids, selected, blocks_name, visit,
+                WalkOptions(batch_size=batch_size, device=device, propagate=False), progress=progress)
     return corrections
 
 

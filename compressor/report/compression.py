@@ -169,7 +169,3 @@ def compression_markdown(report, worst=20):
         lines += ["", *evaluations_markdown(report["evaluations"], heading="##")]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)
-
-
-to_markdown = compression_markdown  # alias removed once compression/api.py is switched
-summary_rows = compression_rows  # alias removed once cli/compress.py is switched

@@ -1,0 +1,175 @@
+"""`CompressConfig`: every option of `lowrank compress`, its default and its validation, in one place.
+
+The CLI maps its options onto this dataclass (its defaults are read from here), the Python API takes it (or the
+same names as keyword arguments), the resume journal fingerprints it and the report records it. A config is
+checked when it is made, before any model is loaded, so a bad option costs nothing.
+
+Some fields start as a request and are resolved once the model is known (`resolved()`): `alloc="auto"` becomes
+the allocation that applies, `device="auto"` a device, `offload_budget` a byte count, `ranks` the allocated
+ranks. The engine only ever sees a resolved config.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from ..errors import UsageError
+from ..methods import METHODS, Method, get_method
+from ..units import parse_size
+
+ALLOCATIONS = ("auto", "uniform", "global", "fisher", "sensitivity")
+STREAM_MODES = ("auto", "on", "off")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Options that change how a run is carried out, not what it writes: left out of the resume fingerprint.
+RUN_ONLY = ("device", "offload_budget", "offload_dir", "overwrite", "resume", "trust_remote_code")
+
+
+@dataclass
+class CompressConfig:
+    """What to compress and how. `ratio` is the fraction of the targeted layers' parameters that is kept."""
+
+    ratio: float = 0.5
+    method: str = "whiten"
+    targets: list[str] | None = None  # globs, re:REGEX or name suffixes; None: every linear in the blocks
+    ignore: list[str] | None = None
+    ranks: dict[str, int | None] | None = None  # explicit {module name: rank (None: dense)}, overriding the ratio
+
+    # calibration
+    calib: str = "auto"  # auto | self | hub dataset NAME[:CONFIG] | local file or folder
+    num_samples: int = 128
+    seq_len: int | None = None  # None: 2048, or the model's maximum when shorter
+    text_column: str = "text"
+    calib_split: str = "train"
+    seed: int = 0
+
+    # the decomposition and what surrounds it
+    propagate: bool = True  # calibrate each block on the outputs of the compressed blocks before it
+    alloc: str = "auto"  # see ALLOCATIONS and compression/plan.py
+    min_rank_fraction: float = 0.1  # global/fisher: every matrix keeps this share of its break-even rank
+    anchor: bool = False  # fit W' x' to the ORIGINAL model's outputs W x (needs propagation)
+    refit: bool = False  # after truncation, refit `up` by least squares to the original outputs
+    refine_steps: int = 0  # Adam steps per block on its factors against its original outputs
+    refine_lr: float = 1e-4
+    damp: float = 1e-4  # whiten: damping relative to mean(diag G)
+    alpha: float = 0.5  # asvd: exponent of the activation scale
+
+    # how the run is carried out
+    batch_size: int = 8
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # the checkpoint's, or float32 | bfloat16 | float16
+    stream: str = "auto"  # on | off | auto (when the weights exceed a quarter of this machine's memory)
+    offload_budget: int | str | None = "auto"  # bytes of hidden states in memory per stream; None: never spill
+    offload_dir: str | None = None
+    max_shard_size: int | str = "5GB"
+    overwrite: bool = False
+    resume: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UsageError (one line, exit code 2) for the first option that cannot work."""
+        if not (isinstance(self.ratio, (int, float)) and 0 < self.ratio <= 1):
+            raise UsageError(f"--ratio must be in (0, 1] (the fraction of parameters kept), got {self.ratio}")
+        method = get_method(self.method)
+        if self.alloc not in ALLOCATIONS:
+            raise UsageError(f"unknown allocation {self.alloc!r}; choose {', '.join(ALLOCATIONS)}")
+        if self.stream not in STREAM_MODES:
+            raise UsageError(f"--stream must be auto, on or off, got {self.stream!r}")
+        if (self.anchor or self.refit) and not method.whitened:
+            raise UsageError("anchored fitting and refit are defined for --method whiten")
+        if self.anchor and not self.propagate:
+            raise UsageError("anchored fitting compares the compressed stream with the original one: it needs "
+                             "propagation")
+        _check_int("--num-samples", self.num_samples, 1)
+        if self.seq_len is not None:
+            _check_int("--seq-len", self.seq_len, 2)
+        _check_int("--batch-size", self.batch_size, 1)
+        _check_int("--refine-steps", self.refine_steps, 0)
+        _check_number("--damp", self.damp, 0)
+        _check_number("--alpha", self.alpha)
+        _check_number("--refine-lr", self.refine_lr, 0, strict=True)
+        if not (isinstance(self.min_rank_fraction, (int, float)) and 0 <= self.min_rank_fraction <= 1):
+            raise UsageError(f"--min-rank-fraction must be in [0, 1], got {self.min_rank_fraction}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_shard_bytes < 1:
+            raise UsageError(f"--max-shard-size must be at least one byte, got {self.max_shard_size!r}")
+        self.offload_bytes  # noqa: B018  (parses, or raises UsageError)
+
+    @property
+    def method_spec(self) -> Method:
+        return METHODS[self.method]
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+    @property
+    def offload_bytes(self) -> int | None:
+        """--offload-budget in bytes: None never spills, "auto" is a quarter of this machine's memory."""
+        budget = self.offload_budget
+        if budget is None or (isinstance(budget, str) and budget.lower() == "none"):
+            return None
+        if isinstance(budget, int):
+            return budget
+        if budget == "auto":
+            return memory_bytes() // 4
+        return parse_size(budget)
+
+    def whole_model_reason(self) -> str | None:
+        """Why this run needs the whole model in one process (None when it does not): the one place that says so.
+        Streaming and torchrun hold one block at a time or split the batches."""
+        if self.method_spec.gradients:
+            return f"--method {self.method} needs backward passes over the whole model"
+        if self.alloc in ("fisher", "sensitivity"):
+            return f"--alloc {self.alloc} needs the whole model"
+        return None
+
+    def fingerprint_fields(self) -> dict:
+        """What the resume journal compares: every field that changes the bytes written."""
+        return {k: v for k, v in asdict(self).items() if k not in RUN_ONLY}
+
+    def recorded(self) -> dict:
+        """The settings block of the checkpoint's config.json (names and order are part of the format)."""
+        return {"propagate": self.propagate, "alloc": self.alloc, "anchor": self.anchor, "refit": self.refit,
+                "refine_steps": self.refine_steps, "damp": self.damp, "alpha": self.alpha, "targets": self.targets,
+                "ignore": self.ignore}
+
+    def resolved(self, **values) -> "CompressConfig":
+        """A copy with request fields replaced by what they resolved to (alloc, device, ranks, ...)."""
+        return replace(self, **values)
+
+    @classmethod
+    def from_options(cls, **options) -> "CompressConfig":
+        """A config from keyword options, refusing unknown names with one line (a typo must not be ignored)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UsageError(f"unknown compress option(s): {', '.join(unknown)}")
+        return cls(**options)
+
+
+# Each option's default, for front ends: the CLI's option defaults are read from here, so each is written once.
+DEFAULTS = {f.name: f.default for f in fields(CompressConfig)}
+
+
+def memory_bytes() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_int(option, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{option} must be a whole number of at least {minimum}, got {value!r}")
+
+
+def _check_number(option, value, minimum=None, strict=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        bound = "" if minimum is None else f" {'above' if strict else 'at least'} {minimum}"
+        raise UsageError(f"{option} must be a finite number{bound}, got {value!r}")
+

@@ -1,0 +1,70 @@
+"""`compress_model`: factorize a model held in memory (or streamed) with calibration token ids, in place.
+
+The orchestration of one compression: what the method needs first (FWSVD's gradients), the ranks (allocation.py
+for anything but the uniform rule), then the sequential walk with layers.py's decomposition as its visit. No I/O:
+api.py loads, calibrates and writes around it.
+"""
+
+import time
+from dataclasses import dataclass
+
+from ..core.fisher import input_importance
+from ..errors import UsageError
+from ..progress import SILENT
+from .allocation import allocate_ranks
+from .config import CompressConfig
+from .layers import decompose_block, decompose_block_distributed
+from .plan import resolve
+from .sequential import Resume, WalkOptions, check_uniform_attention, walk_blocks
+from .targets import select_targets
+
+
+@dataclass
+class Result:
+    blocks_name: str
+    layers: list
+    timings: dict
+    calibration_tokens: int
+    config: CompressConfig  # as resolved: the allocation used and the ranks it chose
+
+
+def compress_model(model, input_ids, config: CompressConfig, progress=SILENT, source=None, on_block_done=None,
+                   resume=Resume(), dist=None) -> Result:
+    """Factorize `model` in place with calibration `input_ids` ([samples, seq_len]). Returns a Result.
+
+    `config` may still hold requests ("auto"): they are resolved here. `source` says where blocks come from
+    (default: the model's own, in memory); `on_block_done(index, block, layers)` sees each compressed block
+    before it is released; `resume` skips blocks an earlier run did (see sequential.walk_blocks)."""
+    if config.alloc == "auto" or config.device == "auto" or isinstance(config.offload_budget, str):
+        config, _ = resolve(config, model, streaming=source is not None, distributed=dist is not None)
+    if dist is not None and (config.whole_model_reason() or config.refine_steps):
+        raise UsageError("fwsvd, --alloc fisher/sensitivity and --refine-steps run in a single process only")
+    blocks_name, blocks, targets = select_targets(model, config.targets, config.ignore)
+    check_uniform_attention(blocks)
+    timings = {}
+    fisher = None
+    if config.method_spec.gradients:
+        begin = time.perf_counter()
+        names = [name for block_names in targets.values() for name in block_names]
+        # one window per backward pass (it holds every layer's activations and the logits at once); the
+        # per-sample gradients, and so the importance, are the same as with bigger batches
+        progress.start("fisher", input_ids.shape[0])
+        fisher = input_importance(model, input_ids, names, 1, config.device,
+                                  progress=lambda: progress.advance("fisher", "gradients of the LM loss"))
+        timings["fisher"] = time.perf_counter() - begin
+
+    if config.alloc != "uniform" and not config.ranks:
+        begin = time.perf_counter()
+        config = config.resolved(ranks=allocate_ranks(model, input_ids, targets, blocks_name, config, progress,
+                                                      source, dist))
+        timings["allocation"] = time.perf_counter() - begin
+
+    def visit(index, block, names, collector):
+        if dist is not None:
+            return decompose_block_distributed(block, names, collector, config, fisher, dist)
+        return decompose_block(block, names, collector, config, fisher)
+
+    layers = walk_blocks(model, input_ids, targets, blocks_name, visit, WalkOptions.of(config), source=source,
+                         progress=progress, on_block_done=on_block_done, resume=resume, dist=dist, timings=timings)
+    return Result(blocks_name=blocks_name, layers=layers, timings=timings, calibration_tokens=int(input_ids.numel()),
+                  config=config)

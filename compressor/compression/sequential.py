@@ -1,0 +1,384 @@
+"""The sequential engine: the walk over a model's blocks, in the manner of llm-compressor's sequential pipeline.
+
+    capture_block_inputs    run the calibration batches up to the first block and keep that block's inputs
+    then, block by block (walk_blocks):
+      collect_statistics    run the block with hooks: Gram matrices of its target layers' inputs (float64)
+      visit                 the caller's per-block work (decompose, profile, correct), which may change the block
+      refine_block          optionally, a few Adam steps on the changed block against the original outputs
+      propagate             run the calibration states through the *changed* block: the next block's inputs
+
+This module knows nothing of methods or ranks: compress, rank allocation, sensitivity and EoRA all walk the model
+here and differ only in their `visit`. Memory is one block plus the calibration hidden states. Where a block's
+weights come from is a block source: `InMemoryBlocks` hands out the model's own blocks; io/streaming.py fills
+them from disk.
+"""
+
+import ctypes
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..core.stats import InputsSeen, PairedCollector, StatsCollector
+from ..errors import UsageError
+from ..io.modeling_lowrank import LowRankLinear
+from ..progress import SILENT
+from .offload import release_batch, states_factory
+
+
+@dataclass(frozen=True)
+class WalkOptions:
+    """How the walk runs: the engine's own options, set from a resolved CompressConfig or by another pass."""
+
+    batch_size: int = 8
+    device: str = "cpu"
+    propagate: bool = True  # next block's inputs: the changed block's outputs (else the original outputs)
+    anchored: bool = False  # an original stream runs alongside; statistics pair original and shifted inputs
+    refine_steps: int = 0
+    refine_lr: float = 1e-4
+    abs_sums: bool = False  # collect the per-channel |x| sums too (ASVD's statistic)
+    offload_budget: int | None = None  # bytes of hidden states in memory per stream (offload.py); None: all
+    offload_dir: str | None = None
+
+    @classmethod
+    def of(cls, config, **overrides) -> "WalkOptions":
+        """The options of a resolved CompressConfig (device and offload budget already resolved)."""
+        values = dict(batch_size=config.batch_size, device=config.device, propagate=config.propagate,
+                      anchored=config.anchor or config.refit, refine_steps=config.refine_steps,
+                      refine_lr=config.refine_lr, abs_sums=config.method_spec.abs_sums,
+                      offload_budget=config.offload_budget, offload_dir=config.offload_dir)
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Blocks before `start` were finished by an earlier run: `replay(index, block)` turns the freshly loaded
+    block into its compressed form, and the walk only runs the calibration states through it."""
+
+    start: int = 0
+    replay: Callable | None = None
+
+
+class InMemoryBlocks:
+    """Blocks that are already in memory: materialize returns the model's block, release does nothing."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def materialize(self, index):
+        return self.blocks[index]
+
+    def release(self, index, block):
+        pass
+
+    def open_capture(self, model, device):
+        """Make the modules before the first block usable on `device` (embedding the windows needs them)."""
+        move_outside_blocks(model, self.blocks, device)
+
+    def close_capture(self, model):
+        move_outside_blocks(model, self.blocks, "cpu")
+
+
+def move_outside_blocks(model, blocks, device):
+    """Move every tensor of `model` that is not in `blocks` to `device`, in place (tied weights stay tied)."""
+    inside = {id(t) for t in list(blocks.parameters()) + list(blocks.buffers())}
+    with torch.no_grad():
+        for param in model.parameters():
+            if id(param) not in inside and param.device != torch.device(device):
+                param.data = param.data.to(device)
+        for module in model.modules():
+            for key, buffer in module._buffers.items():
+                if buffer is not None and id(buffer) not in inside and buffer.device != torch.device(device):
+                    module._buffers[key] = buffer.to(device)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def hidden_states(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def check_uniform_attention(blocks):
+    kinds = {getattr(block, "attention_type", None) for block in blocks}
+    if len(kinds) > 1:
+        raise UsageError(
+            f"this model mixes attention layer types {sorted(map(str, kinds))}: per-layer attention masks are "
+            "not supported yet"
+        )
+
+
+def capture_block_inputs(model, first_block, input_ids, batch_size, device, batches=None, new_states=list):
+    """Run every calibration batch up to the first block. Returns the hidden states per batch and, per batch
+    size, the block's other arguments (mask, position embeddings, ...).
+
+    Calibration windows are full-length and unpadded, so those arguments depend only on the batch shape:
+    they are kept once per shape and replayed for every block.
+    """
+    states, extras = new_states(), {}
+
+    def catch(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        states.append(hidden.detach().to("cpu"))
+        if hidden.shape[0] not in extras:
+            extras[hidden.shape[0]] = (args[1:], kwargs)
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            chunks = input_ids.split(batch_size)
+            for batch in chunks if batches is None else [chunks[i] for i in batches]:
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return states, extras
+
+
+def run_block(block, states, extras, device, collector=None, keep=True, new_states=list, consume=False):
+    """Run `block` on every batch of `states`; returns the outputs if `keep`. With `consume`, each input batch
+    is released once used, so that the stream is never held twice (at 128 x 2048 tokens of a 576-wide model
+    one copy is 0.6 GB)."""
+    outputs = new_states()
+    with torch.no_grad():
+        for index in range(len(states)):
+            hidden = states[index]
+            args, kwargs = extras[hidden.shape[0]]
+            try:
+                out = hidden_states(block(hidden.to(device), *args, **kwargs))
+            except InputsSeen:  # the collector has what it needs from this batch (never when keep)
+                out = None
+            if consume:
+                hidden = None
+                release_batch(states, index)
+            if keep:
+                outputs.append(out.to("cpu"))
+            if collector is not None:
+                collector.end_batch()
+    return outputs
+
+
+def collect_statistics(block, names, states, extras, device, keep_outputs, new_states=list, abs_sums=True):
+    """One pass of the original block with hooks. Returns the collector and, if asked, the block's outputs.
+    Without `keep_outputs` each batch stops at the last target's input; `abs_sums`: see InputStats."""
+    modules = {name: block.get_submodule(rel) for name, rel in names.items()}
+    with StatsCollector(modules, abs_sums=abs_sums, stop_early=not keep_outputs) as collector:
+        outputs = run_block(block, states, extras, device, collector, keep=keep_outputs, new_states=new_states)
+    return collector, (outputs if keep_outputs else None)
+
+
+def collect_paired_statistics(block, names, original, shifted, extras, device, new_states=list, abs_sums=True):
+    """Two passes of the original block per batch, on the original stream and on the compressed stream, with
+    hooks pairing each layer's inputs token by token. Returns the collector and the original stream's outputs."""
+    modules = {name: block.get_submodule(rel) for name, rel in names.items()}
+    outputs = new_states()
+    with PairedCollector(modules, abs_sums) as collector, torch.no_grad():
+        for x, x_shifted in zip(original, shifted):
+            args, kwargs = extras[x.shape[0]]
+            collector.record()
+            outputs.append(hidden_states(block(x.to(device), *args, **kwargs)).to("cpu"))
+            collector.pair()
+            block(x_shifted.to(device), *args, **kwargs)
+            collector.end_batch()
+    return collector, outputs
+
+
+def refine_block(block, states, targets, extras, steps, lr, device, seed=0):
+    """A few Adam steps on the block's factors so that, fed `states`, it reproduces `targets` (the original
+    block's outputs): AA-SVD's block refinement. Only factor weights move; batches are drawn in a seeded order."""
+    factors = [p for m in block.modules() if isinstance(m, LowRankLinear) for p in (m.down.weight, m.up.weight)]
+    if not factors or steps <= 0:
+        return None
+    flags = {p: p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in factors:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(factors, lr=lr)
+    order = torch.randperm(len(states), generator=torch.Generator().manual_seed(seed)).tolist()
+    first = last = None
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                index = order[step % len(order)]
+                args, kwargs = extras[states[index].shape[0]]
+                target = targets[index].to(device).float()
+                out = hidden_states(block(states[index].to(device), *args, **kwargs)).float()
+                loss = (out - target).square().mean() / target.square().mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                first = loss.item() if first is None else first
+                last = loss.item()
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return {"loss_first": first, "loss_last": last}
+
+
+def walk_blocks(model, input_ids, targets, blocks_name, visit, options=WalkOptions(), *, source=None,
+                progress=SILENT, stage="blocks", on_block_done=None, resume=Resume(), dist=None, timings=None):
+    """The layer-major loop. For each block: collect statistics of its targets' inputs with the block as it is,
+    call visit(index, block, names, collector) -> [per-layer results] (which may change the block), optionally
+    refine the changed block against the original block's outputs, then feed the next block (see WalkOptions).
+    `targets` maps block index -> target names; `source` gives the blocks (default: the model's own, in memory);
+    `on_block_done(index, block, results)` sees each finished block before it is released. Returns every
+    block's results, in order."""
+    timings = timings if timings is not None else {}
+    for key in ("capture", "statistics", "decomposition", "propagation"):
+        timings.setdefault(key, 0.0)
+    if options.anchored and not options.propagate:
+        raise UsageError("anchored fitting compares the compressed stream with the original one: it needs propagation")
+    source = source or InMemoryBlocks(model.get_submodule(blocks_name))
+    device = torch.device(options.device)
+    new_states = states_factory(options.offload_budget, options.offload_dir)
+
+    begin = time.perf_counter()
+    source.open_capture(model, device)
+    try:
+        mine = dist.my_batches(-(-input_ids.shape[0] // options.batch_size)) if dist else None
+        states, extras = capture_block_inputs(model, source.blocks[0], input_ids, options.batch_size, device, mine,
+                                              new_states)
+    finally:
+        source.close_capture(model)
+    # The original model's stream (anchored mode only: held otherwise, it would keep the captured states alive
+    # for the whole run): identical to the compressed one before the first block.
+    streams = _Streams(states, states if options.anchored else None)
+    del states  # the streams own it now: a name left here would keep the captured batches alive to the end
+    timings["capture"] += time.perf_counter() - begin
+
+    progress.start(stage, len(source))
+    results = []
+    for index in range(len(source)):
+        block = source.materialize(index).to(device)
+        if index < resume.start:
+            begin = time.perf_counter()
+            _replay_block(block, index, resume.replay, streams, extras, device, options, new_states)
+            source.release(index, block.to("cpu"))
+            timings["propagation"] += time.perf_counter() - begin
+            progress.advance(stage, f"block {index + 1}/{len(source)} · done by an earlier run")
+            continue
+        prefix = f"{blocks_name}.{index}."
+        names = {name: name[len(prefix):] for name in targets.get(index, [])}
+        block_results = _visit_block(block, index, names, visit, streams, extras, device, options, new_states,
+                                     timings)
+        results.extend(block_results)
+
+        block = block.to("cpu")
+        if on_block_done is not None:
+            on_block_done(index, block, block_results)
+        source.release(index, block)
+        return_freed_memory()
+        status = f"block {index + 1}/{len(source)}"
+        if block_results:  # passes that only profile the blocks have no errors to show
+            status += f" · worst rel. error {max(r.rel_error for r in block_results):.3f}"
+        progress.advance(stage, status)
+    return results
+
+
+@dataclass
+class _Streams:
+    """The calibration states the next block reads, and (anchored only) the original model's stream beside it."""
+
+    states: object
+    original: object = None
+
+
+def _visit_block(block, index, names, visit, streams, extras, device, options, new_states, timings):
+    """Statistics, the caller's visit, optional refinement, propagation: one block of the walk."""
+    begin = time.perf_counter()
+    if options.anchored:
+        collector, reference = collect_paired_statistics(block, names, streams.original, streams.states, extras,
+                                                         device, new_states, options.abs_sums)
+    else:
+        keep = not options.propagate or options.refine_steps > 0
+        collector, reference = collect_statistics(block, names, streams.states, extras, device, keep, new_states,
+                                                  options.abs_sums)
+    timings["statistics"] += time.perf_counter() - begin
+
+    begin = time.perf_counter()
+    results = visit(index, block, names, collector)
+    del collector
+    timings["decomposition"] += time.perf_counter() - begin
+
+    if options.refine_steps:
+        begin = time.perf_counter()
+        refined = refine_block(block, streams.states, reference, extras, options.refine_steps, options.refine_lr,
+                               device, seed=index)
+        for result in results:
+            result.info["refine"] = refined
+        timings["refinement"] = timings.get("refinement", 0.0) + time.perf_counter() - begin
+
+    begin = time.perf_counter()
+    streams.states = run_block(block, streams.states, extras, device, new_states=new_states, consume=True) \
+        if options.propagate else reference
+    if options.anchored:
+        streams.original = reference
+    timings["propagation"] += time.perf_counter() - begin
+    return results
+
+
+def _replay_block(block, index, replay, streams, extras, device, options, new_states):
+    """A block an earlier run finished: rebuild it, and run the streams through it as the walk would have."""
+    reference = None
+    if options.anchored or not options.propagate:
+        reference = run_block(block, streams.original if options.anchored else streams.states, extras, device,
+                              new_states=new_states)
+    replay(index, block)
+    streams.states = run_block(block, streams.states, extras, device, new_states=new_states, consume=True) \
+        if options.propagate else reference
+    if options.anchored:
+        streams.original = reference
+
+
+@contextmanager
+def returnable_large_allocations():
+    """Within the block, fix glibc's mmap threshold at 1 MiB. By default it rises (up to 32 MiB) each time a large
+    block is freed, after which tensors of a few MiB come from the heap, fragment it and are never given back:
+    resident memory then creeps up block after block. Measured on a streamed 2-block model: peak RSS 1.63 ->
+    1.38 GiB. The price: every activation above 1 MiB is a fresh mapping, page-faulted in on each use: the block
+    passes of SmolLM2 take ~30% longer (20 -> 26 s over 16 x 512 tokens), so `compress` sets it for streaming
+    only, where memory is the point.
+
+    On leaving, the threshold goes back to glibc's initial 128 KiB. glibc has no call that re-enables its dynamic
+    threshold once a value was set, so the process keeps a fixed threshold at glibc's own starting value (what
+    a fresh process has until its first large free)."""
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    try:
+        yield
+    finally:
+        libc.mallopt(-3, 128 * 1024)
+
+
+def return_freed_memory():
+    """Give memory freed during a block back to the system (glibc keeps big freed chunks otherwise), so that
+    resident memory stays at one block's worth."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (musl and others lack them)
+        return libc
+    except (OSError, AttributeError):
+        return None
