@@ -9,8 +9,8 @@ import sys
 
 import typer
 
-from . import compensate, compress, densify, env, evaluate, report, squeeze  # noqa: E402,F401,I001
-from .app import app  # first: the command modules register on it
+from . import compensate, compress, densify, env, evaluate, report, squeeze  # noqa: F401  (they register commands)
+from .app import app
 
 
 def main(argv=None):

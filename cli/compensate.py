@@ -4,8 +4,8 @@ from typing import Annotated
 
 import typer
 
-from . import app
-from .compress import _patterns
+from .app import app
+from .ui import split_patterns
 
 CAL, OUT, PERF, DANGER = "Calibration", "Output", "Performance", "Dangerous"
 
@@ -53,8 +53,8 @@ def compensate(
 
     quiet_libraries(verbose)
     with RichProgress(quiet=quiet, verbose=verbose) as progress:
-        report = run(original, compressed, output, rank=rank, merge=merge, targets=_patterns(targets),
-                     ignore=_patterns(ignore), calib=calib, num_samples=num_samples, seq_len=seq_len,
+        report = run(original, compressed, output, rank=rank, merge=merge, targets=split_patterns(targets),
+                     ignore=split_patterns(ignore), calib=calib, num_samples=num_samples, seq_len=seq_len,
                      batch_size=batch_size, seed=seed, device=device, dtype=dtype, damp=damp,
                      text_column=text_column, calib_split=calib_split, overwrite=overwrite,
                      trust_remote_code=trust_remote_code, progress=progress)

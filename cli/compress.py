@@ -10,12 +10,9 @@ from lowrank.compression.config import DEFAULTS as D
 from lowrank.methods import METHODS
 
 from .app import app
+from .ui import split_patterns
 
 CAL, OUT, PERF, DANGER = "Calibration", "Output", "Performance", "Dangerous"
-
-
-def _patterns(values):
-    return [p.strip() for value in values or [] for p in value.split(",") if p.strip()] or None
 
 
 def default_output(model, ratio):
@@ -118,7 +115,7 @@ def compress(
     options = dict(locals())  # the parameters: all but the front end's own are CompressConfig fields
     for name in ("model", "output", "json_output", "quiet", "verbose", "debug"):
         del options[name]
-    options.update(targets=_patterns(targets), ignore=_patterns(ignore))
+    options.update(targets=split_patterns(targets), ignore=split_patterns(ignore))
 
     from lowrank.compression.api import compress as run
     from lowrank.compression.config import CompressConfig

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from . import app
+from .app import app
 
 
 @app.command(epilog="Example:  lowrank densify ./smollm2-lr50 -o smollm2-lr50-dense")

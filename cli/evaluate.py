@@ -4,8 +4,8 @@ from typing import Annotated
 
 import typer
 
-from . import app
-from .compress import _patterns
+from .app import app
+from .ui import split_patterns
 
 DATA, BASE, SPEED, TASKS, OUT, DANGER = ("Data and protocol", "Baseline and adapters", "Performance",
                                          "lm-evaluation-harness", "Output", "Dangerous")
@@ -86,7 +86,7 @@ def eval_command(
         evaluation = evaluate(model, baseline=baseline, adapter=adapter, baseline_adapter=baseline_adapter, data=data,
                               split=split, text_column=text_column, seq_len=seq_len, max_tokens=max_tokens,
                               batch_size=batch_size, device=device, dtype=dtype, speed=speed,
-                              decode_tokens=decode_tokens, tasks=_patterns(tasks),
+                              decode_tokens=decode_tokens, tasks=split_patterns(tasks),
                               limit=int(limit) if limit is not None and limit >= 1 else limit,
                               num_fewshot=num_fewshot, include_path=include_path,
                               trust_remote_code=trust_remote_code, progress=progress)

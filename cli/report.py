@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from . import app
+from .app import app
 
 GATES, OUT = "Gates (exit 1 if one fails, 3 if the report cannot answer one)", "Output"
 

@@ -8,7 +8,7 @@ import typer
 from lowrank.squeezing.config import DEFAULTS as D
 from lowrank.squeezing.config import SqueezeConfig
 
-from . import app
+from .app import app
 
 RULE, ALG, SCALE, OUT, DANGER = "Rank rule", "Algorithm", "Scaling and DoRA", "Output", "Dangerous"
 

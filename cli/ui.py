@@ -86,3 +86,8 @@ def key_value_table(title, rows):
     for key, value in rows:
         table.add_row(key, str(value))
     return table
+
+
+def split_patterns(values):
+    """--targets / --ignore values: comma-separated or repeated patterns, as one list (None when empty)."""
+    return [p.strip() for value in values or [] for p in value.split(",") if p.strip()] or None

@@ -29,6 +29,7 @@ _API = {
     "densify": ("lowrank.repair.densify", "densify"),
     "env_info": ("lowrank.environment", "env_info"),
     "squeeze": ("lowrank.squeezing.api", "squeeze"),
+    "SqueezeConfig": ("lowrank.squeezing.config", "SqueezeConfig"),
     "squeeze_peft_model": ("lowrank.squeezing.callback", "squeeze_peft_model"),
     "SqueezeCallback": ("lowrank.squeezing.callback", "SqueezeCallback"),
     "LowrankError": ("lowrank.errors", "LowrankError"),
