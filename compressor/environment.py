@@ -47,7 +47,7 @@ def _devices():
     return devices
 
 
-def env_info():
+def env_info() -> dict:
     """{"versions", "platform", "device", "settings"} of this installation."""
     from . import __version__
 

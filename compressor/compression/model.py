@@ -6,11 +6,13 @@ api.py loads, calibrates and writes around it.
 """
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..core.fisher import input_importance
 from ..errors import UsageError
-from ..progress import SILENT
+from ..progress import SILENT, Progress
 from .allocation import allocate_ranks
 from .config import CompressConfig
 from .layers import decompose_block, decompose_block_distributed
@@ -28,8 +30,9 @@ class Result:
     config: CompressConfig  # as resolved: the allocation used and the ranks it chose
 
 
-def compress_model(model, input_ids, config: CompressConfig, progress=SILENT, source=None, on_block_done=None,
-                   resume=Resume(), dist=None) -> Result:
+def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress: Progress = SILENT,
+                   source: Any = None, on_block_done: Callable | None = None, resume: Resume = Resume(),
+                   dist: Any = None) -> Result:
     """Factorize `model` in place with calibration `input_ids` ([samples, seq_len]). Returns a Result.
 
     `config` may still hold requests ("auto"): they are resolved here. `source` says where blocks come from

@@ -17,6 +17,7 @@ updated too, so save_pretrained writes a consistent adapter.
 """
 
 import math
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -92,7 +93,8 @@ def _set_rank(module, adapter, kind, b_module, k):
             setattr(layer, attribute, k)
 
 
-def squeeze_peft_model(model, rank, *, optimizer=None, adapter_name=None, alpha_policy="keep-scale"):
+def squeeze_peft_model(model: Any, rank: int, *, optimizer: Any = None, adapter_name: str | None = None,
+                       alpha_policy: str = "keep-scale") -> dict[str, tuple[int, int]]:
     """Squeeze every LoRA layer of a PEFT model in place to `rank` (layers at or below it are left alone).
     alpha_policy: keep-scale (default: each layer keeps its scale, alpha' = scale·k or scale·sqrt(k) with rsLoRA)
     or unit (scale 1). Returns {module name: (rank before, rank after)} for the layers it changed."""
@@ -170,8 +172,9 @@ def geometric_schedule(start_rank, target_rank, start_step, end_step, stages=Non
 class SqueezeCallback(TrainerCallback):
     """Anneal a PEFT LoRA model's rank during Trainer training (In-Squeeze). `history` lists (step, rank)."""
 
-    def __init__(self, target_rank, *, start_rank=None, start_step=0, end_step=None, stages=None, schedule=None,
-                 adapter_name=None, alpha_policy="keep-scale"):
+    def __init__(self, target_rank: int, *, start_rank: int | None = None, start_step: int = 0,
+                 end_step: int | None = None, stages: int | None = None, schedule: dict[int, int] | None = None,
+                 adapter_name: str | None = None, alpha_policy: str = "keep-scale") -> None:
         from ..errors import UsageError
 
         if target_rank < 1:
@@ -180,7 +183,8 @@ class SqueezeCallback(TrainerCallback):
         self.start_step, self.end_step = start_step, end_step
         self.stages, self.adapter_name, self.alpha_policy = stages, adapter_name, alpha_policy
         self.schedule = dict(schedule) if schedule else None
-        self.plan, self.history = [], []
+        self.plan: list[tuple[int, int]] = []  # (step, rank) still to apply
+        self.history: list[tuple[int, int]] = []  # (step, rank) applied
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.schedule:
