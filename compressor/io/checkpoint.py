@@ -12,31 +12,51 @@ import json
 import os
 import shutil
 import time
+from typing import TYPE_CHECKING, Any
 
 from ..errors import LowrankError, UsageError
 from .modeling_lowrank import CLASS_PREFIX, FORMAT_VERSION, MODEL_TYPE_PREFIX, lowrank_class
-from .publish import publish, staging_dir
+from .publish import new_staging_dir, publish, staging_dir
 from .shards import ShardWriter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 MODELING_FILE = "modeling_lowrank.py"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 NOT_COPIED = {"config.json", MODELING_FILE, "README.md", "compression_report.json", "compression_report.md"}
 
 
+def declared_copies(model):
+    """The names the model's class declares as tied copies of another tensor (the keys of `_tied_weights_keys`, e.g.
+    lm_head.weight tied to the input embeddings), whether or not its config ties them."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied) if not isinstance(tied, dict) else set(tied.keys())
+
+
+def shared_copies(named_tensors, declared=()):
+    """The names among `named_tensors` ((name, tensor) pairs) whose tensor is a tied copy: the same memory as another
+    one's (same data pointer, shape and dtype; an empty tensor is never a copy). Of each group one name owns the
+    tensor and is not returned: the first that is not in `declared` (see declared_copies), else the first.
+
+    Needs real tensors: on a weightless (meta) model every data pointer is 0; use tied_names there.
+    """
+    owners = {}
+    for name, tensor in named_tensors:
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else (name,)
+        owners.setdefault(key, []).append(name)
+    copies = set()
+    for names in owners.values():
+        owner = ([name for name in names if name not in declared] or names)[0]
+        copies.update(name for name in names if name != owner)
+    return copies
+
+
 def unique_state_dict(model):
     """The state dict with tied tensors stored once: a tied copy (e.g. lm_head tied to the embeddings) is dropped."""
     state = model.state_dict()
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    tied_targets = set(tied) if not isinstance(tied, dict) else set(tied.keys())
-    owners = {}
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else (name,)
-        owners.setdefault(key, []).append(name)
-    keep = set()
-    for names in owners.values():
-        untied = [name for name in names if name not in tied_targets]
-        keep.add((untied or names)[0])
-    return {name: tensor for name, tensor in state.items() if name in keep}
+    copies = shared_copies(state.items(), declared_copies(model))
+    return {name: tensor for name, tensor in state.items() if name not in copies}
 
 
 def base_class(cls):
@@ -57,11 +77,11 @@ def partition_keys(model, blocks_name, tied=()):
 
 
 def tied_names(model):
-    """Tensor names that are copies of others (e.g. lm_head tied to the input embeddings), stored once."""
+    """Tensor names that are copies of others (e.g. lm_head tied to the input embeddings), stored once: the declared
+    copies, when the config ties the word embeddings. Works on a weightless (meta) model too."""
     if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         return set()
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    return set(tied) if not isinstance(tied, dict) else set(tied.keys())
+    return declared_copies(model)
 
 
 def auto_map_for(model):
@@ -117,10 +137,7 @@ class CheckpointWriter:
 
     def __init__(self, output, max_shard_bytes, state=None):
         self.output = output
-        self.staging = staging_dir(output)
-        if state is None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            os.makedirs(self.staging)
+        self.staging = new_staging_dir(output) if state is None else staging_dir(output)
         self.shards = ShardWriter(self.staging, max_shard_bytes, state=state)
         self.seconds = 0.0  # time spent writing (the writes interleave with the compression)
 
@@ -135,9 +152,16 @@ class CheckpointWriter:
             self.shards.add(name, tensor)
 
     def state(self):
+        """What is written so far (JSON-serialisable, for `CheckpointWriter(..., state=)`), made durable first."""
         with self._timed():
             self.shards.sync()
         return self.shards.state()
+
+    def commit(self):
+        """Call once the state from `state()` is saved: deletes the staged data of the shards closed since the last
+        commit, which that state no longer needs. Everything the saved state refers to is durable by then: the open
+        shard's data was fsynced by `state()`, and each closed shard was fsynced (and renamed durably) as it closed."""
+        self.shards.commit()
 
     def finish(self, model, *, source, tokenizer, block, extra_files):
         """Write the rest (config, bundled modeling file, copied files, reports) and publish.
@@ -212,7 +236,7 @@ def register(config):
                                                       exist_ok=True)
 
 
-def load_pretrained(path, **kwargs):
+def load_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> "PreTrainedModel":
     """Load a lowrank checkpoint as a transformers model with LowRankLinear modules (no remote code needed).
 
     Keyword arguments go to `from_pretrained` (dtype, device_map, ...). The model class is the original

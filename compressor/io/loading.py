@@ -72,7 +72,11 @@ def read_config(source):
         raise LowrankError(f"{source.spec}: config.json is not valid JSON ({error})") from None
 
 
-def _model_class(config, trust_remote_code):
+def model_class(config, trust_remote_code):
+    """The transformers class that builds the model of config.json `config` (a dict, or None): the first of its
+    `architectures` that transformers has; else, for custom code (an `auto_map`, refused with a UsageError unless
+    `trust_remote_code`), the first of AutoModelForCausalLM, AutoModelForMaskedLM and AutoModel that the auto_map
+    names (AutoModel if none); without an auto_map, AutoModelForCausalLM."""
     import transformers
 
     architectures = (config or {}).get("architectures") or []
@@ -89,6 +93,9 @@ def _model_class(config, trust_remote_code):
         if auto in auto_map or not auto_map:
             return getattr(transformers, auto)
     return transformers.AutoModel
+
+
+_model_class = model_class  # removed once squeezing/extract.py imports model_class
 
 
 def torch_dtype(name):
@@ -133,7 +140,7 @@ def load_model(source, dtype="auto", trust_remote_code=False):
         kwargs["gguf_file"] = source.gguf_file
         cls = transformers.AutoModelForCausalLM
     else:
-        cls = _model_class(config, trust_remote_code)
+        cls = model_class(config, trust_remote_code)
     try:
         model = cls.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError, RuntimeError) as error:

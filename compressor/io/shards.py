@@ -14,6 +14,7 @@ import struct
 import torch
 
 from ..errors import LowrankError, UsageError
+from .publish import replacing
 
 DTYPES = {
     torch.float64: "F64",
@@ -105,12 +106,12 @@ class ShardWriter:
         header = {"__metadata__": {**self.metadata, "format": "pt"}, **self._entries}
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the spec aligns the data to 8 bytes
-        with open(path + ".tmp", "wb") as out, open(data_path, "rb") as data:
+        # durable (fsynced) once renamed: a state saved after this close says the shard's data file may go
+        with replacing(path) as temporary, open(temporary, "wb") as out, open(data_path, "rb") as data:
             out.write(struct.pack("<Q", len(blob)))
             out.write(blob)
             while chunk := data.read(1 << 24):
                 out.write(chunk)
-        os.replace(path + ".tmp", path)
         self._closed.append(data_path)
         self.shards.append((path, list(self._entries)))
         self._entries, self._data, self._size = {}, None, 0
@@ -125,6 +126,9 @@ class ShardWriter:
         return {"shards": self.shards, "entries": self._entries, "size": self._size, "total_bytes": self.total_bytes}
 
     def commit(self):
+        """Delete the staged data files of the shards closed since the last commit; call it once a state that
+        records those shards is saved. Each closed shard was fsynced (and its rename made durable) when it closed,
+        so its bytes survive a crash before its data file goes."""
         for path in self._closed:
             if os.path.exists(path):
                 os.remove(path)

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..errors import LowrankError, UsageError
 from .shards import INDEX_NAME, SINGLE_NAME
+from .tensors import resolve_key
 
 
 class TensorIndex:
@@ -47,22 +48,38 @@ class TensorIndex:
         return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
 
 
-@contextlib.contextmanager
 def weightless():
-    """Build modules with their parameters on the meta device (no memory) and their buffers real: buffers such
-    as rotary frequencies are computed in __init__ and are not in the checkpoint."""
-    register = nn.Module.register_parameter
+    """Build modules on the meta device (no memory; names and shapes only). Affects only this thread."""
+    return torch.device("meta")
 
-    def on_meta(module, name, param):
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
 
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
+def build_weightless(cls, config, dtype):
+    """The model of `config` built by transformers class `cls` with its parameters and persistent buffers on the
+    meta device (no memory) and its non-persistent buffers real.
+
+    This is how transformers' from_pretrained builds a model before it loads the weights, so the skeleton is the
+    in-memory model without its weights: construction under `torch.device("meta")` (thread-local, no global
+    state of ours), then each non-persistent buffer (rotary frequencies, position ids: computed, not stored) given
+    memory and computed by the model's own weight initialisation, which leaves the tensors that the checkpoint
+    holds alone (they are marked initialized, as from_pretrained marks the tensors it loaded). Computed this way,
+    a buffer is bit for bit the in-memory model's, even where __init__ computes it otherwise (GPT-J's rotary
+    table in bfloat16).
+    """
+    from transformers import initialization
+
+    # from_pretrained's own guard for custom code that calls .item() on torch.linspace in __init__
+    safe_creation = getattr(initialization, "meta_device_safe_creation_ops", contextlib.nullcontext)
+    build = cls.from_config if cls.__name__.startswith("Auto") else cls._from_config
+    with torch.device("meta"), safe_creation():
+        model = build(config, dtype=dtype)
+    for tensor in model.state_dict(keep_vars=True).values():
+        tensor._is_hf_initialized = True
+    for module in model.modules():
+        for leaf in module._non_persistent_buffers_set:
+            if module._buffers.get(leaf) is not None:
+                module._buffers[leaf] = torch.empty_like(module._buffers[leaf], device="cpu")
+    model.initialize_weights()
+    return model
 
 
 def set_tensor(module, name, tensor):
@@ -81,35 +98,25 @@ class Skeleton:
     def __init__(self, source, dtype, trust_remote_code=False):
         import transformers
 
-        from .loading import _model_class, read_config, torch_dtype
+        from .loading import model_class, read_config, torch_dtype
 
         config_dict = read_config(source)
         config = transformers.AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-        cls = _model_class(config_dict, trust_remote_code)
+        cls = model_class(config_dict, trust_remote_code)
         wanted = torch_dtype(dtype)
         if wanted == "auto":
             wanted = getattr(config, "dtype", None) or torch.float32
             wanted = getattr(torch, wanted) if isinstance(wanted, str) else wanted
         self.dtype = wanted
-        with weightless():
-            build = cls.from_config if cls.__name__.startswith("Auto") else cls._from_config
-            self.model = build(config, dtype=wanted)
+        self.model = build_weightless(cls, config, wanted)
         self.model.eval()
         self.index = TensorIndex(source.path)
-        self.prefix = getattr(self.model, "base_model_prefix", "")
-        self.prefix_keys = []  # tensors stored before the blocks, set by the caller from partition_keys
+        self.prefix = getattr(self.model, "base_model_prefix", "") or ""
 
     def key(self, name):
-        """The checkpoint key of model tensor `name` (checkpoints saved from the base model lack its prefix)."""
-        candidates = [name]
-        if self.prefix and name.startswith(self.prefix + "."):
-            candidates.append(name[len(self.prefix) + 1 :])
-        elif self.prefix:
-            candidates.append(f"{self.prefix}.{name}")
-        for candidate in candidates:
-            if candidate in self.index:
-                return candidate
-        return None
+        """The checkpoint key of model tensor `name`, or None (checkpoints saved from the base model lack its
+        prefix; see resolve_key)."""
+        return resolve_key(name, self.index, self.prefix)
 
     def load(self, name):
         key = self.key(name)
@@ -132,12 +139,19 @@ class Skeleton:
 
 
 class StreamingBlocks:
-    """BlockSource for the pipeline: blocks filled from the shards on demand and emptied when released."""
+    """BlockSource for the pipeline: blocks filled from the shards on demand and emptied when released.
 
-    def __init__(self, skeleton, blocks_name):
+    `prefix_keys` are the tensors stored before the blocks (`before` of checkpoint.partition_keys): what the
+    calibration forward needs up to the first block (the input embeddings), loaded for the capture only.
+    """
+
+    def __init__(self, skeleton, blocks_name, prefix_keys=None):
         self.skeleton = skeleton
         self.blocks_name = blocks_name
         self.blocks = skeleton.model.get_submodule(blocks_name)
+        if prefix_keys is None:  # removed once compression/api.py passes prefix_keys instead of setting the attribute
+            prefix_keys = getattr(skeleton, "prefix_keys", ())
+        self.prefix_keys = list(prefix_keys)
 
     def __len__(self):
         return len(self.blocks)
@@ -152,10 +166,10 @@ class StreamingBlocks:
         self.skeleton.empty(block)
 
     def open_capture(self, model, device):
-        for name in self.skeleton.prefix_keys:
+        for name in self.prefix_keys:
             set_tensor(model, name, self.skeleton.load(name).to(device))
 
     def close_capture(self, model):
-        for name in self.skeleton.prefix_keys:
+        for name in self.prefix_keys:
             set_tensor(model, name, torch.empty_like(model.get_parameter(name) if name in dict(
                 model.named_parameters()) else model.get_buffer(name), device="meta"))

@@ -12,6 +12,30 @@ from ..errors import LowrankError, UsageError
 from .shards import INDEX_NAME, check_checkpoint_files, read_header
 
 
+def resolve_key(name, keys, prefix=None):
+    """The checkpoint key that stores `name` (a tensor or module name of the model), or None.
+
+    `keys` holds (`in`) the checkpoint's keys. A checkpoint saved from the base model lacks the head model's prefix
+    (e.g. `model.`), one saved from the head model has it. `name` itself comes first; then, when the model's
+    `prefix` (its base_model_prefix, "" for none) is known, `name` with that prefix removed if it starts with it,
+    else added; when it is not (None: no model at hand), the one key that ends with `.name` or that `name` ends
+    with (`.key`), if exactly one does (`keys` must then be iterable).
+
+    modeling_lowrank.resolve_module_name applies the known-prefix rule to the modules of a built model; it keeps its
+    own copy because that file is bundled into every checkpoint and cannot import lowrank.
+    """
+    if name in keys:
+        return name
+    if prefix is None:
+        matches = [key for key in keys if key.endswith("." + name) or name.endswith("." + key)]
+        return matches[0] if len(matches) == 1 else None
+    if prefix:
+        other = name[len(prefix) + 1 :] if name.startswith(prefix + ".") else f"{prefix}.{name}"
+        if other in keys:
+            return other
+    return None
+
+
 class CheckpointTensors:
     def __init__(self, spec, trust_remote_code=False):
         from .loading import read_config, resolve_model
@@ -65,11 +89,9 @@ class CheckpointTensors:
         return self._handles[name].get_tensor(key)
 
     def find(self, module_weight):
-        """The key of a module's weight: exact, else the one key that ends with it (a model saved with or
-        without its outer prefix, e.g. `model.`)."""
-        if module_weight in self.shapes:
-            return module_weight
-        matches = [k for k in self.shapes if k.endswith("." + module_weight) or module_weight.endswith("." + k)]
-        if len(matches) == 1:
-            return matches[0]
+        """The key of a module's weight: exact, else the one key that ends with it or that it ends with (a model
+        saved with or without its outer prefix, e.g. `model.`; see resolve_key)."""
+        key = resolve_key(module_weight, self.shapes)
+        if key is not None:
+            return key
         raise LowrankError(f"{self.spec} has no weight {module_weight}; is it the base model of this adapter?")

@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager
 
 from ..errors import ReportError, UsageError
+from ..io.publish import write_atomic
 from .schema import EVALUATION_SCHEMA, validate_report
 
 # In a directory, the first of these that exists is its report: the most recent step comes first (a compensate
@@ -85,24 +86,6 @@ def _left_open(text):
         elif char in "]}":
             depth -= 1
     return in_string or depth > 0
-
-
-def write_atomic(path, text):
-    """Replace `path` with `text` through a temporary sibling, so a reader never sees half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.lowrank-partial")
-    try:
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(path):
-            os.chmod(temporary, os.stat(path).st_mode & 0o7777)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 @contextmanager
