@@ -60,7 +60,7 @@ class _Job:
 
         self.source = resolve_model(self.spec)
         check_output(self.output, self.source.local_dir, self.requested.overwrite)
-        self.streaming = choose_streaming(self.requested, self.source)
+        self.streaming = choose_streaming(self.requested, self.source, self.progress)
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         with ExitStack() as scope:
             scope.enter_context(torch.random.fork_rng(devices=cuda))  # the caller's RNG is left as it was
@@ -137,7 +137,8 @@ class _Job:
         self.writer = CheckpointWriter(self.output, self.config.max_shard_bytes, state=state) if self.main else None
         if self.journal:
             self.layers = [_layer_from_dict(entry) for entry in self.journal["layers"]]
-            if self.journal.get("ranks") is not None:
+            resume.load_spectra(self.staging, self.journal["blocks_done"], self.layers)
+            if self.journal.get("ranks") is not None:  # the allocation of the interrupted run, not recomputed
                 self.config = self.config.resolved(ranks=self.journal["ranks"])
 
     def compress(self):
@@ -146,8 +147,7 @@ class _Job:
         if self.streaming:
             from ..io.streaming import StreamingBlocks
 
-            self.skeleton.prefix_keys = self.before
-            blocks_source = StreamingBlocks(self.skeleton, self.blocks_name)
+            blocks_source = StreamingBlocks(self.skeleton, self.blocks_name, self.before)
         # only what lies outside the blocks: a reference to a block's weights would keep them alive beside the
         # factors
         outside = set(self.before) | set(self.after)
@@ -163,7 +163,7 @@ class _Job:
                 for name in self.before:
                     self.writer.add(name, tensor(name))
             result = compress_model(self.net, self.calibration.input_ids, self.config, progress=self.progress,
-                                    source=blocks_source, on_block_done=self.block_done,
+                                    source=blocks_source, on_block_done=self.block_done, on_planned=self.planned,
                                     resume=Resume(done, self.replay), dist=self.dist)
             if self.main:
                 for name in self.after:
@@ -185,6 +185,10 @@ class _Job:
                               f"{self.staging}: run the same command with --resume to continue") from None
         raise error
 
+    def planned(self, config):
+        """The config as compress_model resolved it: with allocated ranks, which the journal must keep."""
+        self.config = config
+
     def block_done(self, index, block, block_layers):
         """Write a finished block and journal it: from here on it survives a crash."""
         if not self.main:
@@ -193,11 +197,12 @@ class _Job:
         for name, value in block.state_dict().items():
             self.writer.add(prefix + name, value)
         self.layers.extend(block_layers)
+        resume.save_spectra(self.staging, index, block_layers)
         resume.save(self.staging, {"fingerprint": self.fingerprint, "blocks_done": index + 1,
                                    "writer": self.writer.state(),
                                    "layers": [layer_entry(layer) for layer in self.layers],
                                    "ranks": self.config.ranks})
-        self.writer.shards.commit()
+        self.writer.commit()
 
     def replay(self, index, block):
         """Rebuild block `index` as the earlier run left it, from the factors already written."""
@@ -230,24 +235,22 @@ class _Job:
             "settings": {**config.recorded(), "alloc_requested": requested.alloc},
         }
         params_after = self.params_before - sum(layer.params_before - layer.params_after for layer in self.layers)
-        report = build_report(
-            result=result, settings=config, calibration=self.calibration.provenance, source=self.source,
-            model_params_before=self.params_before, model_params_after=params_after,
-            bytes_dense=self.params_before * self.element_size, bytes_after=0, files=[],
-            dtype=self.dtype, command=self.command or invocation(), extra_timings=self.timings,
-        )
-        report["streamed"] = self.streaming
-        report["offload_budget_bytes"] = config.offload_budget
-        report["processes"] = self.dist.world if self.dist else 1
-        report["resumed_at_block"] = self.resumed_at or None
+        run = {"streamed": self.streaming, "offload_budget_bytes": config.offload_budget,
+               "processes": self.dist.world if self.dist else 1, "resumed_at_block": self.resumed_at or None}
 
         def extra_files(bytes_after, files, seconds):
-            report["size"].update(bytes_after=bytes_after, files=files)
-            report["timings_s"]["write_weights"] = round(seconds, 3)
+            """Called once the weights are written: the report, whole, and the files that render it."""
+            self.report = build_report(
+                result=result, settings=config, calibration=self.calibration.provenance, source=self.source,
+                model_params_before=self.params_before, model_params_after=params_after,
+                bytes_dense=self.params_before * self.element_size, bytes_after=bytes_after, files=files,
+                dtype=self.dtype, command=self.command or invocation(),
+                timings={**self.timings, **result.timings, "write_weights": seconds}, run=run,
+            )
             extra = {
-                "compression_report.json": json.dumps(report, indent=2) + "\n",
-                "compression_report.md": compression_markdown(report),
-                "README.md": model_card(report, self.output),
+                "compression_report.json": json.dumps(self.report, indent=2) + "\n",
+                "compression_report.md": compression_markdown(self.report),
+                "README.md": model_card(self.report, self.output),
             }
             spectra = spectra_bytes(self.layers)  # optional: read by `lowrank report --plot`
             if spectra is not None:
@@ -256,7 +259,7 @@ class _Job:
 
         self.writer.finish(self.net, source=self.source, tokenizer=self.tokenizer, block=block,
                            extra_files=extra_files)
-        return report
+        return self.report
 
 
 def _layer_from_dict(entry):

@@ -31,13 +31,14 @@ class Result:
 
 
 def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress: Progress = SILENT,
-                   source: Any = None, on_block_done: Callable | None = None, resume: Resume = Resume(),
-                   dist: Any = None) -> Result:
+                   source: Any = None, on_block_done: Callable | None = None, on_planned: Callable | None = None,
+                   resume: Resume = Resume(), dist: Any = None) -> Result:
     """Factorize `model` in place with calibration `input_ids` ([samples, seq_len]). Returns a Result.
 
     `config` may still hold requests ("auto"): they are resolved here. `source` says where blocks come from
     (default: the model's own, in memory); `on_block_done(index, block, layers)` sees each compressed block
-    before it is released; `resume` skips blocks an earlier run did (see sequential.walk_blocks)."""
+    before it is released; `on_planned(config)` sees the config as resolved, allocated ranks included, before
+    the first block; `resume` skips blocks an earlier run did (see sequential.walk_blocks)."""
     if config.alloc == "auto" or config.device == "auto" or isinstance(config.offload_budget, str):
         config, _ = resolve(config, model, streaming=source is not None, distributed=dist is not None)
     if dist is not None and (config.whole_model_reason() or config.refine_steps):
@@ -61,6 +62,8 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
         config = config.resolved(ranks=allocate_ranks(model, input_ids, targets, blocks_name, config, progress,
                                                       source, dist))
         timings["allocation"] = time.perf_counter() - begin
+    if on_planned is not None:
+        on_planned(config)
 
     def visit(index, block, names, collector):
         if dist is not None:

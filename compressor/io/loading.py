@@ -95,7 +95,6 @@ def model_class(config, trust_remote_code):
     return transformers.AutoModel
 
 
-_model_class = model_class  # removed once squeezing/extract.py imports model_class
 
 
 def torch_dtype(name):

@@ -145,12 +145,10 @@ class StreamingBlocks:
     calibration forward needs up to the first block (the input embeddings), loaded for the capture only.
     """
 
-    def __init__(self, skeleton, blocks_name, prefix_keys=None):
+    def __init__(self, skeleton, blocks_name, prefix_keys):
         self.skeleton = skeleton
         self.blocks_name = blocks_name
         self.blocks = skeleton.model.get_submodule(blocks_name)
-        if prefix_keys is None:  # removed once compression/api.py passes prefix_keys instead of setting the attribute
-            prefix_keys = getattr(skeleton, "prefix_keys", ())
         self.prefix_keys = list(prefix_keys)
 
     def __len__(self):

@@ -55,7 +55,9 @@ def layer_entry(layer):
 
 
 def build_report(*, result, settings, calibration, source, model_params_before, model_params_after,
-                 bytes_dense, bytes_after, files, dtype, command, extra_timings):
+                 bytes_dense, bytes_after, files, dtype, command, timings, run):
+    """The whole report, built once when the weights are written: `timings` in the order the phases ran, `run`
+    how the run was carried out (streamed, offload budget, processes, where it resumed)."""
     target_before = sum(layer.params_before for layer in result.layers)
     target_after = sum(layer.params_after for layer in result.layers)
     kept_t = _fraction(target_after, target_before)
@@ -68,7 +70,7 @@ def build_report(*, result, settings, calibration, source, model_params_before, 
         "command": command,
         "model": {"source": source.spec, "kind": source.kind, "dtype": dtype, "blocks": result.blocks_name},
         "method": {"name": settings.method, "propagate": settings.propagate, "damp": settings.damp,
-                   "alpha": settings.alpha if settings.method == "asvd" else None, "alloc": settings.alloc,
+                   "alpha": settings.alpha if settings.method_spec.uses_alpha else None, "alloc": settings.alloc,
                    "anchor": settings.anchor, "refit": settings.refit, "refine_steps": settings.refine_steps,
                    "error_definition": "||W x - W' x'|| / ||W x|| against the original model's stream"
                    if settings.anchor or settings.refit else "||(W - W') x|| / ||W x|| on the layer's inputs"},
@@ -87,9 +89,10 @@ def build_report(*, result, settings, calibration, source, model_params_before, 
             "list": [layer_entry(layer) for layer in result.layers],
         },
         "calibration": calibration,
-        "timings_s": {k: round(v, 3) for k, v in {**extra_timings, **result.timings}.items()},
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "peak_rss_bytes": peak_rss_bytes(),
         "evaluations": [],
+        **run,
     }
 
 
