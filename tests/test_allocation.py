@@ -167,3 +167,23 @@ def test_sensitivity_allocation_runs():
     result = compress_model(model, ids(), CompressConfig(ratio=0.5, alloc="sensitivity"))
     kept = sum(layer.params_after for layer in result.layers) / sum(layer.params_before for layer in result.layers)
     assert kept <= 0.5 and len({layer.rank for layer in result.layers}) > 2
+
+
+def test_the_rank_floor_yields_to_the_budget_and_says_so():
+    # 8 matrices 64 x 64: break-even rank 32, floor at 0.1 = rank 3 = 384 parameters each, 3,072 in all; a ratio
+    # of 0.05 leaves a budget of 1,638: the floor must shrink to fit (it used to spend the whole 3,072 silently).
+    shapes = {f"m{i}": (64, 64) for i in range(8)}
+    spectra = {name: torch.linspace(1, 0.01, 64) for name in shapes}
+    notes = []
+    ranks = allocate_global(spectra, shapes, 0.05, min_fraction=0.1, notes=notes)
+    spent = sum(r * 128 for r in ranks.values())
+    assert spent <= int(0.05 * 8 * 64 * 64)
+    assert len(notes) == 1 and "floor" in notes[0]
+    assert allocate_global(spectra, shapes, 0.5, min_fraction=0.1, notes=notes) and len(notes) == 1
+
+
+def test_a_budget_below_rank_one_everywhere_is_refused_with_the_numbers():
+    shapes = {f"m{i}": (64, 64) for i in range(8)}
+    spectra = {name: torch.linspace(1, 0.01, 64) for name in shapes}
+    with pytest.raises(UsageError, match="rank 1 for each of the 8 targeted matrices already costs 1,024"):
+        allocate_global(spectra, shapes, 0.001)

@@ -143,18 +143,41 @@ def run_until(command, out, blocks, sig, attempts=3):
     pytest.fail(f"the run finished before {blocks} blocks could be interrupted, {attempts} times")
 
 
+def every_file(directory):
+    """Every output file's bytes; the report and its renderings without what legitimately differs between an
+    interrupted-and-resumed run and a straight one (timings, the command line, where it resumed)."""
+    files = {}
+    for name in sorted(os.listdir(directory)):
+        data = open(os.path.join(directory, name), "rb").read()
+        if name == "compression_report.json":
+            report = json.loads(data)
+            for key in ("timings_s", "command", "resumed_at_block", "peak_rss_bytes"):
+                report.pop(key)
+            data = report
+        elif name.endswith(".md"):
+            data = [line for line in data.decode().splitlines()
+                    if not any(word in line for word in ("time", "memory", "compress ", "resumed"))]
+        files[name] = data
+    return files
+
+
 @pytest.mark.parametrize("stream", ["on", "off"])
 def test_sigkill_then_resume_gives_identical_output(deep_llama, calib_file, tmp_path, stream):
-    reference = str(tmp_path / "reference")
-    subprocess.run(compress_command(deep_llama, reference, calib_file, "--stream", stream), check=True, timeout=600)
+    # --alloc global: the resumed run must reuse the interrupted run's allocation (journaled), not recompute it
+    (tmp_path / "straight").mkdir()
+    reference = str(tmp_path / "straight" / "out")
+    subprocess.run(compress_command(deep_llama, reference, calib_file, "--stream", stream, "--alloc", "global"),
+                   check=True, timeout=600)
     out = str(tmp_path / "out")
-    code, _ = run_until(compress_command(deep_llama, out, calib_file, "--stream", stream), out, 6, signal.SIGKILL)
+    command = compress_command(deep_llama, out, calib_file, "--stream", stream, "--alloc", "global")
+    code, _ = run_until(command, out, 6, signal.SIGKILL)
     assert code == -signal.SIGKILL and not os.path.exists(out)
     assert 6 <= journal_blocks(out) < 16
-    done = subprocess.run(compress_command(deep_llama, out, calib_file, "--stream", stream, "--resume"),
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert weights_and_config(out) == weights_and_config(reference)
+    assert every_file(out) == every_file(reference)  # the spectra of the interrupted run's blocks included
+    timings = json.load(open(os.path.join(out, "compression_report.json")))["timings_s"]
+    assert "allocation" not in timings  # the journaled ranks were used: no second pass over the original model
     report = json.load(open(os.path.join(out, "compression_report.json")))
     assert report["resumed_at_block"] >= 6 and len(report["layers"]["list"]) == 16 * 7
     assert not os.path.exists(os.path.join(tmp_path, ".out.lowrank-partial"))
@@ -185,3 +208,31 @@ def test_two_gloo_processes_write_what_one_process_writes(llama_dir, calib_file,
     assert run.returncode == 0, run.stderr[-3000:]
     assert weights_and_config(one) == weights_and_config(two)
     assert json.load(open(os.path.join(two, "compression_report.json")))["processes"] == 2
+
+
+@pytest.mark.parametrize("hub, memory_factor, expected", [(True, 2, True), (False, 2, False), (False, 1.1, "error")])
+def test_default_calibration_does_not_switch_streaming_off(llama_dir, monkeypatch, hub, memory_factor, expected):
+    # With the defaults (--stream auto, --calib auto) a model over a quarter of memory must stream when calibration
+    # text is available (online, auto means WikiText-2); offline auto means --calib self, which needs the whole
+    # model: loaded whole if it fits (and said), refused with what to pass if it does not.
+    from lowrank.compression import plan
+    from lowrank.compression.config import CompressConfig
+    from lowrank.io.loading import resolve_model
+    from lowrank.progress import Progress
+
+    source = resolve_model(llama_dir)
+    size = plan.weight_bytes(source)
+    monkeypatch.setattr(plan, "memory_bytes", lambda: int(size * memory_factor))
+    monkeypatch.setattr(plan, "_hub_reachable", lambda: hub)
+    logged = []
+
+    class Log(Progress):
+        def log(self, message):
+            logged.append(message)
+
+    if expected == "error":
+        with pytest.raises(UsageError, match="do not fit in this machine's memory"):
+            plan.choose_streaming(CompressConfig(), source, Log())
+        return
+    assert plan.choose_streaming(CompressConfig(), source, Log()) is expected
+    assert bool(logged) is (not expected)

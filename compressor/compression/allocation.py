@@ -40,7 +40,10 @@ def allocate_ranks(model, input_ids, targets, blocks_name, config, progress=SILE
     ranks = None
     if dist is None or dist.main:
         shapes = {name: tuple(linear_shape(model.get_submodule(name))[:2]) for name in spectra}
-        ranks = allocate_global(spectra, shapes, config.ratio, config.min_rank_fraction, weights)
+        notes = []
+        ranks = allocate_global(spectra, shapes, config.ratio, config.min_rank_fraction, weights, notes)
+        for note in notes:
+            progress.log(note)
     return dist.broadcast_object(ranks) if dist else ranks
 
 

@@ -39,18 +39,38 @@ def weight_bytes(source) -> int | None:
                if name.endswith(".safetensors"))
 
 
-def choose_streaming(config: CompressConfig, source) -> bool:
-    """Stream when asked, or (auto) when a safetensors checkpoint outweighs a quarter of this machine's memory."""
+def choose_streaming(config: CompressConfig, source, progress=None) -> bool:
+    """Stream when asked, or (auto) when a safetensors checkpoint outweighs a quarter of this machine's memory.
+
+    Streaming needs calibration text: `--calib self` samples from the whole model. With the default `--calib
+    auto`, that is only the case offline (online it is WikiText-2), so a model that needs streaming streams
+    online; offline it is loaded whole if it fits in memory (said in the log), and refused with what to pass
+    if it does not."""
     size = weight_bytes(source)
+    memory = memory_bytes()
     why_not = None
     if not size:
         why_not = "only local safetensors checkpoints can be streamed"
     elif config.whole_model_reason():
         why_not = config.whole_model_reason()
-    elif config.calib in ("self", "auto"):
+    elif config.calib == "self" or (config.calib == "auto" and size > memory / 4 and not _hub_reachable()):
         why_not = "streaming needs calibration text (--calib FILE or a dataset): --calib self runs the whole model"
     if config.stream == "on" and why_not:
         raise UsageError(f"--stream: {why_not}")
-    if config.stream == "auto":
-        return why_not is None and size > memory_bytes() / 4
-    return config.stream == "on"
+    if config.stream != "auto":
+        return config.stream == "on"
+    if why_not is None:
+        return size > memory / 4
+    if size and size > memory / 4:
+        if size > 0.8 * memory:
+            raise UsageError(f"the weights ({size / 2**30:.1f} GiB) do not fit in this machine's memory "
+                             f"({memory / 2**30:.1f} GiB) and cannot be streamed: {why_not}")
+        if progress is not None:
+            progress.log(f"not streaming although the weights take {size / memory:.0%} of memory: {why_not}")
+    return False
+
+
+def _hub_reachable() -> bool:
+    from lowrank.calibration.text import hub_reachable
+
+    return hub_reachable()

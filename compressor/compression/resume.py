@@ -1,8 +1,9 @@
 """Durable progress: after every block the staging directory holds a journal, so `--resume` continues an
 interrupted run (crash, Ctrl-C, SIGKILL) from the first unfinished block and writes the same bytes.
 
-The journal records the settings' fingerprint, the blocks done, the shard writer's state and the per-layer
-results. Nothing else is saved: on resume the calibration states are recomputed by running the calibration
+The journal records the settings' fingerprint, the blocks done, the shard writer's state, the per-layer
+results and the allocated ranks (an allocation is the costliest pass before the blocks and is never recomputed);
+beside it each finished block's spectra (for the report's spectra file). Nothing else is saved: on resume the calibration states are recomputed by running the calibration
 windows through the already-compressed blocks, rebuilt from the factors already written, which is what the
 interrupted run did too, so the resumed blocks see bit-identical inputs.
 """
@@ -83,3 +84,32 @@ class StagedTensors:
         dtype = TORCH_DTYPES[entry["dtype"]]
         return torch.frombuffer(raw, dtype=dtype).reshape(entry["shape"]) if raw else torch.empty(
             entry["shape"], dtype=dtype)
+
+
+def _spectra_path(staging, index):
+    return os.path.join(staging, f".spectra-{index:05d}.safetensors")  # a dot file: finish() drops it
+
+
+def save_spectra(staging, index, layers):
+    """The singular values of block `index`'s factorized layers, durable before the journal names the block."""
+    from safetensors.torch import save
+
+    spectra = {layer.name: layer.sigma.contiguous() for layer in layers if layer.sigma is not None}
+    if not spectra:
+        return
+    with open(_spectra_path(staging, index), "wb") as f:
+        f.write(save(spectra))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_spectra(staging, blocks_done, layers):
+    """Give the journaled layers of blocks before `blocks_done` their spectra back."""
+    from safetensors.torch import load_file
+
+    sigma = {}
+    for index in range(blocks_done):
+        if os.path.exists(_spectra_path(staging, index)):
+            sigma.update(load_file(_spectra_path(staging, index)))
+    for layer in layers:
+        layer.sigma = sigma.get(layer.name)

@@ -7,6 +7,8 @@ break-even floor(m n / (m + n)) saves nothing, and that layer stays dense.
 
 from fractions import Fraction
 
+from ..errors import UsageError
+
 RATIO_DEFINITION = "fraction of the targeted linear layers' parameters that is kept (1 - ratio is removed)"
 
 
@@ -29,7 +31,7 @@ def factor_params(m, n, rank):
     return m * n if rank is None else rank * (m + n)
 
 
-def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None):
+def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None, notes=None):
     """Heterogeneous ranks under the same parameter budget as the uniform rule at `ratio`.
 
     spectra: {name: whitened singular values, descending}; dropping component i of matrix j costs sigma_ji^2
@@ -41,7 +43,9 @@ def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None):
     Components are taken greedily by score (the best next component of any matrix first) until the budget is
     spent. A matrix whose rank reaches break-even is stored dense (its last step costs what remains up to m n
     and recovers all the rest). Every matrix keeps at least `min_fraction` of its break-even rank (and at
-    least 1). Returns {name: rank, or None for dense}.
+    least 1), unless those floors alone would overspend the budget: then the floor yields (the largest fraction
+    that fits, said in `notes`), and a budget below rank 1 everywhere is refused with the numbers.
+    Returns {name: rank, or None for dense}.
     """
     import heapq
 
@@ -59,6 +63,7 @@ def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None):
             cost, gain = m * n - rank * (m + n), float(loss[rank:].sum())
         heapq.heappush(heap, (-gain / max(cost, 1), name, cost))
 
+    fraction = _floor_that_fits(shapes, budget, min_fraction, notes)
     spent = 0
     for name, sigma in spectra.items():
         m, n = shapes[name]
@@ -68,7 +73,7 @@ def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None):
         else:
             loss = loss * weights[name].double()
         losses[name] = loss
-        ranks[name] = max(1, int(min_fraction * break_even_rank(m, n)))
+        ranks[name] = max(1, int(fraction * break_even_rank(m, n)))
         spent += ranks[name] * (m + n)
     for name in ranks:
         push(name)
@@ -81,3 +86,24 @@ def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None):
         ranks[name] = None if ranks[name] + 1 >= break_even_rank(m, n) else ranks[name] + 1
         push(name)
     return ranks
+
+
+def _floor_that_fits(shapes, budget, min_fraction, notes):
+    """min_fraction, or the largest fraction below it whose floors fit in `budget` (1e-3 steps)."""
+    def cost(fraction):
+        return sum(max(1, int(fraction * break_even_rank(m, n))) * (m + n) for m, n in shapes.values())
+
+    if cost(min_fraction) <= budget:
+        return min_fraction
+    if cost(0.0) > budget:
+        raise UsageError(f"the ratio leaves a budget of {budget:,} parameters, but rank 1 for each of the "
+                         f"{len(shapes)} targeted matrices already costs {cost(0.0):,}; use a larger --ratio or "
+                         "fewer --targets")
+    low, high = 0, int(min_fraction * 1000)
+    while low < high:  # the largest step whose floors fit
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if cost(middle / 1000) <= budget else (low, middle - 1)
+    if notes is not None:
+        notes.append(f"--min-rank-fraction {min_fraction:g} would spend {cost(min_fraction):,} of the "
+                     f"{budget:,}-parameter budget on floors alone; the floor is {low / 1000:g} instead")
+    return low / 1000
