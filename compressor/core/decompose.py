@@ -13,11 +13,16 @@ so up @ down is the rank-r approximation of W that is optimal for || diag(d) (W 
     asvd    S = diag(mean|x|^alpha)   ASVD: per-channel activation scale
     corda   S = C = X^T X / N          CorDA: the covariance itself, a different weighting from whiten
     fwsvd   S = diag(sqrt(I))          FWSVD: Fisher importance per input feature (see fisher.py)
+
+Each method's weighting is in methods/; this module is the kernel they share.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+from ..errors import LowrankError
 
 
 @dataclass
@@ -79,17 +84,6 @@ class Factors:
     sigma: torch.Tensor  # full spectrum of the weighted matrix, float64, descending
 
 
-def count_below(symmetric, threshold):
-    """How many eigenvalues of a symmetric matrix are below `threshold`, without computing them: the inertia of
-    an LDL^T factorization of (A - threshold I) (Sylvester's law). Bunch-Kaufman's 2 x 2 pivots are indefinite,
-    one eigenvalue of each sign; a 1 x 1 pivot's sign is its own."""
-    shifted = symmetric - threshold * torch.eye(symmetric.shape[0], dtype=symmetric.dtype, device=symmetric.device)
-    factor, pivots = torch.linalg.ldl_factor(shifted)
-    one_by_one = pivots > 0
-    negative = int((torch.diagonal(factor)[one_by_one] < 0).sum())
-    return negative + int((~one_by_one).sum()) // 2
-
-
 def whitening(gram, damp):
     """Weighting with S S^T = G + damp * mean(diag G) * I (float64), S taken from an eigendecomposition when needed.
 
@@ -101,15 +95,16 @@ def whitening(gram, damp):
     gram = gram.to(torch.float64)
     n = gram.shape[0]
     scale = torch.diagonal(gram).mean().item()
+    if not math.isfinite(scale):  # NaN would pass for a dead input below (not NaN > 0)
+        raise LowrankError("the calibration statistics are not finite (the activations overflowed); run with "
+                           "--dtype float32, or bfloat16 for a float16 model")
     if not scale > 0:  # an input that is always zero: nothing the layer does reaches its output
         ones = torch.ones(n, dtype=torch.float64, device=gram.device)
         return Weighting(basis=torch.eye(n, dtype=torch.float64, device=gram.device), root=ones,
-                         info={"damp": damp, "floor": 0.0, "damped_directions": n, "dead": True})
+                         info={"damp": damp, "floor": 0.0, "dead": True})
     floor = damp * scale
     torch.diagonal(gram).add_(floor)
-    # Directions whose own variance is below the damping floor are mostly damping: worth knowing in the report.
-    damped = count_below(gram, 2 * floor)
-    return Weighting(gram=gram, info={"damp": damp, "floor": floor, "damped_directions": damped})
+    return Weighting(gram=gram, info={"damp": damp, "floor": floor})
 
 
 def _fix_signs(up, down):
@@ -154,8 +149,19 @@ def factorize(weight, weighting, rank):
         up, down = (weighted @ v[:, :rank]) / balance, weighting.times_right_inv(v[:, :rank].T) * balance[:, None]
     if weighting.row is not None:
         up = up / weighting.row[:, None]
-    up, down = _fix_signs(up, down)
+    up, down = _fix_signs(*_equal_norms(up, down))
     return Factors(up=up, down=down, sigma=sigma)
+
+
+def _equal_norms(up, down):
+    """Rescale each component so that its up column and down row have the same norm; the product is unchanged.
+    Balancing by sqrt(sigma) alone left the factors carrying the scale of the statistics: a whitening from N
+    tokens scales sigma by sqrt(N), so `up` grew as N^1/4 (3.5x from 1e3 to 1e5 tokens) and `down` shrank as
+    much, a risk of overflow or subnormals for factors stored in float16. Equal norms depend on W alone."""
+    up_norm, down_norm = up.norm(dim=0), down.norm(dim=1)
+    usable = (up_norm > 0) & (down_norm > 0)
+    scale = torch.where(usable, (down_norm / torch.where(usable, up_norm, 1)).sqrt(), torch.ones_like(up_norm))
+    return up * scale, down / scale[:, None]
 
 
 def spectrum(weight, weighting, left_vectors=False):

@@ -58,7 +58,8 @@ class FactorizedWeight(torch.Tensor):
         if name in cls._WRITES or (name.endswith("_") and not name.startswith("_")):
             raise RuntimeError(
                 "this layer is factorized (lowrank): its .weight is the read-only product up @ down, so it "
-                "cannot be changed in place. Merge LoRA adapters with lowrank.merge_adapter(model) instead."
+                "cannot be changed in place. Keep a LoRA adapter unmerged, or merge it into a dense copy: "
+                "`lowrank densify CHECKPOINT -o DENSE` (lowrank.densify), then merge there."
             )
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
@@ -71,7 +72,8 @@ class LowRankLinear(nn.Linear):
     linear layers treat it as the linear layer it replaces: an adapter on it sees the layer's input.
     """
 
-    def __init__(self, in_features, out_features, rank, bias=True, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device: "torch.device | str | None" = None, dtype: "torch.dtype | None" = None) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.down = Projection(in_features, rank, bias=False, device=device, dtype=dtype)
@@ -150,7 +152,7 @@ def _init_factors(model, module):
         init.zeros_(module.up.bias)
 
 
-_classes = {}
+_classes: dict = {}  # name -> generated class, so that each is made once
 
 
 def _make_config_class(base):

@@ -104,7 +104,9 @@ def spectra_bytes(layers):
 
     tensors = {layer.name: layer.sigma.to(torch.float32).contiguous()
                for layer in layers if getattr(layer, "sigma", None) is not None}
-    return save(tensors, metadata={"format": "pt", "content": "lowrank spectra"}) if tensors else None
+    # One metadata key: safetensors keeps metadata in a hash map, so with two keys their order in the header (and
+    # so the file's bytes) changed from one process to the next.
+    return save(tensors, metadata={"format": "pt"}) if tensors else None
 
 
 def read_spectra(directory):
