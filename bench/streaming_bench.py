@@ -28,6 +28,7 @@ def synthetic(layers):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from lowrank.io.publish import staged
     from lowrank.io.shards import ShardWriter
     from lowrank.io.streaming import weightless
 
@@ -42,21 +43,20 @@ def synthetic(layers):
                          architectures=["LlamaForCausalLM"])
     with weightless():
         model = LlamaForCausalLM(config)
-    os.makedirs(directory + ".tmp", exist_ok=True)
-    writer = ShardWriter(directory + ".tmp", 10**9)
-    generator = torch.Generator().manual_seed(layers)
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # tied to the embeddings
-        if name.endswith("norm.weight"):
-            value = torch.ones(tensor.shape)
-        else:
-            value = torch.randn(tensor.shape, generator=generator) * 0.02
-        writer.add(name, value)
-    writer.finish()
-    config.save_pretrained(directory + ".tmp")
-    tokenizer.save_pretrained(directory + ".tmp")
-    os.replace(directory + ".tmp", directory)
+    with staged(directory) as staging:  # a build cut short is never mistaken for a finished one
+        writer = ShardWriter(staging, 10**9)
+        generator = torch.Generator().manual_seed(layers)
+        for name, tensor in model.state_dict().items():
+            if name == "lm_head.weight":
+                continue  # tied to the embeddings
+            if name.endswith("norm.weight"):
+                value = torch.ones(tensor.shape)
+            else:
+                value = torch.randn(tensor.shape, generator=generator) * 0.02
+            writer.add(name, value)
+        writer.finish()
+        config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return directory
 
 

@@ -227,7 +227,7 @@ def tables(runs, results, verdict, top):
 
 def _write(path, text):
     from lowrank.errors import LowrankError
-    from lowrank.report.files import write_atomic
+    from lowrank.io.publish import write_atomic
 
     try:
         write_atomic(path, text)

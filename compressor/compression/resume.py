@@ -15,6 +15,7 @@ import os
 import torch
 
 from ..errors import UsageError
+from ..io.publish import write_atomic
 from ..io.shards import DTYPES
 
 JOURNAL = ".lowrank-journal.json"
@@ -39,17 +40,8 @@ def load(staging):
 
 
 def save(staging, journal):
-    path = os.path.join(staging, JOURNAL)
-    with open(path + ".tmp", "w") as f:
-        json.dump(journal, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    directory = os.open(staging, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    # durable: write_atomic fsyncs the file before the rename and the directory after it
+    write_atomic(os.path.join(staging, JOURNAL), json.dumps(journal))
 
 
 def check(journal, expected, staging):

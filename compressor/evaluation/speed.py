@@ -15,16 +15,14 @@ from functools import partial
 
 import torch
 
+from ..io.checkpoint import shared_copies
+
 
 def weights_bytes(model):
     """Bytes of the model's parameters and buffers, tied tensors counted once."""
-    seen, total = set(), 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
-        if tensor.numel() and key not in seen:
-            seen.add(key)
-            total += tensor.numel() * tensor.element_size()
-    return total
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    copies = shared_copies(named)
+    return sum(tensor.numel() * tensor.element_size() for name, tensor in named if name not in copies)
 
 
 def _sync(device):

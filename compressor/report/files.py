@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 
 from ..errors import ReportError, UsageError
-from ..io.publish import write_atomic
+from ..io.publish import partial_path, write_atomic
 from .schema import EVALUATION_SCHEMA, validate_report
 
 # In a directory, the first of these that exists is its report: the most recent step comes first (a compensate
@@ -150,7 +150,7 @@ def check_writable(path):
 
 def _create(path, text):
     """Create `path` holding `text` atomically; False if it already exists (then the caller appends instead)."""
-    temporary = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.lowrank-partial")
+    temporary = partial_path(path)
     with open(temporary, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()

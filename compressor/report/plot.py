@@ -10,6 +10,7 @@ import importlib.util
 import os
 
 from ..errors import UsageError
+from ..io.publish import replacing
 
 
 def check_available():
@@ -76,11 +77,8 @@ def plot(runs, path, spectra):
         ax.set_title(f"singular-value spectra of the decomposed (weighted) matrices, {len(names)} layers "
                      "(dot: kept rank; colour: layer order)")
     figure.tight_layout()
-    temporary = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.lowrank-partial")
     try:
-        figure.savefig(temporary, format="png", dpi=100, metadata={"Software": None})
-        os.replace(temporary, path)
+        with replacing(path) as temporary:  # its name ends in .lowrank-partial: the format is given
+            figure.savefig(temporary, format="png", dpi=100, metadata={"Software": None})
     finally:
         plt.close(figure)
-        if os.path.exists(temporary):
-            os.remove(temporary)

@@ -11,12 +11,12 @@ modules_to_save, like PEFT does. Unchanged layers are left out. The output is a 
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from ..errors import LowrankError, UsageError
-from ..io.publish import check_output, publish, staging_dir
+from ..io.publish import check_output, staged
 from .formats import peft_patterns
-from .output import remove_quietly
 from .plan import Job, choose_ranks, error_if_nonfinite, factor_dtype, output_scale, rank_cap, rule_tag, with_budget
 from .report import (
     algorithm_info,
@@ -196,11 +196,8 @@ def _write(base, finetuned, jobs, ranks, saved, output, plan, notes, info, *, an
 
     layers = []
     bias_lora = any(job.delta.bias_changed for job in jobs)
-    staging = None if analyze else staging_dir(output)
-    try:
+    with (nullcontext() if analyze else staged(output)) as staging:  # analyze: staging None, nothing written
         if staging:
-            remove_quietly(staging)
-            os.makedirs(staging)
             writer = ShardWriter(staging, 2**62, prefix="adapter_model")
         progress.start("write", len(jobs))
         start = time.perf_counter()
@@ -245,11 +242,6 @@ def _write(base, finetuned, jobs, ranks, saved, output, plan, notes, info, *, an
                        extra={"mode": "plan" if analyze else "extract", "dense_params": params_dense})
         if staging:
             write_report_files(report, staging)
-            publish(staging, output)
-    except BaseException:
-        if staging:
-            remove_quietly(staging)
-        raise
     return report
 
 

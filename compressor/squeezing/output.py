@@ -1,11 +1,10 @@
-"""Where a squeezed adapter goes: its default name, the checks made before any work, and cleaning up a staging copy.
+"""Where a squeezed adapter goes: its default name and the checks made before any work.
 
 PEFT adapters and extracted LoRAs are directories (checked by io.publish.check_output); kohya / diffusers adapters
 are single .safetensors files.
 """
 
 import os
-import shutil
 
 from ..errors import UsageError
 from ..io.publish import check_output
@@ -37,10 +36,3 @@ def check_adapter_output(source, output, overwrite):
         raise UsageError(f"{output} already exists; pass --overwrite to replace it")
     if not os.path.isdir(os.path.dirname(out)):
         raise UsageError(f"the parent directory of {output} does not exist")
-
-
-def remove_quietly(path):
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.exists(path):
-        os.remove(path)

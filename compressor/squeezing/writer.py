@@ -13,9 +13,8 @@ from contextlib import closing
 
 from .. import __version__
 from ..errors import LowrankError
-from ..io.publish import publish, staging_dir
+from ..io.publish import new_staging_dir, publish
 from .formats import CONFIG_NAME, LEGACY_NAME, SAFETENSORS_NAME, kohya_metadata, squeezed_config
-from .output import remove_quietly
 from .plan import decompose, error_if_nonfinite, factor_dtype, module_rank, ordered_results, output_scale, rule_warnings
 from .report import algorithm_info, build, rule_info, scaling_info, source_info, squeeze_layer_entry, write_report_files
 
@@ -27,9 +26,7 @@ def write_adapter(source, jobs, ranks, output, plan, notes, *, base, progress, c
     (one pass); else the ranks of pass 1 (--budget), with the modules' decompositions already made."""
     from ..io.shards import ShardWriter
 
-    staging = staging_dir(output)
-    remove_quietly(staging)
-    os.makedirs(staging)
+    staging = new_staging_dir(output)
     start = time.perf_counter()
     try:
         target = os.path.join(staging, source.subfolder) if source.subfolder else staging
