@@ -8,12 +8,11 @@ with model.safetensors.index.json).
 
 import json
 import os
-import re
 import struct
 
 import torch
 
-from ..errors import LowrankError, UsageError
+from ..errors import LowrankError
 from .publish import replacing
 
 DTYPES = {
@@ -34,17 +33,6 @@ if hasattr(torch, "float8_e4m3fn"):
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-
-def parse_size(text):
-    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?i?b?)\s*", str(text).lower())
-    if not match:
-        raise UsageError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB")
-    number, unit = float(match.group(1)), match.group(2).rstrip("b")
-    base = 1024 if unit.endswith("i") else 1000
-    power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.rstrip("i")]
-    return int(number * base**power)
 
 
 def tensor_bytes(tensor):

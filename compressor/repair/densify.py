@@ -19,12 +19,13 @@ import shutil
 from .. import __version__
 from ..errors import LowrankError
 from ..io.checkpoint import MODELING_FILE, WEIGHT_SUFFIXES, read_lowrank_config
-from ..io.publish import check_output, publish, staging_dir
-from ..io.shards import INDEX_NAME, SINGLE_NAME, ShardWriter, check_checkpoint_files, parse_size
+from ..io.publish import check_output, staged
+from ..io.shards import INDEX_NAME, SINGLE_NAME, ShardWriter, check_checkpoint_files
 from ..progress import SILENT, Progress, ticker
 from ..report.compression import SPECTRA_FILE
 from ..report.format import human_bytes
 from ..report.summary import DENSIFY_MARKER
+from ..units import parse_size
 
 FORMAT_VERSION = 1
 # Not copied: what densify writes itself, the custom code, and the spectra file (vLLM loads every *.safetensors
@@ -99,59 +100,53 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
     conv = _conv1d_layers(config, block)
     factor_keys = {f"{name}.{part}": name for name in ranks for part in ("down.weight", "up.weight", "up.bias")}
 
-    staging = staging_dir(output)
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    handles = {}
+    handles = {}  # the input's shards, opened as needed; closed at the end even on a failure
     try:
-        def tensor(key):
-            shard = weight_map[key]
-            if shard not in handles:
-                handles[shard] = safe_open(os.path.join(checkpoint, shard), "pt")
-            return handles[shard].get_tensor(key)
+        with staged(output) as staging:
+            def tensor(key):
+                shard = weight_map[key]
+                if shard not in handles:
+                    handles[shard] = safe_open(os.path.join(checkpoint, shard), "pt")
+                return handles[shard].get_tensor(key)
 
-        writer = ShardWriter(staging, max_shard_bytes)
-        tick = ticker(progress, "layers", max(len(ranks), 1), lambda done: f"{done}/{len(ranks)} layers multiplied")
-        params = 0
-        for key in sorted(weight_map):  # sorted: the same input always gives the same bytes
-            layer = factor_keys.get(key)
-            if layer is None:
-                value = tensor(key)
-                writer.add(key, value)
-                params += value.numel()
-            elif key.endswith("down.weight"):
-                down, up = tensor(key), tensor(f"{layer}.up.weight")
-                weight = (up.to(torch.float32) @ down.to(torch.float32)).to(down.dtype)
-                if layer in conv:
-                    weight = weight.T.contiguous()
-                writer.add(f"{layer}.weight", weight)
-                params += weight.numel()
-                tick()
-            elif key.endswith("up.bias"):
-                value = tensor(key)
-                writer.add(f"{layer}.bias", value)
-                params += value.numel()
-        files = writer.finish()
-        weight_bytes = sum(os.path.getsize(os.path.join(staging, name)) for name in files)
-        marker = {"format_version": FORMAT_VERSION, "tool_version": __version__,
-                  "source": os.path.abspath(checkpoint), "base_model": block.get("base_model"),
-                  "method": block.get("method"), "ratio": block.get("ratio"),
-                  "ratio_definition": block.get("ratio_definition"), "densified_layers": len(ranks),
-                  "ranks": ranks, "architectures": list(block["base_architectures"]), "params": params,
-                  "bytes": weight_bytes}
-        for name in sorted(os.listdir(checkpoint)):
-            path = os.path.join(checkpoint, name)
-            if os.path.isfile(path) and name not in NOT_COPIED and not name.endswith(WEIGHT_SUFFIXES):
-                shutil.copy2(path, os.path.join(staging, name))
-        with open(os.path.join(staging, "config.json"), "w") as f:
-            json.dump(dense_config(config, marker), f, indent=2, sort_keys=True)
-            f.write("\n")
-        with open(os.path.join(staging, "README.md"), "w") as f:
-            f.write(model_card(output, marker))
-        publish(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            writer = ShardWriter(staging, max_shard_bytes)
+            tick = ticker(progress, "layers", max(len(ranks), 1), lambda done: f"{done}/{len(ranks)} layers multiplied")
+            params = 0
+            for key in sorted(weight_map):  # sorted: the same input always gives the same bytes
+                layer = factor_keys.get(key)
+                if layer is None:
+                    value = tensor(key)
+                    writer.add(key, value)
+                    params += value.numel()
+                elif key.endswith("down.weight"):
+                    down, up = tensor(key), tensor(f"{layer}.up.weight")
+                    weight = (up.to(torch.float32) @ down.to(torch.float32)).to(down.dtype)
+                    if layer in conv:
+                        weight = weight.T.contiguous()
+                    writer.add(f"{layer}.weight", weight)
+                    params += weight.numel()
+                    tick()
+                elif key.endswith("up.bias"):
+                    value = tensor(key)
+                    writer.add(f"{layer}.bias", value)
+                    params += value.numel()
+            files = writer.finish()
+            weight_bytes = sum(os.path.getsize(os.path.join(staging, name)) for name in files)
+            marker = {"format_version": FORMAT_VERSION, "tool_version": __version__,
+                      "source": os.path.abspath(checkpoint), "base_model": block.get("base_model"),
+                      "method": block.get("method"), "ratio": block.get("ratio"),
+                      "ratio_definition": block.get("ratio_definition"), "densified_layers": len(ranks),
+                      "ranks": ranks, "architectures": list(block["base_architectures"]), "params": params,
+                      "bytes": weight_bytes}
+            for name in sorted(os.listdir(checkpoint)):
+                path = os.path.join(checkpoint, name)
+                if os.path.isfile(path) and name not in NOT_COPIED and not name.endswith(WEIGHT_SUFFIXES):
+                    shutil.copy2(path, os.path.join(staging, name))
+            with open(os.path.join(staging, "config.json"), "w") as f:
+                json.dump(dense_config(config, marker), f, indent=2, sort_keys=True)
+                f.write("\n")
+            with open(os.path.join(staging, "README.md"), "w") as f:
+                f.write(model_card(output, marker))
     finally:
         handles.clear()
     return {"source": checkpoint, "output": output, "densified_layers": len(ranks), "params": params,

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import UsageError
+from ..units import parse_size
 from .format import human_bytes
 from .summary import decomposed_layers, latest
 
@@ -48,7 +49,6 @@ def parse_gate(option, text):
     raw = str(text).strip()
     try:
         if spec.unit == "bytes":
-            from ..io.shards import parse_size  # here: shards imports torch, which `lowrank report` otherwise avoids
 
             value = parse_size(raw)
         elif spec.unit == "fraction" and raw.endswith("%"):
