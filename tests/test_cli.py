@@ -152,3 +152,19 @@ def test_recorded_command_is_the_one_typed(monkeypatch):
     assert invocation() == "lowrank squeeze a"
     monkeypatch.setattr(sys, "argv", ["run.py", "--fast"])
     assert invocation() == "python run.py --fast"
+
+
+@pytest.mark.parametrize("where, phase", [("lowrank.calibration.load_calibration", "preparing the calibration data"),
+                                          ("lowrank.compression.api.load_model", "loading the model")])
+def test_ctrl_c_before_the_first_block_says_what_was_interrupted(where, phase, llama_dir, calib_file, tmp_path,
+                                                                   capsys, monkeypatch):
+    # typer turns a KeyboardInterrupt into a silent exit 130: the library must say what it interrupted
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(where, interrupt)
+    out = str(tmp_path / "out")
+    code, _, err = run(["compress", llama_dir, "-o", out, "--calib", calib_file, "--num-samples", "8",
+                        "--seq-len", "64", "-q"], capsys)
+    assert code == 130 and f"interrupted while {phase}; nothing was written" in err.strip().splitlines()[-1]
+    assert "Traceback" not in err and not os.path.exists(out)

@@ -67,13 +67,25 @@ class _Job:
             torch.manual_seed(self.requested.seed)
             # flat memory over any depth; costs ~30% on the block passes (page faults), so only when streaming
             scope.enter_context(returnable_large_allocations() if self.streaming else nullcontext())
-            self.load()
-            self.calibrate()
-            self.open_journal()
-            result = self.compress()
-            if not self.main:
-                return None
-            return self.write(result)
+            try:
+                for self.phase, step in (("loading the model", self.load),
+                                         ("preparing the calibration data", self.calibrate),
+                                         ("reading the resume journal", self.open_journal)):
+                    step()
+                self.phase = "compressing the first block"
+                result = self.compress()
+                if not self.main:
+                    return None
+                self.phase = "writing the output"
+                return self.write(result)
+            except KeyboardInterrupt:
+                journal = resume.load(self.staging) if getattr(self, "staging", None) else None
+                if journal is not None:
+                    raise Interrupted(f"interrupted while {self.phase} after block {journal['blocks_done']}; the "
+                                      f"work so far is kept in {self.staging}: run the same command with --resume "
+                                      "to continue") from None
+                raise Interrupted(f"interrupted while {self.phase}; nothing was written (an output appears only "
+                                  "when it is complete)") from None
 
     def load(self):
         start = time.perf_counter()
