@@ -80,6 +80,7 @@ def eval_command(
 
     from .ui import RichProgress, print_json, quiet_libraries
 
+    _check_task_options(limit, num_fewshot)
     quiet_libraries(verbose)
     target = _record_target(record, output, model, adapter)
     with RichProgress(quiet=quiet, verbose=verbose) as progress:
@@ -113,6 +114,16 @@ def _record_target(record, output, model, adapter):
     elif output:
         raise UsageError("--output and --no-record contradict each other; pass one of them")
     return target
+
+
+def _check_task_options(limit, num_fewshot):
+    """lm-eval's options, refused before any model is loaded (lm-eval itself would only fail once it runs)."""
+    from lowrank.validation import check_int, check_number
+
+    if limit is not None:
+        check_number("--limit", limit, 0, strict=True)
+    if num_fewshot is not None:
+        check_int("--num-fewshot", num_fewshot, 0)
 
 
 def _say_where(target, index, record, model, adapter):

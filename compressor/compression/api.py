@@ -12,6 +12,7 @@ from contextlib import ExitStack, nullcontext
 from dataclasses import replace
 
 from .. import __version__
+from ..calibration.text import check_source
 from ..core.ranks import RATIO_DEFINITION
 from ..device import resolve_device
 from ..environment import invocation
@@ -60,6 +61,7 @@ class _Job:
 
         self.source = resolve_model(self.spec)
         check_output(self.output, self.source.local_dir, self.requested.overwrite)
+        check_source(self.requested.calib)  # a mistyped --calib path fails now, not once the model is loaded
         self.streaming = choose_streaming(self.requested, self.source, self.progress)
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         with ExitStack() as scope:

@@ -9,12 +9,12 @@ the allocation that applies, `device="auto"` a device, `offload_budget` a byte c
 ranks. The engine only ever sees a resolved config.
 """
 
-import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from ..errors import UsageError
 from ..methods import METHODS, Method, get_method
 from ..units import parse_size
+from ..validation import check_calibration, check_int, check_number
 
 ALLOCATIONS = ("auto", "uniform", "global", "fisher", "sensitivity")
 STREAM_MODES = ("auto", "on", "off")
@@ -81,14 +81,11 @@ class CompressConfig:
         if self.anchor and not self.propagate:
             raise UsageError("anchored fitting compares the compressed stream with the original one: it needs "
                              "propagation")
-        _check_int("--num-samples", self.num_samples, 1)
-        if self.seq_len is not None:
-            _check_int("--seq-len", self.seq_len, 2)
-        _check_int("--batch-size", self.batch_size, 1)
-        _check_int("--refine-steps", self.refine_steps, 0)
-        _check_number("--damp", self.damp, 0)
-        _check_number("--alpha", self.alpha)
-        _check_number("--refine-lr", self.refine_lr, 0, strict=True)
+        check_calibration(self.num_samples, self.seq_len, self.batch_size)
+        check_int("--refine-steps", self.refine_steps, 0)
+        check_number("--damp", self.damp, 0)
+        check_number("--alpha", self.alpha)
+        check_number("--refine-lr", self.refine_lr, 0, strict=True)
         if not (isinstance(self.min_rank_fraction, (int, float)) and 0 <= self.min_rank_fraction <= 1):
             raise UsageError(f"--min-rank-fraction must be in [0, 1], got {self.min_rank_fraction}")
         if self.dtype not in DTYPES:
@@ -158,18 +155,3 @@ def memory_bytes() -> int:
     import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _check_int(option, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{option} must be a whole number of at least {minimum}, got {value!r}")
-
-
-def _check_number(option, value, minimum=None, strict=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and minimum is not None:
-        ok = value > minimum if strict else value >= minimum
-    if not ok:
-        bound = "" if minimum is None else f" {'above' if strict else 'at least'} {minimum}"
-        raise UsageError(f"{option} must be a finite number{bound}, got {value!r}")
-

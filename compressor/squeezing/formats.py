@@ -141,10 +141,16 @@ def _open_weights(path):
         except Exception as error:  # noqa: BLE001  (safetensors raises its own error types)
             raise LowrankError(f"{os.path.basename(path)} is not a readable safetensors file ({error})") from None
         return handle, {k: (header[k]["dtype"], tuple(header[k]["shape"])) for k in keys}, metadata, keys
+    import pickle
+
     import torch
+
+    from ..io.loading import refused_pickle
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # objects other than tensors: refused, never loaded another way
+        raise refused_pickle(path, error) from None
     except Exception as error:  # noqa: BLE001
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise LowrankError(f"cannot read {os.path.basename(path)} as a weights-only PyTorch file ({first})") from None
