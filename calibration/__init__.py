@@ -48,7 +48,9 @@ def draw_windows(stream, num_samples, seq_len, seed, source):
 
 
 def load_calibration(spec, model, tokenizer, num_samples, seq_len=None, seed=0, split="train", text_column="text",
-                     progress=SILENT):
+                     progress=SILENT, device=None):
+    """[num_samples, seq_len] token ids on the CPU and their provenance. `device`: where `self` samples (default:
+    where the model is)."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if seq_len is None:  # the papers' length, or the model's maximum when that is shorter
         seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
@@ -69,7 +71,7 @@ def load_calibration(spec, model, tokenizer, num_samples, seq_len=None, seed=0, 
     if spec == "self":
         from .selfgen import generate
 
-        ids = generate(model, num_samples, seq_len, seed)
+        ids = generate(model, num_samples, seq_len, seed, device=device)
         digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
         return Calibration(ids, {**base, "source": "self", "kind": "self", "sha256_tokens": digest})
     if tokenizer is None:

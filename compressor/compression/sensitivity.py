@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import decompose
-from ..core.fisher import has_lm_head
+from ..core.fisher import has_lm_head, staged
 from ..core.ranks import exact_ratio, uniform_rank
 from ..errors import UsageError
 from ..methods.whiten import whiten_weighting
@@ -47,7 +47,8 @@ def layer_factors(model, input_ids, targets, blocks_name, config, progress):
                 weightings[id(stats)] = whiten_weighting(stats, config.damp)
             weight = dense_weight(block.get_submodule(rel))
             full = decompose.factorize(weight, weightings[id(stats)], min(weight.shape))
-            factors[name] = (full.up.float(), full.down.float())
+            # kept on the CPU until measured: full-rank factors of every layer would outgrow a GPU
+            factors[name] = (full.up.float().cpu(), full.down.float().cpu())
         return []
 
     options = WalkOptions(batch_size=config.batch_size, device=config.device, propagate=False)
@@ -60,22 +61,24 @@ def measure(model, input_ids, factors, config, progress=SILENT, samples=2):
     if not has_lm_head(model):
         raise UsageError("--alloc sensitivity measures the language-model loss: it needs a causal LM")
     data = input_ids[:samples]
-    base = loss(model, data, config.device)
-    table = {}
-    progress.start("sensitivity", len(factors))
-    for name, (up, down) in factors.items():
-        module = model.get_submodule(name)
-        m, n = up.shape[0], down.shape[1]
-        original = dense_weight(module).clone()
-        table[name] = {}
-        for keep in CANDIDATES:
-            rank = uniform_rank(m, n, keep)
-            if rank is None:
-                continue
-            _set_weight(module, up[:, :rank] @ down[:rank])
-            table[name][keep] = loss(model, data, config.device) - base
-        _set_weight(module, original)
-        progress.advance("sensitivity", name)
+    with staged(model, config.device):  # the loss is the whole model's, on the windows moved to the device
+        base = loss(model, data, config.device)
+        table = {}
+        progress.start("sensitivity", len(factors))
+        for name, (up, down) in factors.items():
+            module = model.get_submodule(name)
+            up, down = up.to(config.device), down.to(config.device)
+            m, n = up.shape[0], down.shape[1]
+            original = dense_weight(module).clone()
+            table[name] = {}
+            for keep in CANDIDATES:
+                rank = uniform_rank(m, n, keep)
+                if rank is None:
+                    continue
+                _set_weight(module, up[:, :rank] @ down[:rank])
+                table[name][keep] = loss(model, data, config.device) - base
+            _set_weight(module, original)
+            progress.advance("sensitivity", name)
     return table
 
 

@@ -13,6 +13,9 @@ Per-sample gradients come from each layer's input x_s and output gradient g_s: d
 parameter .grad is ever allocated.
 """
 
+from contextlib import contextmanager
+from itertools import chain
+
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +55,27 @@ def output_importance(model, input_ids, names, batch_size, device, progress=None
     return _accumulate_gradients(model, input_ids, names, batch_size, device, per_layer, progress, "--alloc fisher")
 
 
+@contextmanager
+def staged(model, device):
+    """The whole model on `device` for the duration, then back: a backward pass (or a generation) needs every
+    layer at once, while the rest of lowrank keeps the model on the CPU and brings one block at a time. The
+    original tensors themselves are put back, so nothing is copied back, the weights are bit for bit what they
+    were, and references taken earlier (a state dict) still see the model's own storage."""
+    target = torch.device(device)
+    moved = []
+    with torch.no_grad():
+        for tensor in chain(model.parameters(), model.buffers()):  # each tensor once (tied weights too)
+            if tensor.device.type != target.type or target.index not in (None, tensor.device.index):
+                moved.append((tensor, tensor.data))
+                tensor.data = tensor.data.to(target)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for tensor, data in moved:
+                tensor.data = data
+
+
 def _accumulate_gradients(model, input_ids, names, batch_size, device, per_layer, progress, who):
     """Backward passes of the per-sample mean token loss over `input_ids`; for each named layer, the sum over
     batches of per_layer(output gradient, input), divided by the number of samples."""
@@ -81,15 +105,16 @@ def _accumulate_gradients(model, input_ids, names, batch_size, device, per_layer
     model.requires_grad_(False)
     embeddings = model.get_input_embeddings()
     try:
-        for batch in input_ids.split(batch_size):
-            batch = batch.to(device)
-            embeds = embeddings(batch).detach().requires_grad_(True)
-            logits = model(inputs_embeds=embeds, use_cache=False).logits.float()
-            # the sum over samples of each sample's mean token loss: per-sample gradients stay separate
-            losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none").mean(1)
-            losses.sum().backward()
-            if progress is not None:
-                progress()
+        with staged(model, device):  # the batches go to `device`: so does the model
+            for batch in input_ids.split(batch_size):
+                batch = batch.to(device)
+                embeds = embeddings(batch).detach().requires_grad_(True)
+                logits = model(inputs_embeds=embeds, use_cache=False).logits.float()
+                # the sum over samples of each sample's mean token loss: per-sample gradients stay separate
+                losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none").mean(1)
+                losses.sum().backward()
+                if progress is not None:
+                    progress()
     finally:
         for handle in handles:
             handle.remove()
@@ -97,3 +122,4 @@ def _accumulate_gradients(model, input_ids, names, batch_size, device, per_layer
             param.requires_grad_(flag)
     samples = input_ids.shape[0]
     return {name: value / samples for name, value in totals.items()}
+

@@ -76,10 +76,18 @@ def check_match(original, compressed, names, rank):
             raise UsageError(f"--rank {rank} exceeds what {name} ({a[0]}x{a[1]}) allows: at most {min(a)}")
 
 
+def _dense_on(module, device):
+    """A compressed layer's (out x in) weight on `device`: a factorized layer's product up @ down is formed there,
+    not on the CPU where the compressed model is held."""
+    if isinstance(module, LowRankLinear):
+        return module.up.weight.detach().to(device) @ module.down.weight.detach().to(device)
+    return dense_weight(module).to(device)
+
+
 @torch.no_grad()
 def layer_correction(name, original_module, compressed_module, stats, rank, damp):
-    w = dense_weight(original_module).to(torch.float64)
-    wc = dense_weight(compressed_module).to(torch.float64)
+    w = dense_weight(original_module).to(torch.float64)  # on the walk's device, with the statistics
+    wc = _dense_on(compressed_module, w.device).to(torch.float64)  # the compressed model stays on the CPU
     dtype = compressed_module.up.weight.dtype if isinstance(compressed_module, LowRankLinear) else \
         compressed_module.weight.dtype
     delta = w - wc
@@ -91,7 +99,8 @@ def layer_correction(name, original_module, compressed_module, stats, rank, damp
     up, down = factors.up.to(dtype), factors.down.to(dtype)
     after, _ = decompose.output_error(w, wc + up.double() @ down.double(), stats.gram)
     scale = ref if ref > 0 else 1.0
-    return Correction(name, m, n, rank, up, down, (before / scale) ** 0.5, (after / scale) ** 0.5)
+    # kept on the CPU, beside the compressed model they are merged into or written with
+    return Correction(name, m, n, rank, up.cpu(), down.cpu(), (before / scale) ** 0.5, (after / scale) ** 0.5)
 
 
 def compute_corrections(original, compressed, input_ids, rank, targets=None, ignore=None, damp=1e-4, batch_size=8,
@@ -309,7 +318,7 @@ def _repair(original_source, compressed_source, output, *, original, compressed,
 
     start = time.perf_counter()
     calibration = load_calibration(calib, reference, tokenizer, num_samples, seq_len, seed=seed, split=calib_split,
-                                   text_column=text_column, progress=progress)
+                                   text_column=text_column, progress=progress, device=device)
     timings["calibration_data"] = time.perf_counter() - start
 
     start = time.perf_counter()
