@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..errors import UsageError
 from ..units import parse_size
 from .format import human_bytes
-from .summary import decomposed_layers, latest
+from .summary import DAMAGE, damaged, decomposed_layers, latest
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,12 @@ def check(gates, run):
     """One result dict per gate: option, metric, op, threshold(_text), value(_text), status, message."""
     results = []
     for gate in gates:
-        value, origin, failing = _value(gate, run)
+        try:
+            value, origin, failing = _value(gate, run)
+            if value is not None:
+                _passes(value, gate)
+        except DAMAGE as error:  # a malformed optional field the gate reads: the report is damaged
+            raise damaged(run.get("report_file", run.get("path")), error) from None
         result = {"option": gate.spec.option, "metric": gate.spec.metric, "op": gate.spec.op,
                   "threshold": gate.threshold, "threshold_text": gate.text, "value": value, "value_text": None,
                   "status": "missing", "source": origin if value is not None else None, "failing_layers": failing}

@@ -102,10 +102,49 @@ def summarize(report):
     return summary
 
 
+# What a report that passes the contract check can still get wrong in the fields the renderers read (a field
+# the contract leaves optional, of the wrong type or shape): a damaged report, not a bug of lowrank report.
+DAMAGE = (KeyError, TypeError, AttributeError, ValueError, IndexError, ZeroDivisionError, OverflowError)
+
+
+def damaged(report_file, error):
+    from ..errors import ReportError
+
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return ReportError(f"{report_file} is damaged: a field lowrank report reads is missing or malformed "
+                       f"({type(error).__name__}: {detail[:200]!r})")
+
+
 def load_run(path):
-    """Read the report for `path` (a directory or a report file) into a run (see the module docstring)."""
+    """Read the report for `path` (a directory or a report file) into a run (see the module docstring). A report
+    whose optional fields are malformed (what the contract check does not cover but rendering reads) is a
+    ReportError: it is rendered once here (markdown, the summary rows, the last evaluation, the layer rows)."""
     report_file = require_report(path)
     report = read_report(report_file)
+    try:
+        run = _load_run(path, report_file, report)
+        _render_once(run)
+    except DAMAGE as error:
+        raise damaged(report_file, error) from None
+    return run
+
+
+def _render_once(run):
+    from .evaluations import evaluation_header, evaluation_rows
+    from .markdown import layer_header, layer_row, report_markdown
+
+    report_markdown([run], [], "no-gates")
+    run_rows(run)
+    for evaluation in run["evaluations"][-1:]:
+        evaluation_header(evaluation)
+        evaluation_rows(evaluation)
+    if run["layers"]:
+        has_shape, extra, _ = layer_header(run["layers"])
+        for layer in run["layers"]:
+            layer_row(layer, has_shape, extra)
+
+
+def _load_run(path, report_file, report):
     directory = os.path.dirname(os.path.abspath(report_file))
     summary = summarize(report)
     densified = _densified(directory)

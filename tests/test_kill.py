@@ -1,0 +1,116 @@
+"""SIGKILL at random moments (not only between blocks) of `lowrank squeeze` and `lowrank compensate`, then a plain
+re-run: nothing half-written at the output path after the kill, and the re-run's output byte-identical to a clean
+run's (the reports compared without what legitimately differs: timings, creation time, peak memory, command).
+
+The delays are drawn with a fixed seed within the measured runtime of a clean run (process start included), so
+some kills land in the imports, some in the computation and some in the writing. `pytest -s` prints the count.
+"""
+
+import difflib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import tree_digest
+
+peft = pytest.importorskip("peft")
+
+KILLS = 5
+VOLATILE = ("timings_s", "created", "peak_rss_bytes", "command")
+
+
+def comparable(directory):
+    """{file name: bytes}, the JSON reports without their VOLATILE fields."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                data = f.read()
+            if name.endswith("report.json"):
+                report = json.loads(data)
+                for key in VOLATILE:
+                    report.pop(key, None)
+                data = report
+            files[os.path.relpath(path, directory)] = data
+    return files
+
+
+def partial_siblings(output):
+    parent = os.path.dirname(os.path.abspath(output))
+    return sorted(name for name in os.listdir(parent) if "lowrank-partial" in name)
+
+
+def check_same(got, expected, what):
+    assert sorted(got) == sorted(expected), f"{what}: other files {sorted(got)}"
+    for name in expected:
+        assert got[name] == expected[name], f"{what}: {name} differs: " + "".join(
+            difflib.unified_diff(*(str(x).splitlines(True) for x in (expected[name], got[name]))))
+
+
+def kill_and_rerun(command, output, inputs, label):
+    """Measure a clean run, then KILLS times: start, SIGKILL after a seeded random delay, check, re-run, compare."""
+    started = time.perf_counter()  # the clean run writes to the same path (the reports quote it)
+    subprocess.run([*command, output], check=True, timeout=900, capture_output=True)
+    runtime = time.perf_counter() - started
+    expected = comparable(output)
+    shutil.rmtree(output)
+    before = {path: tree_digest(path) for path in inputs}
+    rng = random.Random(1234)
+    survived, after_publish, finished_first = [], [], 0
+    for attempt in range(KILLS):
+        delay = rng.uniform(0.05, 1.0) * runtime
+        process = subprocess.Popen([*command, output], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            process.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+        if process.returncode == -signal.SIGKILL and os.path.exists(output):
+            # killed after the atomic publish (while exiting): the output must be whole, not half-written
+            check_same(comparable(output), expected, f"{label}: output after SIGKILL at {delay:.2f}s")
+            assert not partial_siblings(output), partial_siblings(output)
+            after_publish.append(round(delay, 2))
+            shutil.rmtree(output)
+            continue
+        if process.returncode != -signal.SIGKILL:  # it finished before the signal: a complete output, nothing was tested at this point
+            assert process.returncode == 0
+            finished_first += 1
+            shutil.rmtree(output)
+            continue
+        done = subprocess.run([*command, output], capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{label}: re-run after SIGKILL at {delay:.2f}s failed: {done.stderr}"
+        check_same(comparable(output), expected, f"{label}: re-run after SIGKILL at {delay:.2f}s")
+        assert not partial_siblings(output), partial_siblings(output)
+        assert {path: tree_digest(path) for path in inputs} == before, "an input changed"
+        survived.append(round(delay, 2))
+        shutil.rmtree(output)
+    print(f"\n{label}: clean run {runtime:.1f}s; SIGKILL + re-run survived at {len(survived)} points (s): "
+          f"{survived}; killed after the atomic publish (output whole) at {len(after_publish)}: {after_publish}; "
+          f"{finished_first} run(s) finished before the signal")
+    assert survived, "every run finished before it could be killed"
+    return survived, after_publish
+
+
+def test_squeeze_survives_sigkill_anywhere(tmp_path):
+    from test_squeeze_peft import make_adapter
+
+    adapter = str(tmp_path / "adapter")
+    make_adapter(adapter, "plain")
+    command = [sys.executable, "-m", "lowrank", "squeeze", adapter, "--rank", "2", "-q", "-o"]
+    kill_and_rerun(command, str(tmp_path / "out"), [adapter], "squeeze")
+
+
+def test_compensate_survives_sigkill_anywhere(llama_dir, tokenizer, calib_file, tmp_path):
+    from test_compensate import magnitude_pruned
+
+    pruned = magnitude_pruned(llama_dir, tmp_path / "pruned", tokenizer)
+    command = [sys.executable, "-m", "lowrank", "compensate", llama_dir, pruned, "--rank", "4", "--calib",
+               calib_file, "--num-samples", "8", "--seq-len", "64", "--batch-size", "4", "-q", "-o"]
+    kill_and_rerun(command, str(tmp_path / "out"), [llama_dir, pruned, calib_file], "compensate")
