@@ -100,8 +100,6 @@ def test_compress_on_the_gpu(case, llama_dir, calib_file, tmp_path):
     assert weights(tmp_path / "gpu") == weights(tmp_path / "cpu")
 
 
-@pytest.mark.xfail(strict=True, reason="compression/api.py (_Job.calibrate) does not pass the device to "
-                                       "load_calibration, so --calib self samples on the CPU")
 def test_compress_with_self_calibration_samples_on_the_gpu(llama_dir, tmp_path):
     with FakeCuda() as fake:
         lowrank.compress(llama_dir, str(tmp_path / "gpu"), ratio=0.8, calib="self", method="svd", device="cuda",

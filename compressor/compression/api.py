@@ -125,7 +125,8 @@ class _Job:
         start = time.perf_counter()
         c = self.config
         self.calibration = load_calibration(c.calib, self.net, self.tokenizer, c.num_samples, c.seq_len, seed=c.seed,
-                                            split=c.calib_split, text_column=c.text_column, progress=self.progress)
+                                            split=c.calib_split, text_column=c.text_column, progress=self.progress,
+                                            device=c.device)
         self.timings["calibration_data"] = time.perf_counter() - start
 
     def open_journal(self):
