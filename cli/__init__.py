@@ -18,6 +18,7 @@ def main(argv=None):
     import click
 
     from lowrank.errors import LowrankError
+    from lowrank.io.publish import DISK_FULL
 
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("LOWRANK_DEBUG") == "1"
@@ -52,6 +53,24 @@ def main(argv=None):
     except Exception as error:  # a bug or an environment problem: say what, offer the traceback
         if debug:
             raise
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            print(f"error: {_disk_full(error)}", file=sys.stderr)
+            sys.exit(1)
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         print(f"error: {type(error).__name__}: {message} (run with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def _disk_full(error):
+    """One line for a write that ran out of space: what could not be written, why, and what to do. The writers
+    name the output (not their staging sibling, which is gone: an existing output is untouched)."""
+    import errno
+
+    from lowrank.io.publish import published_path
+
+    what = f" {published_path(error.filename)}" if error.filename else ""  # unnamed: a temporary file, maybe
+    if error.errno == errno.EFBIG:
+        return (f"could not write{what}: file too large (a limit of the file system or of ulimit -f); write the "
+                "output elsewhere or raise the limit")
+    reason = "disk quota exceeded" if error.errno == errno.EDQUOT else "no space left on device"
+    return f"could not write{what}: {reason}; free some space or write the output elsewhere"

@@ -77,7 +77,7 @@ def report(
               "max-kl": max_kl, "min-cosine": min_cosine, "max-size": max_size, "max-kept": max_kept,
               "min-energy": min_energy, "max-rel-error": max_rel_error}
     gates = [parse_gate(option, value) for option, value in chosen.items() if value is not None]
-    _check_outputs(output, plot)
+    _check_outputs(output, plot, paths)
     runs = [load_run(path) for path in paths]
     results = check(gates, runs[-1])
     verdict, code = status(results)
@@ -90,15 +90,21 @@ def report(
     raise typer.Exit(code)
 
 
-def _check_outputs(output, plot):
-    """Fail before reading anything if --output or --plot could not be written."""
+def _check_outputs(output, plot, paths):
+    """Fail before reading anything if --output or --plot could not be written, or would replace a report read."""
     from lowrank.errors import UsageError
+    from lowrank.report.files import find_report
 
     if plot is not None and not plot.lower().endswith(".png"):
         raise UsageError(f"--plot {plot}: give a .png file name")
+    read = {os.path.realpath(report) for report in map(find_report, paths) if report}
     for path in [p for p in (output, plot) if p]:
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UsageError(f"the directory of {path} does not exist")
+        if os.path.isdir(path):
+            raise UsageError(f"{path} is a directory; give a file name")
+        if os.path.realpath(path) in read:
+            raise UsageError(f"{path} is the report being read; write it somewhere else")
 
 
 def _show(text, output_format, output, quiet):

@@ -117,6 +117,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_overwrite_replaces_the_output(llama_dir, calib_file, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "compression_report.json").write_text("{}")  # an earlier output: --overwrite replaces only those
     (out / "stale.txt").write_text("old")
     code, _, err = run(["compress", llama_dir, "-o", str(out), "--calib", calib_file, "--overwrite", "-q", *FAST],
                        capsys)

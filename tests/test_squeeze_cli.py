@@ -61,6 +61,7 @@ def test_analyze_writes_nothing(adapter_copy, tmp_path, capsys):
 def test_quiet_and_overwrite(adapter_copy, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "squeeze_report.json").write_text("{}")  # an earlier output: --overwrite replaces only those
     (out / "stale.txt").write_text("old")
     code, stdout, err = run(["squeeze", adapter_copy, "--budget", "0.5", "-o", str(out), "--overwrite", "-q"], capsys)
     assert code == 0, err

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import LowrankError, UsageError
 from .modeling_lowrank import CLASS_PREFIX, FORMAT_VERSION, MODEL_TYPE_PREFIX, lowrank_class
-from .publish import new_staging_dir, publish, staging_dir
+from .publish import name_failed_write, new_staging_dir, publish, staging_dir
 from .shards import ShardWriter
 
 if TYPE_CHECKING:
@@ -147,13 +147,24 @@ class CheckpointWriter:
         yield
         self.seconds += time.perf_counter() - start
 
+    @contextlib.contextmanager
+    def _failing(self):
+        """A write that fails (a full disk, a NaN tensor) removes the staging directory, journal included: on a full
+        disk it holds the space that ran out, and a NaN would come back on --resume. Ctrl-C keeps it (--resume)."""
+        try:
+            yield
+        except Exception as error:
+            name_failed_write(error, self.output)
+            self.abort()
+            raise
+
     def add(self, name, tensor):
-        with self._timed():
+        with self._failing(), self._timed():
             self.shards.add(name, tensor)
 
     def state(self):
         """What is written so far (JSON-serialisable, for `CheckpointWriter(..., state=)`), made durable first."""
-        with self._timed():
+        with self._failing(), self._timed():
             self.shards.sync()
         return self.shards.state()
 
@@ -169,24 +180,25 @@ class CheckpointWriter:
         `extra_files(weight_bytes, weight_files, seconds)` returns {file name: text or bytes} to add.
         Returns the weight file names.
         """
-        with self._timed():
-            files = self.shards.finish()
-        weight_bytes = sum(os.path.getsize(os.path.join(self.staging, name)) for name in files)
-        extra = extra_files(weight_bytes, files, self.seconds)
-        for name in os.listdir(self.staging):  # resume bookkeeping does not ship
-            if name.startswith("."):
-                os.remove(os.path.join(self.staging, name))
-        _copy_extra_files(source, model, tokenizer, self.staging)
-        with open(os.path.join(self.staging, "config.json"), "w") as f:
-            json.dump(checkpoint_config(model, block), f, indent=2, sort_keys=True)
-            f.write("\n")
-        shutil.copyfile(os.path.join(os.path.dirname(__file__), MODELING_FILE),
-                        os.path.join(self.staging, MODELING_FILE))
-        for name, text in extra.items():
-            with open(os.path.join(self.staging, name), "wb" if isinstance(text, bytes) else "w") as f:
-                f.write(text)
-        publish(self.staging, self.output)
-        return files
+        with self._failing():
+            with self._timed():
+                files = self.shards.finish()
+            weight_bytes = sum(os.path.getsize(os.path.join(self.staging, name)) for name in files)
+            extra = extra_files(weight_bytes, files, self.seconds)
+            for name in os.listdir(self.staging):  # resume bookkeeping does not ship
+                if name.startswith("."):
+                    os.remove(os.path.join(self.staging, name))
+            _copy_extra_files(source, model, tokenizer, self.staging)
+            with open(os.path.join(self.staging, "config.json"), "w") as f:
+                json.dump(checkpoint_config(model, block), f, indent=2, sort_keys=True)
+                f.write("\n")
+            shutil.copyfile(os.path.join(os.path.dirname(__file__), MODELING_FILE),
+                            os.path.join(self.staging, MODELING_FILE))
+            for name, text in extra.items():
+                with open(os.path.join(self.staging, name), "wb" if isinstance(text, bytes) else "w") as f:
+                    f.write(text)
+            publish(self.staging, self.output)
+            return files
 
     def abort(self):
         shutil.rmtree(self.staging, ignore_errors=True)

@@ -3,36 +3,115 @@
 Every output lowrank writes goes through here. A directory (a checkpoint, an adapter) is written into its staging
 sibling `.NAME.lowrank-partial` (`staged` or `new_staging_dir`) and renamed into place by `publish`; a single file
 (a report, a shard, a plot) is written into the same kind of sibling and renamed over the target by `replacing` or
-`write_atomic`. A reader sees the old output or the new one, never half of one.
+`write_atomic`. A reader sees the old output or the new one, never half of one. `check_output`, before any work,
+refuses an output that --overwrite must not replace: anything lowrank did not write, the current directory, the input.
 
 Kept apart from the checkpoint code (which needs transformers) so that `lowrank squeeze` never imports it.
 """
 
 import contextlib
+import errno
+import json
 import os
 import shutil
+import struct
 
 from ..errors import UsageError
 
 PARTIAL_SUFFIX = ".lowrank-partial"
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # a write that failed for want of space, not for a bug
 
 
-def check_output(output, source_dir, overwrite):
-    """Refuse an output that exists (without --overwrite) or that overlaps the input model."""
+# What marks an output as lowrank's, so that --overwrite replaces it: a report in a directory, the provenance block
+# densify puts in config.json, the provenance metadata squeeze puts in a single .safetensors file.
+REPORT_NAMES = ("compression_report.json", "squeeze_report.json", "compensation_report.json")
+DENSIFY_MARKER = "lowrank_densified"
+SQUEEZE_MARKER = "lowrank_squeeze"
+
+
+def check_output(output, source, overwrite, directory=True):
+    """Refuse an output that overlaps the input `source`, or that exists and is not a `directory` (or file) lowrank
+    wrote, or that exists without --overwrite. --overwrite never replaces anything else: not a folder or file lowrank
+    did not write, not the current directory or one holding it, not one holding the input."""
     out = os.path.abspath(output)
     if os.path.islink(out) and not os.path.exists(out):
         raise UsageError(f"{output} is a broken symbolic link; remove it or write the output somewhere else")
-    if os.path.exists(out) and not overwrite:
-        raise UsageError(f"{output} already exists; pass --overwrite to replace it")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"{output} exists and is not a directory")
-    if source_dir:
-        src = os.path.abspath(source_dir)
-        if out == src or out.startswith(src + os.sep) or src.startswith(out + os.sep):
-            raise UsageError(f"{output} overlaps the input model {source_dir}; write the output somewhere else")
-    parent = os.path.dirname(out) or "."
-    if not os.path.isdir(parent):
+    real = os.path.realpath(out)
+    src = os.path.realpath(source) if source else None
+    if real == src:
+        raise UsageError(f"{output} is the input; write the output somewhere else")
+    if src and real.startswith(src + os.sep):
+        raise UsageError(f"{output} overlaps the input {source}; write the output somewhere else")
+    if os.path.exists(out):
+        reason = _not_replaceable(real, src, directory)
+        if reason:
+            raise UsageError(f"{output} already exists and {reason}, so lowrank will not replace it; write the output "
+                             "somewhere else")
+        if not overwrite:
+            raise UsageError(f"{output} already exists; pass --overwrite to replace it")
+    if not os.path.isdir(os.path.dirname(out)):
         raise UsageError(f"the parent directory of {output} does not exist")
+
+
+def _not_replaceable(path, source, directory):
+    """Why existing `path` (resolved) must not be replaced, or None if it is an output lowrank wrote."""
+    here = os.path.realpath(os.getcwd())
+    if path == here or here.startswith(path + os.sep):
+        return "is the current directory" if path == here else "holds the current directory"
+    if source and source.startswith(path + os.sep):
+        return "holds the input"
+    if directory != os.path.isdir(path):
+        return "is not a directory" if directory else "is a directory"
+    if not written_by_lowrank(path):
+        return ("is not a lowrank output (it has no lowrank report)" if directory else
+                f"is not a file lowrank wrote (no {SQUEEZE_MARKER} metadata)")
+    return None
+
+
+def written_by_lowrank(path):
+    """Whether `path` is an output lowrank wrote: a directory with a lowrank report or a densified config.json,
+    or a .safetensors file with squeeze's provenance metadata."""
+    if os.path.isdir(path):
+        return (any(os.path.isfile(os.path.join(path, name)) for name in REPORT_NAMES)
+                or DENSIFY_MARKER in _read_json(os.path.join(path, "config.json")))
+    return path.endswith(".safetensors") and SQUEEZE_MARKER in _safetensors_metadata(path)
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _safetensors_metadata(path):
+    """The string metadata of a safetensors file's header; {} if it is not one (the header is read, never the data)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(length, 100 << 20)))
+    except (OSError, ValueError, struct.error):
+        return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def name_failed_write(error, output):
+    """A disk-full OSError from write() names no file: give it the output it was for, so its one line says which."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL and error.filename is None:
+        error.filename = os.path.abspath(output)
+
+
+def published_path(path):
+    """The output a path inside a staging sibling (`.NAME.lowrank-partial/...`) is written for; else `path`."""
+    head = os.path.abspath(path)
+    while head != os.path.dirname(head):
+        head, name = os.path.split(head)
+        if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+            return os.path.join(head, name[1: -len(PARTIAL_SUFFIX)])
+    return path
 
 
 def partial_path(path):
@@ -61,7 +140,11 @@ def publish(staging, output):
     if os.path.exists(out):
         trash = f"{staging}-old"
         os.replace(out, trash)
-        os.replace(staging, out)
+        try:
+            os.replace(staging, out)
+        except BaseException:
+            os.replace(trash, out)  # the old output stays
+            raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(staging, out)
@@ -75,7 +158,8 @@ def staged(output):
     try:
         yield staging
         publish(staging, output)
-    except BaseException:
+    except BaseException as error:
+        name_failed_write(error, output)
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
@@ -108,7 +192,8 @@ def replacing(path):
         if os.path.exists(path):
             os.chmod(temporary, os.stat(path).st_mode & 0o7777)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
+        name_failed_write(error, path)
         if os.path.exists(temporary):
             os.remove(temporary)
         raise

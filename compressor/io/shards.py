@@ -41,6 +41,18 @@ def tensor_bytes(tensor):
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
 
 
+def all_finite(tensor):
+    """Whether a tensor holds no NaN or Inf (always true for integers and bools). One read of the tensor: min and max
+    propagate NaN and are +-Inf if any value is, with no temporary (100M float32 on 2 busy cores: 0.12 s, against
+    2 s for isfinite().all() and 3.6 s for writing them)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if tensor.element_size() == 1:  # float8: no min/max kernel; small enough to widen
+        tensor = tensor.float()
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 class ShardWriter:
     """Write named tensors into safetensors shards of at most `max_bytes` each (a larger tensor gets its own).
 
@@ -73,6 +85,8 @@ class ShardWriter:
     def add(self, name, tensor):
         if tensor.dtype not in DTYPES:
             raise LowrankError(f"cannot store {name}: dtype {tensor.dtype} is not supported by safetensors")
+        if not all_finite(tensor):
+            raise LowrankError(f"{name} has NaN or Inf values; nothing was written")
         data = tensor_bytes(tensor)
         if self._data is not None and self._size + len(data) > self.max_bytes:
             self._close_shard()

@@ -1,7 +1,7 @@
 """Where a squeezed adapter goes: its default name and the checks made before any work.
 
-PEFT adapters and extracted LoRAs are directories (checked by io.publish.check_output); kohya / diffusers adapters
-are single .safetensors files.
+PEFT adapters and extracted LoRAs are directories, kohya / diffusers adapters single .safetensors files: both checked
+by io.publish.check_output.
 """
 
 import os
@@ -21,18 +21,10 @@ def default_squeeze_output(path, plan):
 
 
 def check_adapter_output(source, output, overwrite):
-    """PEFT: an output directory (io.publish.check_output). Single files: a .safetensors path that is not the input."""
+    """PEFT: an output directory; single files: a .safetensors file (both checked by io.publish.check_output)."""
     if source.format == "peft":
         check_output(output, source.path, overwrite)
         return
-    out = os.path.abspath(output)
     if not output.endswith(".safetensors"):
         raise UsageError(f"{output}: the output of a single-file adapter is a .safetensors file")
-    if out == os.path.abspath(source.path):
-        raise UsageError(f"{output} is the input file; write the output somewhere else")
-    if os.path.isdir(out):
-        raise UsageError(f"{output} is a directory; give a .safetensors file name")
-    if os.path.exists(out) and not overwrite:
-        raise UsageError(f"{output} already exists; pass --overwrite to replace it")
-    if not os.path.isdir(os.path.dirname(out)):
-        raise UsageError(f"the parent directory of {output} does not exist")
+    check_output(output, source.path, overwrite, directory=False)

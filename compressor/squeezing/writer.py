@@ -13,9 +13,9 @@ from contextlib import closing
 
 from .. import __version__
 from ..errors import LowrankError
-from ..io.publish import new_staging_dir, publish
+from ..io.publish import name_failed_write, new_staging_dir, publish
 from .formats import CONFIG_NAME, LEGACY_NAME, SAFETENSORS_NAME, kohya_metadata, squeezed_config
-from .plan import decompose, error_if_nonfinite, factor_dtype, module_rank, ordered_results, output_scale, rule_warnings
+from .plan import decompose, factor_dtype, module_rank, ordered_results, output_scale, rule_warnings
 from .report import algorithm_info, build, rule_info, scaling_info, source_info, squeeze_layer_entry, write_report_files
 
 OLD_REPORTS = ("squeeze_report.json", "squeeze_report.md")
@@ -56,7 +56,8 @@ def write_adapter(source, jobs, ranks, output, plan, notes, *, base, progress, c
         for warning in notes.warnings:
             progress.log(f"warning: {warning}")
         _publish(report, staging, output, source.format, weights_path)
-    except BaseException:
+    except BaseException as error:
+        name_failed_write(error, output)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
@@ -84,8 +85,7 @@ def _write_modules(source, jobs, ranks, plan, notes, base, writer, progress):
             tensors, entry = next(results)
             assert entry["name"] == job.name
             for name, tensor in tensors:
-                error_if_nonfinite(name, tensor)
-                writer.add(name, tensor)
+                writer.add(name, tensor)  # which refuses NaN or Inf
             layers.append(entry)
             progress.advance("write", job.name)
     return layers
