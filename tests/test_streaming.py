@@ -81,7 +81,7 @@ def test_auto_allocation_is_fisher_where_it_applies(llama_dir, bert_dir, calib_f
 
 
 def test_streaming_refuses_what_needs_the_whole_model(llama_dir, calib_file, tmp_path):
-    with pytest.raises(UsageError, match="need the whole model"):
+    with pytest.raises(UsageError, match="fwsvd needs backward passes over the whole model"):
         lowrank.compress(llama_dir, str(tmp_path / "x"), method="fwsvd", calib=calib_file, stream="on", **FAST)
     with pytest.raises(UsageError, match="calibration text"):
         lowrank.compress(llama_dir, str(tmp_path / "x"), calib="self", stream="on", **FAST)
