@@ -67,7 +67,7 @@ def report(
     """
     from lowrank.errors import UsageError
     from lowrank.report.gates import check, parse_gate, status
-    from lowrank.report.summary import load_run
+    from lowrank.report.runs import load_run
 
     if len(paths) > 2:
         raise UsageError(f"give one report, or two to compare (got {len(paths)})")

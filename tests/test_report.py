@@ -14,7 +14,7 @@ from test_cli import run
 import lowrank
 from lowrank.report.compression import SPECTRA_FILE
 from lowrank.report.markdown import STEP_SUMMARY_LIMIT, report_markdown
-from lowrank.report.summary import load_run
+from lowrank.report.runs import load_run
 
 SCHEMA = os.path.join(os.path.dirname(__file__), "data", "junit.xsd")
 

@@ -1,6 +1,6 @@
 """One view of any lowrank report (compress, squeeze, compensate, eval): what `lowrank report` renders and gates.
 
-`load_run(path)` finds and validates the report for a checkpoint directory, an adapter directory or a report
+`make_run(path, report_file, report)` turns the report of a checkpoint directory, an adapter directory or a report
 file, and returns a "run": the report's common fields (the report contract, described in report/schema.py),
 summary statistics over its layers, its size, whether the directory is a densified checkpoint, and its
 evaluations. Kind-specific fields are kept where the report has them and rendered only then.
@@ -10,7 +10,6 @@ import json
 import os
 
 from .compression import compression_rows
-from .files import read_report, require_report
 from .format import human_bytes
 
 DENSIFY_MARKER = "lowrank_densified"  # the config.json block lowrank densify writes
@@ -115,36 +114,7 @@ def damaged(report_file, error):
                        f"({type(error).__name__}: {detail[:200]!r})")
 
 
-def load_run(path):
-    """Read the report for `path` (a directory or a report file) into a run (see the module docstring). A report
-    whose optional fields are malformed (what the contract check does not cover but rendering reads) is a
-    ReportError: it is rendered once here (markdown, the summary rows, the last evaluation, the layer rows)."""
-    report_file = require_report(path)
-    report = read_report(report_file)
-    try:
-        run = _load_run(path, report_file, report)
-        _render_once(run)
-    except DAMAGE as error:
-        raise damaged(report_file, error) from None
-    return run
-
-
-def _render_once(run):
-    from .evaluations import evaluation_header, evaluation_rows
-    from .markdown import layer_header, layer_row, report_markdown
-
-    report_markdown([run], [], "no-gates")
-    run_rows(run)
-    for evaluation in run["evaluations"][-1:]:
-        evaluation_header(evaluation)
-        evaluation_rows(evaluation)
-    if run["layers"]:
-        has_shape, extra, _ = layer_header(run["layers"])
-        for layer in run["layers"]:
-            layer_row(layer, has_shape, extra)
-
-
-def _load_run(path, report_file, report):
+def make_run(path, report_file, report):
     directory = os.path.dirname(os.path.abspath(report_file))
     summary = summarize(report)
     densified = _densified(directory)
