@@ -168,3 +168,17 @@ def run(argv, capsys):
         raise SystemExit(0)
     out, err = capsys.readouterr()
     return done.value.code, out, err
+
+
+def save_random_adapter(directory):
+    """A PEFT adapter, rank 8 on every linear layer of the tiny Llama, with random (trained-looking) factors."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_model("llama"), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=g))
+    model.save_pretrained(directory)
+    return str(directory)

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from conftest import COMPRESS_FAST, build_model, run, tree_digest
+from conftest import COMPRESS_FAST, run, save_random_adapter, tree_digest
 from safetensors.torch import save_file
 
 import lowrank
@@ -35,16 +35,8 @@ def compressed(tmp_path_factory, llama_dir, calib_file):
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     """A PEFT adapter (rank 8 on every linear layer of the tiny Llama)."""
-    peft = pytest.importorskip("peft")
-    directory = str(tmp_path_factory.mktemp("adapter") / "my-adapter")
-    model = peft.get_peft_model(build_model("llama"), peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=g))
-    model.save_pretrained(directory)
-    return directory
+    pytest.importorskip("peft")
+    return save_random_adapter(tmp_path_factory.mktemp("adapter") / "my-adapter")
 
 
 def kohya_file(path, metadata=None):

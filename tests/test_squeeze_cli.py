@@ -6,8 +6,7 @@ import os
 import shutil
 
 import pytest
-import torch
-from conftest import assert_clean_failure, build_model, run, tree_digest
+from conftest import assert_clean_failure, run, save_random_adapter, tree_digest
 from safetensors.torch import load_file, save_file
 
 peft = pytest.importorskip("peft")
@@ -15,17 +14,7 @@ peft = pytest.importorskip("peft")
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
-
-    directory = str(tmp_path_factory.mktemp("adapter") / "my-adapter")
-    model = get_peft_model(build_model("llama"), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=g))
-    model.save_pretrained(directory)
-    return directory
+    return save_random_adapter(tmp_path_factory.mktemp("adapter") / "my-adapter")
 
 
 @pytest.fixture
