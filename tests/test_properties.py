@@ -231,26 +231,6 @@ def header_breaks_lines(data):
     return json_breaks_lines(data[8:8 + length])
 
 
-def header_is_malformed(data):
-    """Whether a file's header parses as JSON but is not {name: {dtype, shape, data_offsets: [int, int]}} (with an
-    optional __metadata__): what lowrank.io.shards.read_header does not check (DEFECT_HEADER below)."""
-    try:
-        header, _ = split_safetensors(data)
-    except Exception:  # noqa: BLE001  (not JSON at all: read_header refuses it cleanly)
-        return False
-    if not isinstance(header, dict):
-        return True
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(entry, dict):
-            return True
-        offsets = entry.get("data_offsets")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(v) is int for v in offsets)):
-            return True
-    return False
-
-
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     from test_squeeze_peft import make_adapter
@@ -310,7 +290,7 @@ def adapter_weights(adapter):
 def test_squeeze_survives_a_damaged_adapter_file(adapter, adapter_weights, capsys, data):
     damaged = data.draw(mutated_safetensors(adapter_weights))
     run_on_copy(adapter, {"adapter_model.safetensors": damaged}, ["squeeze", "IN", "--rank", "2", "-o", "OUT", "-q"],
-                capsys, known_defect=header_is_malformed(damaged), line_break=header_breaks_lines(damaged))
+                capsys, line_break=header_breaks_lines(damaged))
 
 
 @slow("densify_safetensors")
@@ -318,7 +298,7 @@ def test_squeeze_survives_a_damaged_adapter_file(adapter, adapter_weights, capsy
 def test_densify_survives_a_damaged_checkpoint_file(compressed, capsys, data):
     damaged = data.draw(mutated_safetensors(read(os.path.join(compressed, "model.safetensors"))))
     run_on_copy(compressed, {"model.safetensors": damaged}, ["densify", "IN", "-o", "OUT", "-q"], capsys,
-                known_defect=header_is_malformed(damaged) or "SafetensorError: ",  # DEFECT_DENSIFY_SAFETENSORS
+                known_defect="SafetensorError: ",  # DEFECT_DENSIFY_SAFETENSORS
                 line_break=header_breaks_lines(damaged))
 
 
@@ -331,13 +311,9 @@ def test_report_survives_damaged_weights_and_spectra(compressed, capsys, data):
                 line_break=header_breaks_lines(damaged))
 
 
-DEFECT_HEADER = ("lowrank.io.shards.read_header checks the length prefix, JSON and the promised size, but not the "
-                 "header's structure: a non-object header, an entry that is not an object or lacks data_offsets, "
-                 "or data_offsets that are not two integers escape as AttributeError/KeyError/TypeError/IndexError "
-                 "(`error: KeyError: 'data_offsets' (run with --debug for the traceback)`)")
-
-
-@pytest.mark.xfail(strict=True, reason=DEFECT_HEADER)
+# regression: read_header checked the length prefix, JSON and the promised size, but not the header's structure:
+# a non-object header, an entry that is not an object or lacks data_offsets, or data_offsets that are not two
+# integers escaped as `error: KeyError: 'data_offsets' (run with --debug for the traceback)`.
 @pytest.mark.parametrize("header", [[1], None, 3, {"a": []},
                                     {"a": {"dtype": "F32", "shape": [1]}},
                                     {"a": {"dtype": "F32", "shape": [1], "data_offsets": None}},
@@ -359,6 +335,55 @@ def test_a_structurally_wrong_header_is_a_clean_error(command, header, adapter, 
         code, _, err = run([directory if a == "IN" else output if a == "OUT" else a for a in argv], capsys)
         assert_clean_failure(code, err, 1, name, output)
         assert INTERNAL not in err
+
+
+F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+@pytest.mark.parametrize("header,message", [
+    ({"a": {**F32, "dtype": "Q4"}}, "dtype 'Q4'"),
+    ({"a": {**F32, "dtype": 4}}, "dtype 4"),
+    ({"a": {**F32, "shape": [-2]}}, "shape [-2]"),
+    ({"a": {**F32, "shape": "2"}}, "shape \"2\""),
+    ({"a": {**F32, "shape": [True, 2]}}, "shape [true, 2]"),
+    ({"a": {**F32, "data_offsets": [8, 0]}}, "data_offsets [8, 0]"),
+    ({"a": {**F32, "data_offsets": [-8, 0]}}, "data_offsets [-8, 0]"),
+    ({"a": {**F32, "data_offsets": [0.0, 8]}}, "data_offsets [0.0, 8]"),
+    ({"a": {**F32, "data_offsets": [False, 8]}}, "data_offsets [false, 8]"),
+    ({"a": {**F32, "shape": [3]}}, "spans 8 bytes, but F32 of shape [3] needs 12 bytes"),
+    ({"a": {**F32, "dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}, "12 bits, not a whole number of bytes"),
+    ({"a": {**F32, "shape": [2**62] * 9}}, "needs"),
+    ({"a": {"shape": [2], "data_offsets": [0, 8]}}, "has no dtype"),
+    ({"__metadata__": {"format": 1}, "a": F32}, "__metadata__ is not an object of strings"),
+    ({"__metadata__": [], "a": F32}, "__metadata__ is not an object of strings"),
+    ({"a\nb": "x"}, "entry for 'a\\nb' is a JSON string"),
+    ({"a": {**F32, "data_offsets": [0, 16], "shape": [4]}}, "truncated: the header promises"),
+])
+def test_read_header_refuses_a_malformed_header_by_name(tmp_path, header, message):
+    from lowrank.errors import LowrankError
+    from lowrank.io.shards import read_header
+
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(join_safetensors(header, b"\0" * 8))
+    with pytest.raises(LowrankError) as refused:
+        read_header(str(path))
+    assert "w.safetensors" in str(refused.value) and message in str(refused.value), str(refused.value)
+    assert len(f"a{refused.value}a".splitlines()) == 1
+
+
+@pytest.mark.parametrize("header", [{}, {"__metadata__": None, "a": F32}, {"a": {**F32, "extra": [1]}},
+                                    {"a": {**F32, "dtype": "F4", "shape": [16]}},
+                                    {"a": {**F32, "shape": [0], "data_offsets": [8, 8]}, "b": F32}])
+def test_read_header_accepts_what_safetensors_reads(tmp_path, header):
+    from safetensors import safe_open
+
+    from lowrank.io.shards import read_header
+
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(join_safetensors(header, b"\0" * 8 if len(header) - ("__metadata__" in header) else b""))
+    with safe_open(str(path), "pt"):
+        pass
+    assert read_header(str(path)) == header
 
 
 DEFECT_LINE_BREAK = ("an input string with a line break (a dtype, a module name, a field value) quoted in an error "

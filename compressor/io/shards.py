@@ -157,8 +157,18 @@ class ShardWriter:
         return names
 
 
+# bits per element of every dtype the safetensors format names (safetensors 0.8); F4 and F6 pack below a byte
+DTYPE_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
+    "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+
+
 def read_header(path):
-    """The header of a safetensors file, after checking that the file holds every byte the header promises."""
+    """The header of a safetensors file, after checking its structure ({name: {dtype, shape, data_offsets}} with
+    an optional __metadata__ of strings; each tensor's byte range as long as its dtype and shape need) and that
+    the file holds every byte the header promises."""
     size = os.path.getsize(path)
     name = os.path.basename(path)
     with open(path, "rb") as f:
@@ -170,15 +180,70 @@ def read_header(path):
             raise LowrankError(f"{name} is truncated or corrupt: its header does not fit in the file")
         try:
             header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise LowrankError(f"{name} is corrupt: its header is not valid JSON") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    end = _check_header(header, name)
     if 8 + length + end > size:
         raise LowrankError(
             f"{name} is truncated: the header promises {8 + length + end} bytes, the file has {size}; "
             "download it again"
         )
     return header
+
+
+def _check_header(header, name):
+    """Check a parsed header's structure; the end of the last tensor's data (relative to the data's start)."""
+    if not isinstance(header, dict):
+        raise LowrankError(f"{name} is corrupt: its header is a JSON {_kind(header)}, not an object of tensors")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise LowrankError(f"{name} is corrupt: its __metadata__ is not an object of strings")
+    end = 0
+    for key, entry in header.items():
+        if key != "__metadata__":
+            end = max(end, _check_entry(key, entry, name))
+    return end
+
+
+def _check_entry(key, entry, name):
+    """Check one tensor's entry of a header; the end of its data."""
+    where = f"{name} is corrupt: the header's entry for {key!r}"
+    if not isinstance(entry, dict):
+        raise LowrankError(f"{where} is a JSON {_kind(entry)}, not an object")
+    missing = [field for field in ("dtype", "shape", "data_offsets") if field not in entry]
+    if missing:
+        raise LowrankError(f"{where} has no {missing[0]}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise LowrankError(f"{where} has dtype {dtype!r}, which is not a safetensors dtype")
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise LowrankError(f"{where} has shape {_short(shape)}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(v) for v in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise LowrankError(f"{where} has data_offsets {_short(offsets)}, not two integers [begin, end]")
+    bits = DTYPE_BITS[dtype]
+    for dimension in shape:
+        bits *= dimension
+    if bits != 8 * (offsets[1] - offsets[0]):
+        needs = f"{bits // 8} bytes" if bits % 8 == 0 else f"{bits} bits, not a whole number of bytes"
+        raise LowrankError(f"{where} spans {offsets[1] - offsets[0]} bytes, but {dtype} of shape {_short(shape)} "
+                           f"needs {needs}")
+    return offsets[1]
+
+
+def _is_int(value):
+    return type(value) is int  # not a bool, not a float
+
+
+def _kind(value):
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value),
+                                                                                                  "number")
+
+
+def _short(value):
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_checkpoint_files(directory):
