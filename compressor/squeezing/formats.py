@@ -232,9 +232,11 @@ def _find_peft_directory(path):
 def _read_config(directory):
     path = os.path.join(directory, CONFIG_NAME)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             config = json.load(f)
-    except json.JSONDecodeError as error:
+    except UnicodeDecodeError:
+        raise LowrankError(f"{path} is not UTF-8 text; is it really a PEFT adapter config?") from None
+    except (json.JSONDecodeError, RecursionError) as error:
         raise LowrankError(f"{path} is not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise LowrankError(f"{path} is not a JSON object")
@@ -246,9 +248,26 @@ def _read_config(directory):
         if config.get(key):
             raise UsageError(f"{path}: {key} is set ({name}), which is not a plain additive LoRA update B·A")
     for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool) or config[key] <= 0:
+        if not _positive(config.get(key)):
             raise UsageError(f"{path}: {key} must be a positive number, got {config.get(key)!r}")
+    for key, what, valid in (("rank_pattern", "a positive whole rank", lambda v: _positive(v) and type(v) is int),
+                             ("alpha_pattern", "a positive number", _positive)):
+        patterns = config.get(key)
+        if patterns is not None and not isinstance(patterns, dict):
+            raise UsageError(f"{path}: {key} must be an object of {{module regex: {what}}}, got {patterns!r}")
+        for pattern, value in (patterns or {}).items():
+            try:
+                re.compile(pattern)
+            except (re.error, RecursionError, OverflowError) as error:
+                raise UsageError(f"{path}: {key} key {pattern!r} is not a regular expression ({error})") from None
+            if not valid(value):
+                raise UsageError(f"{path}: {key} gives {pattern!r} {value!r}, not {what}")
     return config
+
+
+def _positive(value):
+    """A JSON number above 0, finite (json reads NaN and Infinity), not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def open_peft(path):
