@@ -3,8 +3,8 @@
 For each input the outcome is a success or a clean failure: exit code 1, 2 or 3, exactly one `error: ` line
 (the last line of stderr), no traceback, no output (or `.lowrank-partial` sibling) left behind, and the input
 files unchanged. An internal error's generic line (`error: TypeError: ... (run with --debug for the traceback)`)
-is clean in form but is a bug: it is accepted only for the known defect classes below, each pinned by an
-explicit xfail(strict=True) regression test.
+is clean in form but is a bug, and fails the test. The defect classes these properties found are fixed; each has
+a regression test below.
 
 Examples per property (EXAMPLES) are sized for a 2-core machine; RELIABILITY.md gives the counts.
 """
@@ -45,8 +45,8 @@ def partial_siblings(output):
     return [name for name in os.listdir(parent) if "lowrank-partial" in name]
 
 
-def check_outcome(code, err, output, before, after, known_defect=False, gate_failure_ok=False):
-    """Success, or a clean failure; `before`/`after`: digests of the inputs. Returns "ok", "clean" or "known"."""
+def check_outcome(code, err, output, before, after, gate_failure_ok=False):
+    """Success, or a clean failure; `before`/`after`: digests of the inputs. Returns "ok" or "clean"."""
     assert before == after, "the input files changed"
     assert "Traceback" not in err, err
     assert not partial_siblings(output), err
@@ -60,10 +60,7 @@ def check_outcome(code, err, output, before, after, known_defect=False, gate_fai
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and lines[-1] == errors[0], err
     assert not os.path.exists(output), err
-    if INTERNAL in errors[0]:  # known_defect: True, or the text the internal error's line must hold
-        assert known_defect is True or (known_defect and known_defect in errors[0]), \
-            f"an internal error, not a clean message: {errors[0]}"
-        return "known"
+    assert INTERNAL not in errors[0], f"an internal error, not a clean message: {errors[0]}"
     return "clean"
 
 
@@ -266,8 +263,7 @@ def test_squeeze_survives_a_damaged_adapter_file(adapter, adapter_weights, capsy
 @given(data=st.data())
 def test_densify_survives_a_damaged_checkpoint_file(compressed, capsys, data):
     damaged = data.draw(mutated_safetensors(read(os.path.join(compressed, "model.safetensors"))))
-    run_on_copy(compressed, {"model.safetensors": damaged}, ["densify", "IN", "-o", "OUT", "-q"], capsys,
-                known_defect="SafetensorError: ")  # DEFECT_DENSIFY_SAFETENSORS
+    run_on_copy(compressed, {"model.safetensors": damaged}, ["densify", "IN", "-o", "OUT", "-q"], capsys)
 
 
 @slow("report_safetensors")
@@ -462,13 +458,9 @@ def test_a_malformed_pattern_is_a_usage_error(field, value, adapter, capsys):
         assert_clean_failure(code, err, 2, field, output)
 
 
-DEFECT_DENSIFY_SAFETENSORS = ("densify opens shards with safetensors without wrapping its errors (squeeze's "
-                              "formats._open_weights does): a header whose offsets do not tile the data, or a "
-                              "dtype safetensors does not know, is `error: SafetensorError: Error while "
-                              "deserializing header: ... (run with --debug for the traceback)`")
-
-
-@pytest.mark.xfail(strict=True, reason=DEFECT_DENSIFY_SAFETENSORS)
+# regression: densify opened shards with safetensors without wrapping its errors (squeeze's formats._open_weights
+# does): a header whose offsets do not tile the data, or a dtype safetensors does not know, was `error:
+# SafetensorError: Error while deserializing header: ... (run with --debug for the traceback)`
 @pytest.mark.parametrize("damage", ["shift", "dtype"])
 def test_densify_names_a_shard_safetensors_refuses(damage, compressed, capsys):
     header, body = split_safetensors(read(os.path.join(compressed, "model.safetensors")))

@@ -17,7 +17,7 @@ import os
 import shutil
 
 from .. import __version__
-from ..errors import LowrankError
+from ..errors import LowrankError, UsageError
 from ..io.checkpoint import MODELING_FILE, WEIGHT_SUFFIXES, read_lowrank_config
 from ..io.publish import check_output, staged
 from ..io.shards import INDEX_NAME, SINGLE_NAME, ShardWriter, check_checkpoint_files
@@ -35,16 +35,33 @@ NOT_COPIED = {"config.json", MODELING_FILE, "README.md", SPECTRA_FILE}
 
 def _weight_map(directory):
     """{tensor name: shard file} of the checkpoint's weights (from the index, or the single model.safetensors)."""
-    from safetensors import safe_open
-
     index = os.path.join(directory, INDEX_NAME)
     if os.path.exists(index):
         with open(index) as f:
             return json.load(f)["weight_map"]
     if not os.path.exists(os.path.join(directory, SINGLE_NAME)):
         raise LowrankError(f"{directory} has neither {SINGLE_NAME} nor {INDEX_NAME}; the checkpoint is incomplete")
-    with safe_open(os.path.join(directory, SINGLE_NAME), "pt") as f:
+    with _open_shard(os.path.join(directory, SINGLE_NAME)) as f:
         return {name: SINGLE_NAME for name in f.keys()}
+
+
+def _open_shard(path):
+    """safe_open, with a shard its reader refuses (offsets that do not tile the data, an unknown dtype) reported
+    as one line naming the shard."""
+    from safetensors import safe_open
+
+    return _safetensors_call(path, safe_open, path, "pt")
+
+
+def _safetensors_call(path, function, *args):
+    try:
+        return function(*args)
+    except Exception as error:
+        if type(error).__name__ != "SafetensorError":  # safetensors' own type, not importable by a stable name
+            raise
+        from ..io.loading import safetensors_error
+
+        raise safetensors_error(path, error) from None
 
 
 def _conv1d_layers(config, block):
@@ -84,9 +101,12 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
             progress: Progress = SILENT) -> dict:
     """Write the dense equivalent of the factorized `checkpoint` to `output`. Returns a summary dict."""
     import torch
-    from safetensors import safe_open
 
     max_shard_bytes = parse_size(max_shard_size)
+    if max_shard_bytes < 1:
+        raise UsageError(f"--max-shard-size must be at least one byte, got {max_shard_size!r}")
+    if not os.path.exists(checkpoint):
+        raise UsageError(f"{checkpoint}: no such file or directory")
     config = read_lowrank_config(checkpoint)
     block = config["lowrank"]
     check_output(output, checkpoint, overwrite)
@@ -105,9 +125,10 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
         with staged(output) as staging:
             def tensor(key):
                 shard = weight_map[key]
+                path = os.path.join(checkpoint, shard)
                 if shard not in handles:
-                    handles[shard] = safe_open(os.path.join(checkpoint, shard), "pt")
-                return handles[shard].get_tensor(key)
+                    handles[shard] = _open_shard(path)
+                return _safetensors_call(path, handles[shard].get_tensor, key)
 
             writer = ShardWriter(staging, max_shard_bytes)
             tick = ticker(progress, "layers", max(len(ranks), 1), lambda done: f"{done}/{len(ranks)} layers multiplied")
