@@ -51,9 +51,7 @@ def compensate(
 
     from .ui import RichProgress, err, key_value_table, print_json, quiet_libraries
 
-    check_options(original, compressed, calib=calib, num_samples=num_samples, seq_len=seq_len,
-                  batch_size=batch_size, damp=damp, dtype=dtype)
-    quiet_libraries(verbose)
+    quiet_libraries(verbose)  # the options are checked by run(), before any model is loaded
     with RichProgress(quiet=quiet, verbose=verbose) as progress:
         report = run(original, compressed, output, rank=rank, merge=merge, targets=split_patterns(targets),
                      ignore=split_patterns(ignore), calib=calib, num_samples=num_samples, seq_len=seq_len,
@@ -72,18 +70,3 @@ def compensate(
                                  " (PEFT LoRA adapter)")),
         ]))
 
-
-def check_options(original, compressed, *, calib, num_samples, seq_len, batch_size, damp, dtype):
-    """Everything that can be refused before a model is loaded (a bad option must cost nothing)."""
-    from lowrank.calibration.text import check_source
-    from lowrank.compression.config import DTYPES
-    from lowrank.errors import UsageError
-    from lowrank.io.loading import check_different_models
-    from lowrank.validation import check_calibration, check_number
-
-    check_calibration(num_samples, seq_len, batch_size)
-    check_number("--damp", damp, 0)
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    check_source(calib)
-    check_different_models(original, compressed)

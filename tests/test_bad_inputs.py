@@ -531,6 +531,31 @@ def test_compensate_refuses_bad_options_before_loading(llama_dir, calib_file, tm
     assert_clean_failure(code, err, 2, "the same model", out)
 
 
+def test_the_compensate_api_refuses_bad_options_before_loading(llama_dir, calib_file, tmp_path, monkeypatch):
+    # regression: only the CLI checked these; lowrank.compensate loaded both models first
+    import lowrank
+    from lowrank.errors import UsageError
+    from lowrank.repair import eora
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(eora, "load_model", never)
+    monkeypatch.setattr(eora, "_load_compressed", never)
+    copy = str(tmp_path / "copy")
+    shutil.copytree(llama_dir, copy)
+    out = str(tmp_path / "out")
+    for options, message in (({"num_samples": 0}, "--num-samples"), ({"seq_len": 1}, "--seq-len"),
+                             ({"batch_size": 0}, "--batch-size"), ({"damp": float("nan")}, "--damp"),
+                             ({"dtype": "int8"}, "--dtype"), ({"rank": 0}, "--rank"), ({"rank": "4"}, "--rank"),
+                             ({"calib": "./nofile.txt"}, "no such file")):
+        with pytest.raises(UsageError, match=message):
+            lowrank.compensate(llama_dir, copy, out, **{"calib": calib_file, **options})
+    with pytest.raises(UsageError, match="the same model"):
+        lowrank.compensate(llama_dir, llama_dir, out, calib=calib_file)
+    assert not os.path.exists(out)
+
+
 def test_same_model(llama_dir, tmp_path):
     from lowrank.io.loading import same_model
 

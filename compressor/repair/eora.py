@@ -280,8 +280,8 @@ def compensate(original: str, compressed: str, output: str, *, rank: int = 32, m
     merge=True a new lowrank checkpoint whose factors include the correction. Returns the report."""
     from ..device import resolve_device
 
-    if rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {rank}")
+    check_options(original, compressed, rank=rank, calib=calib, num_samples=num_samples, seq_len=seq_len,
+                  batch_size=batch_size, damp=damp, dtype=dtype)
     device = resolve_device(device)
     original_source = resolve_model(original)
     check_output(output, original_source.local_dir, overwrite)
@@ -296,6 +296,24 @@ def compensate(original: str, compressed: str, output: str, *, rank: int = 32, m
                        seq_len=seq_len, batch_size=batch_size, seed=seed, device=device, dtype=dtype, damp=damp,
                        text_column=text_column, calib_split=calib_split, trust_remote_code=trust_remote_code,
                        progress=progress, command=command)
+
+
+def check_options(original, compressed, *, rank, calib, num_samples, seq_len, batch_size, damp, dtype):
+    """Everything compensate can refuse before a model is loaded (a bad option must cost nothing), for the CLI and
+    the Python API alike."""
+    from ..calibration.text import check_source
+    from ..compression.config import DTYPES
+    from ..io.loading import check_different_models
+    from ..validation import check_calibration, check_number
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise UsageError(f"--rank must be at least 1 (a whole number), got {rank!r}")
+    check_calibration(num_samples, seq_len, batch_size)
+    check_number("--damp", damp, 0)
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_source(calib)
+    check_different_models(original, compressed)
 
 
 def _repair(original_source, compressed_source, output, *, original, compressed, rank, merge, targets, ignore,
