@@ -362,6 +362,9 @@ ROWS = [
         "no such file"),
     Row("eval-data-binary", "--data of binary garbage", (*EVAL[:3], "--data", "{bad}", *EVAL[5:]), 2,
         "garbage.txt is not UTF-8 text", write("garbage.txt", garbage_bytes())),
+    Row("eval-refused-pickle-adapter", "an --adapter whose adapter_model.bin holds objects other than tensors",
+        (*EVAL, "--adapter", "{bad}"), 2, "adapter_model.bin: this PyTorch pickle holds Python objects other than "
+        "tensors (it refers to print) and lowrank never unpickles arbitrary objects", pickle_adapter),
     Row("eval-baseline-adapter", "--baseline-adapter without --baseline", (*EVAL, "--baseline-adapter",
         "{adapter}"), 2, "--baseline-adapter needs --baseline"),
     Row("eval-output-dir", "--output that is a directory", (*EVAL[:-1], "{bad}"), 2, "is a directory", empty_dir),

@@ -24,11 +24,31 @@ def _first_line(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _apply_adapter(model, adapter):
+def _check_adapter(adapter):
+    """Refuse, before any model is loaded, an adapter that cannot be applied: no PEFT, no adapter_config.json, or
+    a legacy adapter_model.bin that holds Python objects other than tensors (read with torch's weights-only loader,
+    never executed, whatever PEFT's version would do)."""
+    import pickle
+
     if importlib.util.find_spec("peft") is None:
         raise UsageError("--adapter needs PEFT: pip install 'lowrank[peft]' (or pip install peft)")
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise UsageError(f"{adapter} is not a PEFT adapter directory (it has no adapter_config.json)")
+    legacy = os.path.join(adapter, "adapter_model.bin")
+    if os.path.isfile(legacy) and not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
+        import torch
+
+        from ..io.loading import refused_pickle
+
+        try:
+            torch.load(legacy, map_location="meta", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise refused_pickle(legacy, error) from None
+        except Exception as error:  # noqa: BLE001  (torch's errors for a damaged file vary)
+            raise LowrankError(f"cannot read {legacy} as a weights-only PyTorch file ({_first_line(error)})") from None
+
+
+def _apply_adapter(model, adapter):
     from peft import PeftModel
 
     try:
@@ -45,6 +65,8 @@ def load_subject(spec, adapter=None, dtype="auto", trust_remote_code=False):
     from ..io.shards import check_checkpoint_files
     from .speed import weights_bytes
 
+    if adapter:
+        _check_adapter(adapter)
     source = resolve_model(spec)
     config = read_config(source) or {}
     if str(config.get("model_type", "")).startswith(MODEL_TYPE_PREFIX):
