@@ -267,3 +267,43 @@ def test_a_full_disk_leaves_the_previous_output_as_it_was(kind, where, llama_dir
                                            "--overwrite"], limit)
     assert_refused(code, err, 1, f"could not write {previous}: file too large", str(tmp_path))
     assert tree_digest(previous) == before
+
+
+# --- a report created by concurrent runs --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("links", ["hard links", "no hard links"])
+def test_concurrent_first_evaluations_of_a_new_report_lose_nothing(links, tmp_path, monkeypatch):
+    # regression: report.files._create wrote every run's new report through the same temporary sibling
+    # (.NAME.lowrank-partial), so runs creating the same report at once overwrote or deleted each other's file;
+    # without hard links it checked that the report did not exist, then renamed over it (the last run won)
+    import threading
+
+    from lowrank.report.files import append_evaluation, read_report
+
+    if links == "no hard links":
+        def no_link(source, target):
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+
+    template = {"schema": "lowrank.evaluation", "schema_version": 1, "versions": {}, "command": "test"}
+    for attempt in range(5):
+        path = str(tmp_path / f"evals-{attempt}.json")
+        start, failures = threading.Barrier(8), []
+
+        def worker(number, path=path, start=start, failures=failures):
+            start.wait()
+            try:
+                append_evaluation(path, {**template, "id": number})
+            except Exception as error:  # noqa: BLE001  (reported below)
+                failures.append(repr(error))
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not failures, failures
+        assert sorted(e["id"] for e in read_report(path)["evaluations"]) == list(range(8))
+    assert not [name for name in os.listdir(tmp_path) if "partial" in name]

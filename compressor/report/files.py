@@ -11,11 +11,12 @@ lock, re-reading it first, so concurrent `lowrank eval` runs never lose each oth
 
 import json
 import os
+import secrets
 import time
 from contextlib import contextmanager
 
 from ..errors import ReportError, UsageError
-from ..io.publish import partial_path, write_atomic
+from ..io.publish import DISK_FULL, PARTIAL_SUFFIX, write_atomic
 from .schema import EVALUATION_SCHEMA, validate_report
 
 # In a directory, the first of these that exists is its report: the most recent step comes first (a compensate
@@ -96,16 +97,21 @@ def _locked(path):
     except ImportError:  # not POSIX: no advisory locks, the atomic rename still protects readers
         yield
         return
+    claimed_until = time.monotonic() + 5
     while True:
         handle = open(path, "a")  # noqa: SIM115  (held for the lock's lifetime)
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            same = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+            status = os.fstat(handle.fileno())
+            same = status.st_ino == os.stat(path).st_ino
         except FileNotFoundError:
             same = False
-        if same:
+        # an empty file may be another run's claim, about to be replaced (_claim_and_replace): wait a little
+        if same and (status.st_size or time.monotonic() > claimed_until):
             break
         handle.close()
+        if same:
+            time.sleep(0.01)
     try:
         yield
     finally:
@@ -149,25 +155,50 @@ def check_writable(path):
 
 
 def _create(path, text):
-    """Create `path` holding `text` atomically; False if it already exists (then the caller appends instead)."""
-    temporary = partial_path(path)
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    """Create `path` holding `text` atomically; False if it already exists (then the caller appends instead).
+
+    The text goes into a temporary sibling of this call's own (created exclusively: concurrent runs never share
+    one), which is hard-linked to `path`: atomic for readers, and refused if another run created `path` first."""
+    directory, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{name}.{os.getpid()}-{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
     try:
-        os.link(temporary, path)  # atomic, and fails if another run created the file first
-        return True
-    except FileExistsError:
-        return False
-    except OSError:  # a file system without hard links: the rename is still atomic for readers
-        if os.path.exists(path):
+        with open(temporary, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(temporary, path)  # atomic, and fails if another run created the file first
+        except FileExistsError:
             return False
-        os.replace(temporary, path)
+        except OSError:  # a file system without hard links
+            return _claim_and_replace(temporary, path)
         return True
+    except OSError as error:
+        if error.errno in DISK_FULL:
+            error.filename = os.path.abspath(path)  # the one line names the report, not the temporary file
+        raise
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _claim_and_replace(temporary, path):
+    """Without hard links: claim `path` by creating it exclusively (False if another run has), then rename the
+    full temporary file over the claim, under the claim's lock, so an appender that opened the empty claim waits
+    and then finds the new file (`_locked` re-takes the lock when the file was replaced)."""
+    try:
+        claim = open(path, "x")  # noqa: SIM115  (held until the rename is done)
+    except FileExistsError:
+        return False
+    with claim:
+        try:
+            import fcntl
+
+            fcntl.flock(claim, fcntl.LOCK_EX)
+        except ImportError:  # not POSIX: no advisory locks
+            pass
+        os.replace(temporary, path)
+    return True
 
 
 def append_evaluation(path, evaluation, rerender=None):
