@@ -140,14 +140,32 @@ def _output_identity(argv):
 
 def _disk_full(error):
     """One line for a write that ran out of space: what could not be written, why, and what to do. The writers
-    name the output (not their staging sibling, which is gone: an existing output is untouched)."""
+    name the output (not their staging sibling, which is gone: an existing output is untouched), unless a journal
+    keeps the work so far for --resume: then where it is kept."""
     import errno
 
     from lowrank.io.publish import published_path
 
-    what = f" {published_path(error.filename)}" if error.filename else ""  # unnamed: a temporary file, maybe
+    output = published_path(error.filename) if error.filename else None  # unnamed: a temporary file, maybe
+    what = f" {output}" if output else ""
     if error.errno == errno.EFBIG:
-        return (f"could not write{what}: file too large (a limit of the file system or of ulimit -f); write the "
-                "output elsewhere or raise the limit")
-    reason = "disk quota exceeded" if error.errno == errno.EDQUOT else "no space left on device"
-    return f"could not write{what}: {reason}; free some space or write the output elsewhere"
+        reason, remedy = "file too large (a limit of the file system or of ulimit -f)", "raise the limit"
+    else:
+        reason = "disk quota exceeded" if error.errno == errno.EDQUOT else "no space left on device"
+        remedy = "free some space"
+    kept = _kept_for_resume(output) if output else None
+    if kept:
+        staging, blocks = kept
+        return (f"could not write{what}: {reason}; the work so far ({blocks} blocks) is kept in {staging}: "
+                f"{remedy} and run the same command with --resume, or delete it")
+    return f"could not write{what}: {reason}; {remedy} or write the output elsewhere"
+
+
+def _kept_for_resume(output):
+    """(staging, blocks done) if compress left its journal behind for --resume (it needs torch: imported only
+    here, after a compress run has loaded it)."""
+    if "torch" not in sys.modules:
+        return None
+    from lowrank.compression.resume import kept_blocks
+
+    return kept_blocks(output)

@@ -307,3 +307,82 @@ def test_concurrent_first_evaluations_of_a_new_report_lose_nothing(links, tmp_pa
         assert not failures, failures
         assert sorted(e["id"] for e in read_report(path)["evaluations"]) == list(range(8))
     assert not [name for name in os.listdir(tmp_path) if "partial" in name]
+
+
+def _full_disk_on(monkeypatch, name, call):
+    """Make the `call`-th fsync of a file called `name` (through lowrank.io.publish) fail as a full disk does."""
+    import errno
+
+    from lowrank.io import publish
+
+    real, calls = publish._fsync, []
+
+    def fsync(path, flags):
+        if name in os.path.basename(path):
+            calls.append(path)
+            if len(calls) == call:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, flags)
+
+    monkeypatch.setattr(publish, "_fsync", fsync)
+
+
+@pytest.mark.parametrize("call", [1, 2])
+def test_a_full_disk_at_the_journal_keeps_what_resume_needs_and_says_so(call, llama_dir, calib_file, tmp_path,
+                                                                       monkeypatch, capsys):
+    # regression: a full disk while the journal of block 2 was saved said "could not write OUT: no space left on
+    # device; free some space or write the output elsewhere" and silently left the staging directory behind
+    from lowrank.compression.resume import JOURNAL
+
+    out = str(tmp_path / "out")
+    argv = ["compress", llama_dir, "-o", out, "--calib", calib_file, *FAST, "-q"]
+    _full_disk_on(monkeypatch, JOURNAL, call)
+    code, _, err = run(argv, capsys)
+    staging = str(tmp_path / ".out.lowrank-partial")
+    if call == 1:  # nothing journaled yet: nothing is left behind
+        assert_refused(code, err, 1, f"could not write {out}: no space left on device; free some space or write the "
+                       "output elsewhere", str(tmp_path))
+        return
+    assert code == 1 and err.strip() == (f"error: could not write {out}: no space left on device; the work so far "
+                                         f"(1 blocks) is kept in {staging}: free some space and run the same "
+                                         "command with --resume, or delete it"), err
+    assert sorted(os.listdir(tmp_path)) == [".out.lowrank-partial"]
+    assert not [name for name in os.listdir(staging) if "partial" in name]  # no half-written journal
+    monkeypatch.undo()
+    code, _, err = run([*argv, "--resume"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_full_offload_directory_is_named_with_what_helps(llama_dir, calib_file, tmp_path, monkeypatch, capsys):
+    # regression: the spill file's write() error names no file, so the line blamed the output:
+    # "could not write: no space left on device; free some space or write the output elsewhere"
+    import errno
+
+    from lowrank.compression import offload
+
+    class Full:
+        def __init__(self, path, mode):
+            self.file = open(path, mode)  # noqa: SIM115  (closed in __exit__)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(offload, "open", Full, raising=False)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    out = str(tmp_path / "out")
+    code, _, err = run(["compress", llama_dir, "-o", out, "--calib", calib_file, *FAST, "--offload-budget", "1",
+                        "--offload-dir", str(spill), "-q"], capsys)
+    assert_refused(code, err, 1, f"could not spill calibration states to the offload directory {spill} (no space "
+                   "left on device); pass --offload-dir DIR on a disk with room", str(tmp_path))
+    import gc
+
+    gc.collect()  # the spill directory goes with the states that used it (at the latest when the process ends)
+    assert not os.path.exists(out) and os.listdir(spill) == []

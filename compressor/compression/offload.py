@@ -7,6 +7,7 @@ kept in memory: batches beyond it are written to files in a private temporary di
 a time when the loop reads them. The page cache does the rest; the bytes are identical either way.
 """
 
+import errno
 import math
 import os
 import shutil
@@ -15,6 +16,8 @@ import weakref
 
 import torch
 
+from ..errors import LowrankError
+from ..io.publish import DISK_FULL
 from ..io.shards import tensor_bytes
 
 
@@ -39,8 +42,15 @@ class HiddenStates:
             self._spill_dir = tempfile.mkdtemp(prefix="lowrank-states-", dir=self.directory)
             weakref.finalize(self, shutil.rmtree, self._spill_dir, True)  # removed with this object
         path = os.path.join(self._spill_dir, f"{len(self._items)}.bin")
-        with open(path, "wb") as f:
-            f.write(tensor_bytes(tensor))
+        try:
+            with open(path, "wb") as f:
+                f.write(tensor_bytes(tensor))
+        except OSError as error:
+            if error.errno not in DISK_FULL:
+                raise
+            if os.path.exists(path):
+                os.remove(path)
+            raise _spill_failed(error, self._spill_dir) from None
         self._items.append((path, tuple(tensor.shape), tensor.dtype))
 
     def release(self, index):
@@ -72,6 +82,16 @@ class HiddenStates:
 
     def __iter__(self):
         return (self[index] for index in range(len(self)))
+
+
+def _spill_failed(error, spill_dir):
+    """One line for a spill file that found no room: it is not the output, so name where it went and what helps
+    (the write() error names no file: a disk-full message would otherwise blame the output)."""
+    reason = {errno.EFBIG: "file too large (a limit of the file system or of ulimit -f)",
+              errno.EDQUOT: "disk quota exceeded"}.get(error.errno, "no space left on device")
+    return LowrankError(f"could not spill calibration states to the offload directory {os.path.dirname(spill_dir)} "
+                        f"({reason}); pass "
+                        "--offload-dir DIR on a disk with room, or a larger --offload-budget to keep more in memory")
 
 
 def release_batch(states, index):

@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..errors import UsageError
-from ..io.publish import write_atomic
+from ..io.publish import staging_dir, write_atomic
 from ..io.shards import DTYPES
 
 JOURNAL = ".lowrank-journal.json"
@@ -40,8 +40,22 @@ def load(staging):
 
 
 def save(staging, journal):
-    # durable: write_atomic fsyncs the file before the rename and the directory after it
+    # durable: write_atomic fsyncs the file before the rename and the directory after it; if it fails (a full
+    # disk), the previous journal stays whole, and with it what --resume continues from (see kept_blocks)
     write_atomic(os.path.join(staging, JOURNAL), json.dumps(journal))
+
+
+def kept_blocks(output):
+    """(staging directory, blocks done) if a failed run of `output` left a journal behind for --resume, else None.
+    After a failure only a journaled run's staging directory stays (the writer removes it otherwise)."""
+    staging = staging_dir(output)
+    try:
+        journal = load(staging)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(journal, dict) or not isinstance(journal.get("blocks_done"), int):
+        return None
+    return staging, journal["blocks_done"]
 
 
 def check(journal, expected, staging):
