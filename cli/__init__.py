@@ -156,8 +156,9 @@ def _disk_full(error):
     kept = _kept_for_resume(output) if output else None
     if kept:
         staging, blocks = kept
-        return (f"could not write{what}: {reason}; the work so far ({blocks} blocks) is kept in {staging}: "
-                f"{remedy} and run the same command with --resume, or delete it")
+        done = f"{blocks} block{'s' * (blocks != 1)}"
+        return (f"could not write{what}: {reason}; the work so far ({done}) is kept in {staging}: {remedy} and run "
+                "the same command with --resume, or delete it")
     return f"could not write{what}: {reason}; {remedy} or write the output elsewhere"
 
 

@@ -344,7 +344,7 @@ def test_a_full_disk_at_the_journal_keeps_what_resume_needs_and_says_so(call, ll
                        "output elsewhere", str(tmp_path))
         return
     assert code == 1 and err.strip() == (f"error: could not write {out}: no space left on device; the work so far "
-                                         f"(1 blocks) is kept in {staging}: free some space and run the same "
+                                         f"(1 block) is kept in {staging}: free some space and run the same "
                                          "command with --resume, or delete it"), err
     assert sorted(os.listdir(tmp_path)) == [".out.lowrank-partial"]
     assert not [name for name in os.listdir(staging) if "partial" in name]  # no half-written journal
