@@ -167,7 +167,7 @@ def interrupt_and_check(command, output, inputs, label):
                              "it is complete)"), err
         assert not os.path.exists(output), err
         interrupted.append(round(delay, 2))
-    print(f"\n{label}: SIGINT at {len(interrupted)} points (s): {interrupted}; after the "
+    print(f"\n{label}: clean run {runtime:.1f}s; SIGINT at {len(interrupted)} points (s): {interrupted}; after the "
           f"atomic publish at {len(after_publish)}: {after_publish}; {finished_first} run(s) finished before it")
     assert interrupted, "every run finished before it could be interrupted"
 
