@@ -21,10 +21,19 @@ JOIN = "\n\n"
 DEFAULT_SEQ_LEN = 2048  # SVD-LLM's and ASVD's calibration window
 
 
+HELD_OUT_TOKENS = 2048  # held-out text for compress's verdict: a few thousand tokens, at most 16 windows
+
+
 @dataclass
 class Calibration:
     input_ids: torch.Tensor  # [num_samples, seq_len], int64
     provenance: dict = field(default_factory=dict)
+    held_out: torch.Tensor | None = None  # [k, seq_len] windows the calibration does not use (compress's verdict)
+
+
+def held_out_count(seq_len):
+    """Windows of held-out text to set aside for the verdict: about HELD_OUT_TOKENS tokens."""
+    return max(1, min(16, -(-HELD_OUT_TOKENS // seq_len)))
 
 
 def tokenize_stream(texts, tokenizer):
@@ -35,7 +44,9 @@ def tokenize_stream(texts, tokenizer):
     return torch.tensor(ids, dtype=torch.long), digest
 
 
-def draw_windows(stream, num_samples, seq_len, seed, source):
+def draw_windows(stream, num_samples, seq_len, seed, source, held_out=0):
+    """num_samples windows drawn with `seed` and, when `held_out` > 0, (windows, up to held_out further windows of
+    the same draw, which the calibration does not use). The calibration windows do not depend on `held_out`."""
     available = stream.numel() // seq_len
     if available < num_samples:
         raise LowrankError(
@@ -43,8 +54,11 @@ def draw_windows(stream, num_samples, seq_len, seed, source):
             f"--seq-len {seq_len} needs {num_samples * seq_len:,}; use fewer samples, a shorter --seq-len, or more text"
         )
     windows = stream[: available * seq_len].view(available, seq_len)
-    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:num_samples]
-    return windows[order.sort().values]
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
+    chosen = windows[order[:num_samples].sort().values]
+    if not held_out:
+        return chosen
+    return chosen, windows[order[num_samples:num_samples + held_out].sort().values]
 
 
 def load_calibration(spec, model, tokenizer, num_samples, seq_len=None, seed=0, split="train", text_column="text",
@@ -71,14 +85,18 @@ def load_calibration(spec, model, tokenizer, num_samples, seq_len=None, seed=0, 
     if spec == "self":
         from .selfgen import generate
 
-        ids = generate(model, num_samples, seq_len, seed, device=device)
+        # the held-out rows are sampled with the calibration rows (in the same batched generation) and always, so
+        # that the calibration windows do not depend on whether the verdict is asked for
+        extra = min(held_out_count(seq_len), max(1, num_samples // 4))  # sampling them costs: a quarter at most
+        ids = generate(model, num_samples + extra, seq_len, seed, device=device, progress=progress)
+        ids, rest = ids[:num_samples].contiguous(), ids[num_samples:].contiguous()
         digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
-        return Calibration(ids, {**base, "source": "self", "kind": "self", "sha256_tokens": digest})
+        return Calibration(ids, {**base, "source": "self", "kind": "self", "sha256_tokens": digest}, rest)
     if tokenizer is None:
         raise UsageError("calibration from text needs the model's tokenizer, and none was found; use --calib self")
     texts, provenance = load_texts(spec, split=split, text_column=text_column, tokenizer=tokenizer)
     stream, digest = tokenize_stream(texts, tokenizer)
-    ids = draw_windows(stream, num_samples, seq_len, seed, spec)
+    ids, rest = draw_windows(stream, num_samples, seq_len, seed, spec, held_out=held_out_count(seq_len))
     provenance.update(base, sha256_text=digest, stream_tokens=int(stream.numel()),
                       windows="non-overlapping, drawn at random with seed")
-    return Calibration(ids, provenance)
+    return Calibration(ids, provenance, rest if rest.shape[0] else None)

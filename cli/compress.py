@@ -26,7 +26,8 @@ def default_output(model, ratio):
 Model = Annotated[str, typer.Argument(help="Checkpoint directory, .gguf file, hub id (org/name), or pkg:NAME.")]
 Ratio = Annotated[float, typer.Option("--ratio", "-r", help="Fraction of the targeted layers' parameters KEPT, in "
                   "(0, 1]: 0.8 keeps 80% (removes 20%; SVD-LLM would call that --ratio 0.2).")]
-Output = Annotated[str | None, typer.Option("--output", "-o", help="Output directory (default: <model>-lr<R>).",
+Output = Annotated[str | None, typer.Option("--output", "-o", help="Output directory (default: the model's name, then -lr and "
+                   "the ratio in percent: SmolLM2-135M at 0.8 writes SmolLM2-135M-lr80).",
                    rich_help_panel=OUT)]
 Method = Annotated[str, typer.Option(help="Decomposition: " + "; ".join(f"{name}: {method.summary}" for name, method
                    in METHODS.items()))]
@@ -79,6 +80,9 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted 
                    "command, plus --resume): finished blocks are kept, the output is byte-identical.",
                    rich_help_panel=OUT)]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing output directory.", rich_help_panel=OUT)]
+Verify = Annotated[bool, typer.Option("--verify/--no-verify", help="End with a verdict on held-out text: "
+                   "perplexity of the original and the compressed model, top-1 agreement, KL (a few seconds).",
+                   rich_help_panel=OUT)]
 Json = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.", rich_help_panel=OUT)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.", rich_help_panel=OUT)]
 Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail (-vv: library logs).",
@@ -103,7 +107,8 @@ def compress(
     batch_size: BatchSize = D["batch_size"], device: Device = D["device"], dtype: Dtype = D["dtype"],
     max_shard_size: MaxShardSize = D["max_shard_size"], stream: Stream = D["stream"],
     offload_budget: OffloadBudget = D["offload_budget"], offload_dir: OffloadDir = D["offload_dir"],
-    resume: Resume = D["resume"], overwrite: Overwrite = D["overwrite"], json_output: Json = False,
+    resume: Resume = D["resume"], overwrite: Overwrite = D["overwrite"], verify: Verify = D["verify"],
+    json_output: Json = False,
     quiet: Quiet = False, verbose: Verbose = 0, debug: Debug = False,
     trust_remote_code: TrustRemoteCode = D["trust_remote_code"],
 ):
@@ -154,5 +159,25 @@ def show_summary(report, output, seconds):
                           f"{layer['energy_kept']:.4f}", f"{layer['rel_error']:.4f}")
         err.print(table)
     err.print(f"wrote {output} in {seconds:.0f}s", highlight=False, soft_wrap=True)
-    err.print(f"evaluate: lm_eval --model hf --model_args pretrained={output},trust_remote_code=True "
-              "--tasks wikitext", highlight=False, soft_wrap=True)
+    warning = (report.get("verify") or {}).get("warning")
+    if warning:
+        err.print(warning, style="bold yellow", highlight=False, markup=False, soft_wrap=True)
+    for line in next_steps(report, output):
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def next_steps(report, output):
+    """The closing hints: only commands that exist here. lm_eval only when it is installed (and its wikitext
+    task downloads WikiText-2 from the hub, which is said)."""
+    import importlib.util
+    import shlex
+
+    model, out = shlex.quote(report["model"]["source"]), shlex.quote(output)
+    lines = [(f"compare: lowrank eval {out} --baseline {model} --data TEXT_FILE   (without --data: WikiText-2 "
+              "from the hub)"),
+             (f"load:    lowrank.load_pretrained({output!r}), or the model's Auto class with "
+              "trust_remote_code=True (README, \"Load it\")")]
+    if importlib.util.find_spec("lm_eval") is not None:
+        lines.append(f"lm_eval: lm_eval --model hf --model_args pretrained={out},trust_remote_code=True --tasks "
+                     "wikitext   (downloads WikiText-2 from the hub)")
+    return lines

@@ -4,6 +4,7 @@ import time
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 from lowrank.squeezing.config import DEFAULTS as D
 from lowrank.squeezing.config import SqueezeConfig
@@ -16,7 +17,8 @@ RULE, ALG, SCALE, OUT, DANGER = "Rank rule", "Algorithm", "Scaling and DoRA", "O
 # every default comes from SqueezeConfig (lowrank/squeezing/config.py), where it is written once.
 Adapter = Annotated[str | None, typer.Argument(help="PEFT adapter directory (adapter_config.json + "
                     "adapter_model.safetensors/.bin, or one sub-folder holding them), or a kohya / diffusers LoRA "
-                    ".safetensors file.", show_default=False)]
+                    ".safetensors file. Required, except with --base-model and --finetuned.", show_default=False,
+                    metavar="ADAPTER")]
 Rank = Annotated[int | None, typer.Option("--rank", "-r", help="Uniform target rank K for every module (the "
                  "paper's setting).", rich_help_panel=RULE, show_default=False)]
 Energy = Annotated[float | None, typer.Option(help="Per module, the smallest rank keeping this fraction of "
@@ -68,7 +70,15 @@ TrustRemoteCode = Annotated[bool, typer.Option(help="Allow a model's own Python 
                             "--finetuned).", rich_help_panel=DANGER)]
 
 
+class _Usage(TyperCommand):
+    """ADAPTER is required except in the extraction mode, which click cannot express: the usage says both."""
+
+    def collect_usage_pieces(self, ctx):
+        return ["[OPTIONS] ADAPTER", "|", "[OPTIONS] --base-model BASE --finetuned FT"]
+
+
 @app.command(
+    cls=_Usage,
     epilog="Examples:  lowrank squeeze ./my-adapter --rank 8 -o ./my-adapter-r8  ·  "
     "lowrank squeeze ./my-adapter --energy 0.95 --max-rank 32  ·  lowrank squeeze ./my-adapter --budget 0.25  ·  "
     "lowrank squeeze ./my-adapter --analyze  ·  lowrank squeeze --base-model ./base --finetuned ./ft --rank 16",

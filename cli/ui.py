@@ -5,7 +5,7 @@ import logging
 import sys
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from lowrank.progress import Progress as LibraryProgress
@@ -43,7 +43,8 @@ class RichProgress(LibraryProgress):
     def __enter__(self):
         if not self.quiet and err.is_terminal:
             self.bar = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TextColumn("{task.description}"), console=err)
+                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                TextColumn("{task.description}"), console=err)
             self.bar.start()
         return self
 
@@ -52,14 +53,19 @@ class RichProgress(LibraryProgress):
             self.bar.stop()
 
     def start(self, stage, total):
+        """`total` None: a phase of unknown length (a pulsing bar with the time elapsed)."""
         if self.bar is not None:
             self.tasks[stage] = self.bar.add_task("", total=total, stage=stage)
         elif not self.quiet:
-            err.print(f"{stage}: {total} steps")
+            err.print(f"{stage}: " + ("started" if total is None else f"{total} steps"), highlight=False)
 
     def advance(self, stage, detail=""):
         if self.bar is not None and stage in self.tasks:
-            self.bar.update(self.tasks[stage], advance=1, description=detail)
+            task = self.tasks[stage]
+            if self.bar.tasks[task].total is None:  # an open-ended phase ends with its one advance
+                self.bar.update(task, total=1, completed=1, description=detail)
+            else:
+                self.bar.update(task, advance=1, description=detail)
         elif not self.quiet and (self.verbose or not err.is_terminal):
             err.print(f"{stage}: {detail}", highlight=False, soft_wrap=True)
 

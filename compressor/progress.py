@@ -5,7 +5,8 @@ class Progress:
     """Silent by default; subclass to show progress."""
 
     def start(self, stage, total):
-        """A stage of `total` steps begins (e.g. "blocks", 30)."""
+        """A stage of `total` steps begins (e.g. "blocks", 30); total None: one step of unknown length, ended by
+        one advance (loading a model)."""
 
     def advance(self, stage, detail=""):
         """One step of `stage` is done; `detail` is a short status line."""

@@ -6,6 +6,7 @@ from conftest import build_model
 
 from lowrank.calibration import draw_windows, load_calibration, tokenize_stream
 from lowrank.errors import LowrankError, UsageError
+from lowrank.progress import Progress
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_auto_falls_back_to_self_offline(llama, tokenizer, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     messages = []
 
-    class Log:
+    class Log(Progress):
         def log(self, message):
             messages.append(message)
 

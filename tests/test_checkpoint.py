@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import COMPRESS_FAST
 from safetensors import safe_open
+from transformers import AutoTokenizer
 
 import lowrank
 from lowrank.compression.config import CompressConfig
@@ -119,16 +120,37 @@ def test_remote_code_load_without_lowrank(llama_out, tmp_path):
         torch.save(model(input_ids=ids).logits.detach(), {str(tmp_path / "logits.pt")!r})
         base = AutoModel.from_pretrained({llama_out!r}, trust_remote_code=True)
         print(type(base).__name__, type(base.layers[0].mlp.up_proj).__name__, "lowrank" in sys.modules)
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained({llama_out!r}, trust_remote_code=True)
+        print("TOKENS", tokenizer("hello world")["input_ids"])
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "REFUSED" in run.stdout and "LOADED-WITHOUT-FLAG" not in run.stdout
     assert "LowRankLlamaModel LowRankLinear False" in run.stdout
+    assert "Do you wish to run the custom code" not in run.stdout + run.stderr
+    assert f"TOKENS {AutoTokenizer.from_pretrained(llama_out, trust_remote_code=True)('hello world')['input_ids']}" \
+        in run.stdout
     remote = torch.load(tmp_path / "logits.pt", weights_only=True)
     with torch.no_grad():
         local = lowrank.load_pretrained(llama_out)(input_ids=ids()).logits
     assert torch.equal(remote, local)
+
+
+def test_the_tokenizer_loads_without_a_prompt_once_lowrank_loaded_the_model(llama_out, tmp_path):
+    """After lowrank.load_pretrained (which registers the checkpoint's classes), the usual
+    AutoTokenizer.from_pretrained(out) needs no flag and asks nothing (stdin closed: a prompt would show)."""
+    script = textwrap.dedent(f"""
+        import lowrank
+        from transformers import AutoTokenizer
+        model = lowrank.load_pretrained({llama_out!r})
+        print("TOKENS", AutoTokenizer.from_pretrained({llama_out!r})("hello world")["input_ids"])
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                         stdin=subprocess.DEVNULL, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "TOKENS [" in run.stdout and "custom code" not in run.stdout + run.stderr
 
 
 def test_same_inputs_give_byte_identical_checkpoints(llama_dir, calib_file, tmp_path):

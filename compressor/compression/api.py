@@ -7,6 +7,7 @@ two produce the same bytes, and after every block a journal makes the work so fa
 """
 
 import json
+import os
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import replace
@@ -18,7 +19,8 @@ from ..device import resolve_device
 from ..environment import invocation
 from ..errors import Interrupted, UsageError
 from ..io.checkpoint import CheckpointWriter, partition_keys, tied_names
-from ..io.loading import load_model, load_tokenizer, read_config, resolve_model
+from ..io.gguf import output_dtype as gguf_output_dtype
+from ..io.loading import load_model, load_tokenizer, read_config, resolve_model, round_weights, torch_dtype
 from ..io.modeling_lowrank import LowRankLinear, linear_shape
 from ..io.publish import check_output, staging_dir
 from ..progress import SILENT, Progress
@@ -72,12 +74,15 @@ class _Job:
             try:
                 for self.phase, step in (("loading the model", self.load),
                                          ("preparing the calibration data", self.calibrate),
+                                         ("scoring the held-out text with the original model", self.score_original),
                                          ("reading the resume journal", self.open_journal)):
                     step()
                 self.phase = "compressing the first block"
                 result = self.compress()
                 if not self.main:
                     return None
+                self.phase = "scoring the held-out text with the compressed model"
+                self.verify(result)
                 self.phase = "writing the output"
                 return self.write(result)
             except KeyboardInterrupt:
@@ -93,7 +98,9 @@ class _Job:
         start = time.perf_counter()
         config, progress = self.requested, self.progress
         progress.log(f"loading {self.spec}" + (" (streaming: one block in memory at a time)" if self.streaming
+                                               else " (dequantizing the GGUF)" if self.source.kind == "gguf"
                                                else ""))
+        progress.start("load", None)
         self.skeleton = None
         if self.streaming:
             from ..io.streaming import Skeleton
@@ -104,9 +111,14 @@ class _Job:
             self.skeleton = Skeleton(self.source, config.dtype, config.trust_remote_code)
             self.net, self.tokenizer = self.skeleton.model, load_tokenizer(self.source, config.trust_remote_code)
         else:
-            self.net, self.tokenizer = load_model(self.source, dtype=config.dtype,
+            # a GGUF is dequantized to float32 and computed in float32, on weights rounded to the output dtype
+            gguf = self.source.kind == "gguf"
+            self.net, self.tokenizer = load_model(self.source, dtype="float32" if gguf else config.dtype,
                                                   trust_remote_code=config.trust_remote_code)
+            if gguf:
+                round_weights(self.net, self.output_dtype())
         self.timings["load"] = time.perf_counter() - start
+        progress.advance("load", f"loaded in {self.timings['load']:.0f}s")
         self.blocks_name, _, _ = select_targets(self.net, config.targets, config.ignore)  # bad patterns fail here
         self.config, why = resolve(config, self.net, streaming=self.streaming, distributed=self.dist is not None)
         if config.alloc == "auto":
@@ -114,10 +126,19 @@ class _Job:
                                                                     "uniform gives the papers' one rank rule") + ")")
         self.tied = tied_names(self.net)
         self.before, self.after = partition_keys(self.net, self.blocks_name, self.tied)
-        first = next(self.net.parameters())
-        self.dtype = str(first.dtype).removeprefix("torch.")
-        self.element_size = first.element_size()
+        self.dtype = self.output_dtype()  # what is written; factors are rounded to it (layers.py)
+        self.config = self.config.resolved(dtype=self.dtype)
+        self.element_size = torch_dtype(self.dtype).itemsize
         self.params_before = sum(t.numel() for name, t in self.net.state_dict().items() if name not in self.tied)
+
+    def output_dtype(self):
+        """The dtype of the output: --dtype, else the checkpoint's, else for a GGUF its recorded float type or
+        bfloat16 (io/gguf.py)."""
+        if self.requested.dtype != "auto":
+            return self.requested.dtype
+        if self.source.kind == "gguf":
+            return gguf_output_dtype(os.path.join(self.source.path, self.source.gguf_file))
+        return str(next(self.net.parameters()).dtype).removeprefix("torch.")
 
     def calibrate(self):
         from lowrank.calibration import load_calibration
@@ -128,6 +149,54 @@ class _Job:
                                             split=c.calib_split, text_column=c.text_column, progress=self.progress,
                                             device=c.device)
         self.timings["calibration_data"] = time.perf_counter() - start
+
+    def score_original(self):
+        """The original model's predictions on held-out text, taken before compression frees its weights."""
+        self.original, self.verification = None, None
+        why = self.no_verdict_reason()
+        if why is not None:
+            self.verification = {"skipped": why}
+            return
+        from ..core.fisher import staged
+        from .verify import capture
+
+        self.progress.log(f"verify: scoring {self.calibration.held_out.shape[0]} held-out windows with the "
+                          "original model")
+        with staged(self.net, self.config.device):
+            self.original = capture(self.net, self.calibration.held_out, self.config.device)
+
+    def no_verdict_reason(self):
+        """Why this run cannot end with a verdict on held-out text (None when it can)."""
+        check = f"check with: lowrank eval {self.output} --baseline {self.spec}"
+        if not self.config.verify:
+            return "--no-verify"
+        if self.streaming or self.dist is not None:
+            return f"the original model is never whole in memory in a {'streamed' if self.streaming else 'torchrun'} " \
+                   f"run; {check}"
+        if not (hasattr(self.net, "can_generate") and self.net.can_generate()):
+            return "not a causal language model (no next-token perplexity)"
+        if self.calibration.held_out is None:
+            return f"the calibration text has no window left over for a held-out check; {check}"
+        return None
+
+    def verify(self, result):
+        """The verdict: the compressed model against the original's predictions (compression/verify.py)."""
+        if self.original is None:
+            return
+        from ..core.fisher import staged
+        from .verify import measure, suggest_ratio, warning
+
+        with staged(self.net, self.config.device):
+            numbers = measure(self.net, self.original, self.config.device)
+        suggested = None
+        if numbers["verdict"] != "ok" and result.loss_curve is not None:
+            suggested = suggest_ratio(self.config.ratio, numbers["nll_rise"], result.loss_curve)
+        numbers["suggested_ratio"] = suggested
+        numbers["warning"] = warning(numbers, self.config.ratio, suggested)
+        self.verify_seconds = numbers.pop("seconds")
+        self.verification = numbers
+        if numbers["warning"]:
+            self.progress.log(numbers["warning"])
 
     def open_journal(self):
         """Continue a journaled run (--resume) or discard a stale one; make the writer."""
@@ -149,7 +218,8 @@ class _Job:
         if self.dist is not None:
             self.dist.barrier()  # every rank has read the journal before rank 0 may start a fresh staging directory
         state = self.journal["writer"] if self.journal else None
-        self.writer = CheckpointWriter(self.output, self.config.max_shard_bytes, state=state) if self.main else None
+        self.writer = (CheckpointWriter(self.output, self.config.max_shard_bytes, state=state,
+                                        dtype=torch_dtype(self.dtype)) if self.main else None)
         if self.journal:
             self.layers = [_layer_from_dict(entry) for entry in self.journal["layers"]]
             resume.load_spectra(self.staging, self.journal["blocks_done"], self.layers)
@@ -260,7 +330,8 @@ class _Job:
                 model_params_before=self.params_before, model_params_after=params_after,
                 bytes_dense=self.params_before * self.element_size, bytes_after=bytes_after, files=files,
                 dtype=self.dtype, command=self.command or invocation(),
-                timings={**self.timings, **result.timings, "write_weights": seconds}, run=run,
+                timings={**self.timings, **result.timings, **self.verify_timing(), "write_weights": seconds}, run=run,
+                input_bytes=self.input_bytes(), verify=self.verification,
             )
             extra = {
                 "compression_report.json": json.dumps(self.report, indent=2) + "\n",
@@ -275,6 +346,16 @@ class _Job:
         self.writer.finish(self.net, source=self.source, tokenizer=self.tokenizer, block=block,
                            extra_files=extra_files)
         return self.report
+
+
+    def verify_timing(self):
+        return {"verify": self.verify_seconds} if getattr(self, "verify_seconds", None) is not None else {}
+
+    def input_bytes(self):
+        """The size of a quantized input file (GGUF), which the dequantized output is compared with."""
+        if self.source.kind != "gguf":
+            return None
+        return os.path.getsize(os.path.join(self.source.path, self.source.gguf_file))
 
 
 def _layer_from_dict(entry):

@@ -20,7 +20,7 @@ ALLOCATIONS = ("auto", "uniform", "global", "fisher", "sensitivity")
 STREAM_MODES = ("auto", "on", "off")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Options that change how a run is carried out, not what it writes: left out of the resume fingerprint.
-RUN_ONLY = ("device", "offload_budget", "offload_dir", "overwrite", "resume", "trust_remote_code")
+RUN_ONLY = ("device", "offload_budget", "offload_dir", "overwrite", "resume", "trust_remote_code", "verify")
 
 
 @dataclass
@@ -63,6 +63,7 @@ class CompressConfig:
     overwrite: bool = False
     resume: bool = False
     trust_remote_code: bool = False
+    verify: bool = True  # end with a verdict on held-out text: perplexity, top-1 agreement, KL (verify.py)
 
     def __post_init__(self):
         self.validate()

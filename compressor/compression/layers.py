@@ -11,6 +11,7 @@ from ..core import decompose
 from ..core.ranks import factor_params, uniform_rank
 from ..core.stats import PairedStats
 from ..errors import LowrankError, UsageError
+from ..io.loading import torch_dtype
 from ..io.modeling_lowrank import LowRankLinear, linear_shape
 from .targets import dense_weight, replace_module
 
@@ -44,6 +45,8 @@ def rank_for(config, name, m, n):
 def decompose_block(block, names, collector, config, fisher=None):
     """Factorize the block's target layers in place. Returns one LayerResult per target."""
     method = config.method_spec
+    stored = torch_dtype(config.dtype)
+    stored = None if stored == "auto" else stored  # "auto": the model's own
     results, weightings = [], {}
     remaining = {}  # layers still to do per input group: a group's statistics are freed after its last layer
     for name in names:
@@ -71,8 +74,9 @@ def decompose_block(block, names, collector, config, fisher=None):
         factors = decompose.factorize(target, weightings[key], rank)
         up = decompose.refit_up(weight, factors.down, stats, config.damp) if config.refit else factors.up
         layer = LowRankLinear(n, m, rank, bias=has_bias, device=weight.device, dtype=weight.dtype)
-        layer.down.weight.data.copy_(factors.down)
-        layer.up.weight.data.copy_(up)
+        # rounded to the dtype that is written (a GGUF computes in float32 and is written in bfloat16)
+        layer.down.weight.data.copy_(factors.down if stored is None else factors.down.to(stored))
+        layer.up.weight.data.copy_(up if stored is None else up.to(stored))
         if has_bias:
             layer.up.bias.data.copy_(module.bias.detach())
         # Errors are measured on what will be stored: the factors after the cast to the model's dtype. With

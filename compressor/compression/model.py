@@ -28,6 +28,7 @@ class Result:
     timings: dict
     calibration_tokens: int
     config: CompressConfig  # as resolved: the allocation used and the ranks it chose
+    loss_curve: Callable | None = None  # the allocation's loss estimate by ratio (allocation.LossCurve), if any
 
 
 def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress: Progress = SILENT,
@@ -46,7 +47,7 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
     blocks_name, blocks, targets = select_targets(model, config.targets, config.ignore)
     check_uniform_attention(blocks)
     timings = {}
-    fisher = None
+    fisher, curve = None, None
     if config.method_spec.gradients:
         begin = time.perf_counter()
         names = [name for block_names in targets.values() for name in block_names]
@@ -59,8 +60,8 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
 
     if config.alloc != "uniform" and not config.ranks:
         begin = time.perf_counter()
-        config = config.resolved(ranks=allocate_ranks(model, input_ids, targets, blocks_name, config, progress,
-                                                      source, dist))
+        ranks, curve = allocate_ranks(model, input_ids, targets, blocks_name, config, progress, source, dist)
+        config = config.resolved(ranks=ranks)
         timings["allocation"] = time.perf_counter() - begin
     if on_planned is not None:
         on_planned(config)
@@ -73,4 +74,4 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
     layers = walk_blocks(model, input_ids, targets, blocks_name, visit, WalkOptions.of(config), source=source,
                          progress=progress, on_block_done=on_block_done, resume=resume, dist=dist, timings=timings)
     return Result(blocks_name=blocks_name, layers=layers, timings=timings, calibration_tokens=int(input_ids.numel()),
-                  config=config)
+                  config=config, loss_curve=curve)

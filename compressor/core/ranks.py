@@ -50,7 +50,7 @@ def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None, note
     import heapq
 
     budget = int(exact_ratio(ratio) * sum(m * n for m, n in shapes.values()))
-    ranks, losses, heap = {}, {}, []
+    ranks, heap = {}, []
 
     def push(name):
         m, n = shapes[name]
@@ -65,14 +65,9 @@ def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None, note
 
     fraction = _floor_that_fits(shapes, budget, min_fraction, notes)
     spent = 0
-    for name, sigma in spectra.items():
+    losses = component_losses(spectra, weights)
+    for name in spectra:
         m, n = shapes[name]
-        loss = sigma.double().square()
-        if weights is None:
-            loss = loss / (float(loss.sum()) or 1.0)
-        else:
-            loss = loss * weights[name].double()
-        losses[name] = loss
         ranks[name] = max(1, int(fraction * break_even_rank(m, n)))
         spent += ranks[name] * (m + n)
     for name in ranks:
@@ -86,6 +81,21 @@ def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None, note
         ranks[name] = None if ranks[name] + 1 >= break_even_rank(m, n) else ranks[name] + 1
         push(name)
     return ranks
+
+
+def component_losses(spectra, weights=None):
+    """{name: what dropping each component costs}, in allocate_global's units: sigma^2 * weight, or without
+    weights sigma^2 as a share of the matrix's energy."""
+    losses = {}
+    for name, sigma in spectra.items():
+        loss = sigma.double().square()
+        losses[name] = loss / (float(loss.sum()) or 1.0) if weights is None else loss * weights[name].double()
+    return losses
+
+
+def dropped_loss(losses, ranks):
+    """The allocation's estimate of what `ranks` lose: the summed cost of every dropped component."""
+    return sum(float(losses[name][rank:].sum()) for name, rank in ranks.items() if rank is not None)
 
 
 def _floor_that_fits(shapes, budget, min_fraction, notes):

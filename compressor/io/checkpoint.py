@@ -101,12 +101,13 @@ def auto_map_for(model):
     return entries
 
 
-def checkpoint_config(model, block):
-    """config.json of the factorized checkpoint: the base config, re-typed, plus the `lowrank` block."""
+def checkpoint_config(model, block, dtype=None):
+    """config.json of the factorized checkpoint: the base config, re-typed, plus the `lowrank` block. `dtype`: the
+    dtype the weights were written in (default: the model's)."""
     config = model.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "auto_map", "_commit_hash"):
         config.pop(key, None)
-    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    config["dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
     config["model_type"] = MODEL_TYPE_PREFIX + base_class(type(model.config)).model_type
     config["architectures"] = [CLASS_PREFIX + base_class(type(model)).__name__]
     config["auto_map"] = auto_map_for(model)
@@ -133,10 +134,11 @@ class CheckpointWriter:
     they are ready (block by block), the rest at `finish`, which renames the directory into place.
 
     `state` (from `state()`) continues an interrupted run's staging directory instead of starting afresh.
+    `dtype`: floating tensors are written in it (default: as given).
     """
 
-    def __init__(self, output, max_shard_bytes, state=None):
-        self.output = output
+    def __init__(self, output, max_shard_bytes, state=None, dtype=None):
+        self.output, self.dtype = output, dtype
         self.staging = new_staging_dir(output) if state is None else staging_dir(output)
         self.shards = ShardWriter(self.staging, max_shard_bytes, state=state)
         self.seconds = 0.0  # time spent writing (the writes interleave with the compression)
@@ -159,6 +161,8 @@ class CheckpointWriter:
             raise
 
     def add(self, name, tensor):
+        if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
+            tensor = tensor.to(self.dtype)
         with self._failing(), self._timed():
             self.shards.add(name, tensor)
 
@@ -190,7 +194,7 @@ class CheckpointWriter:
                     os.remove(os.path.join(self.staging, name))
             _copy_extra_files(source, model, tokenizer, self.staging)
             with open(os.path.join(self.staging, "config.json"), "w") as f:
-                json.dump(checkpoint_config(model, block), f, indent=2, sort_keys=True)
+                json.dump(checkpoint_config(model, block, self.dtype), f, indent=2, sort_keys=True)
                 f.write("\n")
             shutil.copyfile(os.path.join(os.path.dirname(__file__), MODELING_FILE),
                             os.path.join(self.staging, MODELING_FILE))

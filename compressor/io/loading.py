@@ -119,6 +119,18 @@ def torch_dtype(name):
     return dtypes[name]
 
 
+def round_weights(model, dtype):
+    """Round every floating parameter and buffer of `model` to `dtype` in place, keeping the model's own dtype:
+    the model then computes in its dtype (float32) on exactly the values a `dtype` checkpoint holds."""
+    import torch
+
+    dtype = torch_dtype(dtype)
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor.copy_(tensor.to(dtype))
+
+
 def missing_gguf_packages():
     """The packages transformers needs to read a .gguf file (gguf, accelerate) that are not installed."""
     import importlib.util

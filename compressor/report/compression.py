@@ -55,9 +55,10 @@ def layer_entry(layer):
 
 
 def build_report(*, result, settings, calibration, source, model_params_before, model_params_after,
-                 bytes_dense, bytes_after, files, dtype, command, timings, run):
+                 bytes_dense, bytes_after, files, dtype, command, timings, run, input_bytes=None, verify=None):
     """The whole report, built once when the weights are written: `timings` in the order the phases ran, `run`
-    how the run was carried out (streamed, offload budget, processes, where it resumed)."""
+    how the run was carried out (streamed, offload budget, processes, where it resumed), `input_bytes` the size
+    of a quantized input file (GGUF), `verify` the verdict on held-out text (verify.py) or why there is none."""
     target_before = sum(layer.params_before for layer in result.layers)
     target_after = sum(layer.params_after for layer in result.layers)
     kept_t = _fraction(target_after, target_before)
@@ -82,7 +83,8 @@ def build_report(*, result, settings, calibration, source, model_params_before, 
             "model": {"params_before": model_params_before, "params_after": model_params_after,
                       "kept": round(kept_m, 6), "removed": round(1 - kept_m, 6)},
         },
-        "size": {"bytes_dense": bytes_dense, "bytes_after": bytes_after, "files": files},
+        "size": {"bytes_dense": bytes_dense, "bytes_after": bytes_after, "files": files,
+                 **({"bytes_input": input_bytes, "input_dequantized": True} if input_bytes else {})},
         "layers": {
             "factorized": sum(1 for layer in result.layers if layer.rank is not None),
             "dense": sum(1 for layer in result.layers if layer.rank is None),
@@ -92,6 +94,7 @@ def build_report(*, result, settings, calibration, source, model_params_before, 
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "peak_rss_bytes": peak_rss_bytes(),
         "evaluations": [],
+        **({"verify": verify} if verify is not None else {}),
         **run,
     }
 
@@ -138,13 +141,38 @@ def compression_rows(report):
                             f"kept {t['kept']:.1%}, removed {t['removed']:.1%}"),
         ("whole model", f"{m['params_before']:,} -> {m['params_after']:,} params: "
                         f"kept {m['kept']:.1%}, removed {m['removed']:.1%}"),
-        ("size", f"{human_bytes(report['size']['bytes_dense'])} dense -> {human_bytes(report['size']['bytes_after'])} "
-                 f"({report['model']['dtype']})"),
+        ("size", size_row(report)),
         ("layers", f"{report['layers']['factorized']} factorized, {report['layers']['dense']} kept dense"),
         ("calibration", compression_calibration(report["calibration"])),
+        *verify_rows(report.get("verify")),
         ("time", ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())),
         ("peak memory (RSS)", human_bytes(report["peak_rss_bytes"])),
     ]
+
+
+def size_row(report):
+    """Sizes that mean something: against the quantized file the user started from too, when there was one."""
+    size, dtype = report["size"], report["model"]["dtype"]
+    row = f"{human_bytes(size['bytes_dense'])} dense -> {human_bytes(size['bytes_after'])} ({dtype})"
+    if size.get("bytes_input"):
+        row += (f"; the input file was {human_bytes(size['bytes_input'])} (quantized GGUF, dequantized to "
+                f"{dtype} here)")
+    return row
+
+
+def verify_rows(verify):
+    """The verdict rows: the compressed model against the original on held-out text (compression/verify.py)."""
+    if verify is None:
+        return []
+    if "skipped" in verify:
+        return [("verdict", f"not measured: {verify['skipped']}")]
+    rows = [("held-out text", f"perplexity {verify['perplexity_original']:.2f} -> "
+                              f"{verify['perplexity_compressed']:.2f} ({verify['perplexity_ratio']:.2f}x), top-1 "
+                              f"agreement {verify['top1_agreement']:.1%}, KL {verify['kl_mean']:.3f} nats/token "
+                              f"({verify['tokens_scored']:,} tokens)"),
+            ("verdict", verify["verdict"] + (f" (--ratio {verify['suggested_ratio']:g} is likely acceptable)"
+                                             if verify.get("suggested_ratio") else ""))]
+    return rows
 
 
 def compression_calibration(calibration):

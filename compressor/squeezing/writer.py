@@ -35,6 +35,9 @@ def write_adapter(source, jobs, ranks, output, plan, notes, *, base, progress, c
         layers = _write_modules(source, jobs, ranks, plan, notes, base, writer, progress)
         if ranks is None:  # ranked during this pass
             rule_warnings(plan, notes)
+        if layers and all(not layer["sigma_1"] > 0 for layer in layers):
+            notes.warnings.append("every module's update s·B·A is zero: the adapter looks untrained (PEFT starts B "
+                                  "at zero), so the squeezed adapter changes nothing either")
         writer.metadata = _metadata(source, layers, plan)
         files = writer.finish()
         weights_path = os.path.join(target, files[0])
