@@ -5,9 +5,25 @@ from typing import Annotated
 import typer
 
 from .app import app
+from .options import (
+    CAL,
+    OUT,
+    BatchSize,
+    CalibSplit,
+    Debug,
+    Device,
+    Dtype,
+    Json,
+    NumSamples,
+    Overwrite,
+    Quiet,
+    Seed,
+    SeqLen,
+    TextColumn,
+    TrustRemoteCode,
+    Verbose,
+)
 from .ui import split_patterns
-
-CAL, OUT, PERF, DANGER = "Calibration", "Output", "Performance", "Dangerous"
 
 
 @app.command(epilog="Example:  lowrank compensate ./SmolLM2-135M ./smollm2-lr50 --rank 32 -o repair-adapter")
@@ -25,21 +41,10 @@ def compensate(
     ignore: Annotated[list[str] | None, typer.Option(help="Layers to leave alone.")] = None,
     damp: Annotated[float, typer.Option(help="Damping of the covariance, relative to its mean diagonal.")] = 1e-4,
     calib: Annotated[str, typer.Option(help="Calibration data, as for compress.", rich_help_panel=CAL)] = "auto",
-    num_samples: Annotated[int, typer.Option(rich_help_panel=CAL)] = 128,
-    seq_len: Annotated[int | None, typer.Option(rich_help_panel=CAL)] = None,
-    text_column: Annotated[str, typer.Option(rich_help_panel=CAL)] = "text",
-    calib_split: Annotated[str, typer.Option(rich_help_panel=CAL)] = "train",
-    seed: Annotated[int, typer.Option(rich_help_panel=CAL)] = 0,
-    batch_size: Annotated[int, typer.Option(rich_help_panel=PERF)] = 8,
-    device: Annotated[str, typer.Option(rich_help_panel=PERF)] = "auto",
-    dtype: Annotated[str, typer.Option(rich_help_panel=PERF)] = "auto",
-    overwrite: Annotated[bool, typer.Option(rich_help_panel=OUT)] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.",
-                           rich_help_panel=OUT)] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel=OUT)] = False,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, rich_help_panel=OUT)] = 0,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks.", rich_help_panel=OUT)] = False,
-    trust_remote_code: Annotated[bool, typer.Option(rich_help_panel=DANGER)] = False,
+    num_samples: NumSamples = 128, seq_len: SeqLen = None, text_column: TextColumn = "text",
+    calib_split: CalibSplit = "train", seed: Seed = 0, batch_size: BatchSize = 8, device: Device = "auto",
+    dtype: Dtype = "auto", overwrite: Overwrite = False, json_output: Json = False, quiet: Quiet = False,
+    verbose: Verbose = 0, debug: Debug = False, trust_remote_code: TrustRemoteCode = False,
 ):
     """EoRA: a training-free low-rank correction of a compressed model, from the original's input covariance.
 

@@ -10,9 +10,25 @@ from lowrank.compression.config import DEFAULTS as D
 from lowrank.methods import METHODS
 
 from .app import app
+from .options import (
+    CAL,
+    OUT,
+    PERF,
+    BatchSize,
+    CalibSplit,
+    Debug,
+    Device,
+    Json,
+    NumSamples,
+    Overwrite,
+    Quiet,
+    Seed,
+    SeqLen,
+    TextColumn,
+    TrustRemoteCode,
+    Verbose,
+)
 from .ui import split_patterns
-
-CAL, OUT, PERF, DANGER = "Calibration", "Output", "Performance", "Dangerous"
 
 
 def default_output(model, ratio):
@@ -57,15 +73,8 @@ Alpha = Annotated[float, typer.Option(help="asvd: exponent of the activation sca
 Calib = Annotated[str, typer.Option(help="auto (WikiText-2 if the hub is reachable, else self), self (text the model "
                   "generates), a hub dataset name[:config], or a local text/jsonl/json/parquet/csv file or folder.",
                   rich_help_panel=CAL)]
-NumSamples = Annotated[int, typer.Option(help="Calibration windows.", rich_help_panel=CAL)]
-SeqLen = Annotated[int | None, typer.Option(help="Tokens per window (default: 2048, or the model's maximum if "
-                   "smaller).", rich_help_panel=CAL)]
-TextColumn = Annotated[str, typer.Option(help="Text column of the calibration data.", rich_help_panel=CAL)]
-CalibSplit = Annotated[str, typer.Option(help="Split of a hub calibration dataset.", rich_help_panel=CAL)]
-Seed = Annotated[int, typer.Option(help="Seed for the window draw and any sampling.", rich_help_panel=CAL)]
-BatchSize = Annotated[int, typer.Option(help="Calibration windows per forward pass.", rich_help_panel=PERF)]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=PERF)]
-Dtype = Annotated[str, typer.Option(help="auto (the checkpoint's), float32, bfloat16 or float16.",
+Dtype = Annotated[str, typer.Option(help="Output dtype: auto (the checkpoint's; for a GGUF its recorded float type, "
+                  "else bfloat16, computed in float32 on weights rounded to it), float32, bfloat16 or float16.",
                   rich_help_panel=PERF)]
 MaxShardSize = Annotated[str, typer.Option(help="Largest safetensors shard.", rich_help_panel=OUT)]
 Stream = Annotated[str, typer.Option(help="on: hold one block in memory at a time, filled from the safetensors shards "
@@ -79,17 +88,9 @@ OffloadDir = Annotated[str | None, typer.Option(help="Where spilled hidden state
 Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run into the same output (the same "
                    "command, plus --resume): finished blocks are kept, the output is byte-identical.",
                    rich_help_panel=OUT)]
-Overwrite = Annotated[bool, typer.Option(help="Replace an existing output directory.", rich_help_panel=OUT)]
 Verify = Annotated[bool, typer.Option("--verify/--no-verify", help="End with a verdict on held-out text: "
                    "perplexity of the original and the compressed model, top-1 agreement, KL (a few seconds).",
                    rich_help_panel=OUT)]
-Json = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.", rich_help_panel=OUT)]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.", rich_help_panel=OUT)]
-Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More detail (-vv: library logs).",
-                    rich_help_panel=OUT)]
-Debug = Annotated[bool, typer.Option(help="Show tracebacks.", rich_help_panel=OUT)]
-TrustRemoteCode = Annotated[bool, typer.Option(help="Allow the checkpoint's own Python code to run.",
-                            rich_help_panel=DANGER)]
 
 
 @app.command(

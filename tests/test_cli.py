@@ -169,3 +169,21 @@ def test_ctrl_c_before_the_first_block_says_what_was_interrupted(where, phase, l
                         "--seq-len", "64", "-q"], capsys)
     assert code == 130 and f"interrupted while {phase}; nothing was written" in err.strip().splitlines()[-1]
     assert "Traceback" not in err and not os.path.exists(out)
+
+
+def test_every_option_and_argument_of_every_command_has_help():
+    import typer
+
+    from lowrank.cli import compensate, compress, densify, env, evaluate, report, squeeze  # noqa: F401
+    from lowrank.cli.app import app
+
+    group = typer.main.get_command(app)
+    assert {"compress", "squeeze", "compensate", "eval", "report", "densify"} <= set(group.commands)
+    missing = [f"{name} {param.name}" for name, command in group.commands.items() for param in command.params
+               if not (getattr(param, "help", None) or "").strip()]
+    assert not missing, missing
+
+
+def test_help_shows_the_default_output_name(capsys):
+    code, out, _ = run(["compress", "--help"], capsys)
+    assert code == 0 and "-lr80" in out and "(default: -lr)" not in out
