@@ -1,12 +1,12 @@
 """`--calib self`: calibration text sampled from the model itself, which needs no data at all.
 
-All sequences are sampled in one batched generation with the KV cache on: on 2 CPU cores a decode step of
-SmolLM2-135M costs about the same for 1 sequence as for 32 (it is bound by reading the weights), so sampling
-the windows one batch after another was what made `--calib self` the slowest phase of a quick start
-(BENCHMARKS.md, "self-generated calibration"). The batch is capped by a fixed KV-cache budget, not by this
-machine's memory, so that the same seed gives the same windows everywhere.
+All sequences are sampled in one batched generation with the KV cache on: on this project's 2 CPU cores a
+decode step of SmolLM2-135M took 99 ms for 1 sequence and 255 ms for 20, so one batch gives 8x the tokens per
+second of one sequence at a time (BENCHMARKS.md, "self-generated calibration"). The batch is capped by a fixed
+KV-cache budget, not by this machine's memory, so that the same seed gives the same windows everywhere.
 """
 
+import inspect
 import time
 
 import torch
@@ -28,43 +28,69 @@ def batch_size_for(config, num_samples, seq_len):
     return max(1, min(num_samples, KV_CACHE_BUDGET // per_sequence))
 
 
-class _Ticker:
-    """A logits processor that changes nothing and counts the decode steps (each one token per sequence of the
-    batch) for `progress`, at most ~40 advances (so a log gets a few dozen lines)."""
+TOP_K, TOP_P = 50, 0.95  # the sampling: the 50 likeliest tokens (transformers' default top_k), then nucleus 0.95
 
-    def __init__(self, progress, counts, seq_len):
-        self.counts, self.steps, self.started = counts, seq_len - 1, time.perf_counter()
-        self.tick = ticker(progress, "calibration text", self.steps * len(counts), self.detail)
-        self.total = sum(counts) * self.steps
 
-    def detail(self, done):
-        batch, step = divmod(done, self.steps)
-        tokens = sum(self.counts[:batch]) * self.steps + (self.counts[batch] * step if step else 0)
-        rate = tokens / max(time.perf_counter() - self.started, 1e-9)
-        return f"{tokens:,}/{self.total:,} tokens sampled, {rate:,.0f} tokens/s"
+def _eos_ids(model):
+    eos = model.generation_config.eos_token_id
+    eos = eos if eos is not None else model.config.eos_token_id
+    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
-    def __call__(self, input_ids, scores):
-        self.tick()
-        return scores
+
+@torch.no_grad()
+def _sample(model, rows, seq_len, start, device, tick):
+    """rows sequences of seq_len tokens from BOS: one forward per step over the whole batch with the KV cache,
+    top-k then top-p sampling on the last logits, end-of-text suppressed (windows are never short).
+
+    Written out instead of model.generate: its top-p sorts the whole vocabulary for every row at every step
+    (top_k=0), which with SmolLM2's 49k tokens cost as much as the forward itself (BENCHMARKS.md)."""
+    eos = _eos_ids(model)
+    # transformers 5.24 renamed the KV cache argument and output (past_key_values -> cache); older ones have only
+    # the first name
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    tokens = torch.full((rows, 1), int(start), dtype=torch.long, device=device)
+    sequence, past = [tokens], None
+    for _ in range(seq_len - 1):
+        out = model(input_ids=tokens, use_cache=True, **{name: past})
+        past, logits = getattr(out, name), out.logits[:, -1].float()
+        if eos:
+            logits[:, eos] = -float("inf")
+        top = logits.topk(min(TOP_K, logits.shape[-1]))
+        probs = torch.softmax(top.values, dim=-1)
+        probs = probs * ((probs.cumsum(-1) - probs) < TOP_P)  # the nucleus: the likeliest always stays
+        tokens = top.indices.gather(-1, torch.multinomial(probs, 1))
+        sequence.append(tokens)
+        tick()
+    return torch.cat(sequence, dim=1)
 
 
 def generate(model, num_samples, seq_len, seed, device=None, progress=SILENT, batch_size=None):
-    """num_samples sequences of exactly seq_len tokens, each started at BOS and sampled (top-p 0.95) from the model.
+    """num_samples sequences of exactly seq_len tokens, each started at BOS and sampled (top-k 50, top-p 0.95) from
+    the model.
     Sampled on `device` (default: where the model is; the model is moved there for the sampling and back); the
     token ids are returned on the CPU. `batch_size` (default: batch_size_for) only for tests."""
-    from transformers import LogitsProcessorList
-
     from lowrank.core.fisher import staged
 
     config = model.generation_config
     start = config.bos_token_id if config.bos_token_id is not None else model.config.bos_token_id
-    if start is None or not hasattr(model, "generate") or not model.can_generate():
-        raise UsageError("--calib self needs a generative model with a BOS token; pass --calib with text instead")
+    if (start is None or not hasattr(model, "generate") or not model.can_generate()
+            or getattr(model.config, "is_encoder_decoder", False)):
+        raise UsageError("--calib self needs a decoder-only generative model with a BOS token; pass --calib with "
+                         "text instead")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     batch_size = batch_size or batch_size_for(model.config, num_samples, seq_len)
     counts = [batch_size] * (num_samples // batch_size) + ([num_samples % batch_size] if num_samples % batch_size
                                                            else [])
-    counter = _Ticker(progress, counts, seq_len)
+    steps = seq_len - 1
+    started = time.perf_counter()
+
+    def detail(done):
+        batch, step = divmod(done, steps)
+        tokens = (sum(counts[:batch]) * steps + (counts[batch] * step if step else 0)) if steps else 0
+        rate = tokens / max(time.perf_counter() - started, 1e-9)
+        return f"{tokens:,}/{num_samples * steps:,} tokens sampled, {rate:,.0f} tokens/s"
+
+    tick = ticker(progress, "calibration text", max(1, steps * len(counts)), detail)
     # seeded inside fork_rng, so the caller's random state is left as it was: the CPU's, and on a GPU every
     # device's (torch.manual_seed seeds them all)
     cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
@@ -72,12 +98,5 @@ def generate(model, num_samples, seq_len, seed, device=None, progress=SILENT, ba
     with torch.random.fork_rng(devices=cuda), staged(model, device), torch.no_grad():
         torch.manual_seed(seed)
         for count in counts:
-            prompt = torch.full((count, 1), int(start), dtype=torch.long, device=device)
-            out = model.generate(
-                input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_p=0.95,
-                top_k=0, temperature=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
-                pad_token_id=config.eos_token_id if config.pad_token_id is None else config.pad_token_id,
-                logits_processor=LogitsProcessorList([counter]), use_cache=True,
-            )
-            batches.append(out[:, :seq_len].cpu())
+            batches.append(_sample(model, count, seq_len, start, device, tick).cpu())
     return torch.cat(batches)
