@@ -1,6 +1,7 @@
-"""SIGKILL at random moments (not only between blocks) of `lowrank squeeze` and `lowrank compensate`, then a plain
-re-run: nothing half-written at the output path after the kill, and the re-run's output byte-identical to a clean
-run's (the reports compared without what legitimately differs: timings, creation time, peak memory, command).
+"""SIGKILL at random moments (not only between blocks) of `lowrank squeeze`, `lowrank compensate` and `lowrank
+compress`, then a plain re-run (compress: the same command plus --resume): nothing half-written at the output path
+after the kill, and the re-run's output byte-identical to a clean run's (the reports compared without what
+legitimately differs: timings, creation time, peak memory, command, where a run resumed).
 
 The delays are drawn with a fixed seed within the measured runtime of a clean run (process start included), so
 some kills land in the imports, some in the computation and some in the writing. `pytest -s` prints the count.
@@ -22,7 +23,8 @@ from conftest import tree_digest
 peft = pytest.importorskip("peft")
 
 KILLS = 5
-VOLATILE = ("timings_s", "created", "peak_rss_bytes", "command")
+VOLATILE = ("timings_s", "created", "peak_rss_bytes", "command", "resumed_at_block")
+RESUME = b" --resume"  # the command line quoted in the markdown files: a resumed run's has it
 
 
 def comparable(directory):
@@ -38,6 +40,9 @@ def comparable(directory):
                 for key in VOLATILE:
                     report.pop(key, None)
                 data = report
+            elif name.endswith(".md"):  # without the lines that quote timings and peak memory
+                data = b"\n".join(line for line in data.replace(RESUME, b"").split(b"\n")
+                                   if not line.startswith((b"| time |", b"| peak memory")))
             files[os.path.relpath(path, directory)] = data
     return files
 
@@ -54,8 +59,9 @@ def check_same(got, expected, what):
             difflib.unified_diff(*(str(x).splitlines(True) for x in (expected[name], got[name]))))
 
 
-def kill_and_rerun(command, output, inputs, label):
-    """Measure a clean run, then KILLS times: start, SIGKILL after a seeded random delay, check, re-run, compare."""
+def kill_and_rerun(command, output, inputs, label, rerun=()):
+    """Measure a clean run, then KILLS times: start, SIGKILL after a seeded random delay, check, re-run (with the
+    `rerun` options added), compare."""
     started = time.perf_counter()  # the clean run writes to the same path (the reports quote it)
     subprocess.run([*command, output], check=True, timeout=900, capture_output=True)
     runtime = time.perf_counter() - started
@@ -84,7 +90,7 @@ def kill_and_rerun(command, output, inputs, label):
             finished_first += 1
             shutil.rmtree(output)
             continue
-        done = subprocess.run([*command, output], capture_output=True, text=True, timeout=900)
+        done = subprocess.run([*command, output, *rerun], capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{label}: re-run after SIGKILL at {delay:.2f}s failed: {done.stderr}"
         check_same(comparable(output), expected, f"{label}: re-run after SIGKILL at {delay:.2f}s")
         assert not partial_siblings(output), partial_siblings(output)
@@ -114,6 +120,12 @@ def test_compensate_survives_sigkill_anywhere(llama_dir, tokenizer, calib_file, 
     command = [sys.executable, "-m", "lowrank", "compensate", llama_dir, pruned, "--rank", "4", "--calib",
                calib_file, "--num-samples", "8", "--seq-len", "64", "--batch-size", "4", "-q", "-o"]
     kill_and_rerun(command, str(tmp_path / "out"), [llama_dir, pruned, calib_file], "compensate")
+
+
+def test_compress_survives_sigkill_anywhere_and_resumes(llama_dir, calib_file, tmp_path):
+    command = [sys.executable, "-m", "lowrank", "compress", llama_dir, "--ratio", "0.5", "--calib", calib_file,
+               "--num-samples", "8", "--seq-len", "64", "--batch-size", "4", "-q", "-o"]
+    kill_and_rerun(command, str(tmp_path / "out"), [llama_dir, calib_file], "compress", rerun=["--resume"])
 
 
 # --- Ctrl-C (SIGINT) ---------------------------------------------------------------------------------------------
