@@ -57,6 +57,7 @@ class _Job:
         self.main = self.dist is None or self.dist.main
         self.progress = progress if self.main else SILENT
         self.timings, self.layers = {}, []
+        self.loss_curve = None  # the allocation's (allocation.LossCurve), for the verdict's suggested ratio
 
     def run(self):
         import torch
@@ -167,7 +168,7 @@ class _Job:
 
     def no_verdict_reason(self):
         """Why this run cannot end with a verdict on held-out text (None when it can)."""
-        check = f"check with: lowrank eval {self.output} --baseline {self.spec}"
+        check = "check with: lowrank eval OUT --baseline MODEL"  # no paths: a resumed run's report is the same
         if not self.config.verify:
             return "--no-verify"
         if self.streaming or self.dist is not None:
@@ -189,8 +190,8 @@ class _Job:
         with staged(self.net, self.config.device):
             numbers = measure(self.net, self.original, self.config.device)
         suggested = None
-        if numbers["verdict"] != "ok" and result.loss_curve is not None:
-            suggested = suggest_ratio(self.config.ratio, numbers["nll_rise"], result.loss_curve)
+        if numbers["verdict"] != "ok" and self.loss_curve is not None:
+            suggested = suggest_ratio(self.config.ratio, numbers["nll_rise"], self.loss_curve)
         numbers["suggested_ratio"] = suggested
         numbers["warning"] = warning(numbers, self.config.ratio, suggested)
         self.verify_seconds = numbers.pop("seconds")
@@ -225,6 +226,7 @@ class _Job:
             resume.load_spectra(self.staging, self.journal["blocks_done"], self.layers)
             if self.journal.get("ranks") is not None:  # the allocation of the interrupted run, not recomputed
                 self.config = self.config.resolved(ranks=self.journal["ranks"])
+                self.loss_curve = resume.load_loss_curve(self.staging)
 
     def compress(self):
         """The tensors before the blocks, the blocks (compress_model), the tensors after them."""
@@ -270,9 +272,14 @@ class _Job:
                               f"{self.staging}: run the same command with --resume to continue") from None
         raise error
 
-    def planned(self, config):
-        """The config as compress_model resolved it: with allocated ranks, which the journal must keep."""
+    def planned(self, config, loss_curve):
+        """The config as compress_model resolved it: with allocated ranks, which the journal must keep, and the
+        allocation's loss curve, which a resumed run's verdict needs too."""
         self.config = config
+        if loss_curve is not None:
+            self.loss_curve = loss_curve
+            if self.main:
+                resume.save_loss_curve(self.staging, loss_curve)
 
     def block_done(self, index, block, block_layers):
         """Write a finished block and journal it: from here on it survives a crash."""

@@ -38,7 +38,8 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
 
     `config` may still hold requests ("auto"): they are resolved here. `source` says where blocks come from
     (default: the model's own, in memory); `on_block_done(index, block, layers)` sees each compressed block
-    before it is released; `on_planned(config)` sees the config as resolved, allocated ranks included, before
+    before it is released; `on_planned(config, loss_curve)` sees the config as resolved, allocated ranks included (and
+    the allocation's loss curve, or None), before
     the first block; `resume` skips blocks an earlier run did (see sequential.walk_blocks)."""
     if config.alloc == "auto" or config.device == "auto" or isinstance(config.offload_budget, str):
         config, _ = resolve(config, model, streaming=source is not None, distributed=dist is not None)
@@ -64,7 +65,7 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
         config = config.resolved(ranks=ranks)
         timings["allocation"] = time.perf_counter() - begin
     if on_planned is not None:
-        on_planned(config)
+        on_planned(config, curve)
 
     def visit(index, block, names, collector):
         if dist is not None:

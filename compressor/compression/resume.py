@@ -119,3 +119,38 @@ def load_spectra(staging, blocks_done, layers):
             sigma.update(load_file(_spectra_path(staging, index)))
     for layer in layers:
         layer.sigma = sigma.get(layer.name)
+
+
+LOSS_CURVE = ".loss-curve.safetensors"  # a dot file: finish() drops it
+
+
+def save_loss_curve(staging, curve):
+    """The allocation's loss curve (allocation.LossCurve: spectra, their loss weights, shapes), durable before the
+    first block is journaled: a resumed run's verdict suggests the same --ratio as a straight run's."""
+    from safetensors.torch import save
+
+    tensors = {f"sigma.{name}": sigma.contiguous() for name, sigma in curve.spectra.items()}
+    tensors.update({f"weight.{name}": weight.contiguous() for name, weight in (curve.weights or {}).items()})
+    metadata = {"shapes": json.dumps(curve.shapes), "min_fraction": repr(curve.min_fraction)}
+    with open(os.path.join(staging, LOSS_CURVE), "wb") as f:
+        f.write(save(tensors, metadata=metadata))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_loss_curve(staging):
+    """The journaled loss curve, or None when the interrupted run had none."""
+    from safetensors import safe_open
+
+    from .allocation import LossCurve
+
+    path = os.path.join(staging, LOSS_CURVE)
+    if not os.path.exists(path):
+        return None
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    spectra = {name[len("sigma."):]: t for name, t in tensors.items() if name.startswith("sigma.")}
+    weights = {name[len("weight."):]: t for name, t in tensors.items() if name.startswith("weight.")} or None
+    shapes = {name: tuple(shape) for name, shape in json.loads(metadata["shapes"]).items()}
+    return LossCurve(spectra, shapes, weights, float(metadata["min_fraction"]))
