@@ -28,7 +28,6 @@ class Result:
     timings: dict
     calibration_tokens: int
     config: CompressConfig  # as resolved: the allocation used and the ranks it chose
-    loss_curve: Callable | None = None  # the allocation's loss estimate by ratio (allocation.LossCurve), if any
 
 
 def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress: Progress = SILENT,
@@ -75,4 +74,4 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
     layers = walk_blocks(model, input_ids, targets, blocks_name, visit, WalkOptions.of(config), source=source,
                          progress=progress, on_block_done=on_block_done, resume=resume, dist=dist, timings=timings)
     return Result(blocks_name=blocks_name, layers=layers, timings=timings, calibration_tokens=int(input_ids.numel()),
-                  config=config, loss_curve=curve)
+                  config=config)
