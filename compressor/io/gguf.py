@@ -12,6 +12,9 @@ Only the header's key-value section is read (a few hundred KB; gguf's GGUFReader
 17 s for SmolLM2).
 """
 
+import contextlib
+import copy
+import functools
 import struct
 
 FILE_TYPES = {0: "float32", 1: "float16", 32: "bfloat16"}  # llama.cpp's LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_BF16
@@ -71,3 +74,34 @@ def file_type(path):
 def output_dtype(path):
     """The dtype a compressed GGUF model is written in by default (see the module docstring)."""
     return FILE_TYPES.get(file_type(path), DEFAULT)
+
+
+@contextlib.contextmanager
+def fewer_parses():
+    """Within this block, transformers reads a GGUF file's metadata once instead of three times.
+
+    Loading a GGUF model with its tokenizer makes transformers parse the file's metadata (a 49k-token vocabulary
+    for SmolLM2) with gguf's GGUFReader once for the config, once more for the tokenizer's config and once for
+    the model; and it builds gguf's tensor-name table once per submodule (397 times for SmolLM2). The
+    metadata-only reads (`return_tensors=False`) are memoized here and the name table is built once per
+    (architecture, layer count). Both are pure functions of their arguments; the tensor read is left alone.
+    The module attributes are restored on exit (not thread-safe: load one GGUF model at a time).
+    """
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as utils
+
+    read, name_map = utils.load_gguf_checkpoint, gguf.get_tensor_name_map
+    metadata = {}
+
+    def read_once(path, return_tensors=False, **kwargs):
+        if return_tensors or kwargs:
+            return read(path, return_tensors, **kwargs)
+        if path not in metadata:
+            metadata[path] = read(path, False)
+        return {**metadata[path], "config": copy.deepcopy(metadata[path]["config"])}  # callers edit the config
+
+    utils.load_gguf_checkpoint, gguf.get_tensor_name_map = read_once, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        utils.load_gguf_checkpoint, gguf.get_tensor_name_map = read, name_map

@@ -148,6 +148,15 @@ def require_gguf_support():
 
 def load_model(source, dtype="auto", trust_remote_code=False):
     """Load the model (on CPU) and its tokenizer (None when it has none). Checks for damaged files and weights."""
+    if source.kind == "gguf" and not missing_gguf_packages():
+        from .gguf import fewer_parses
+
+        with fewer_parses():  # SmolLM2: 55.7 -> 37.4 CPU s per load (BENCHMARKS.md, "quick start")
+            return _load_model(source, dtype, trust_remote_code)
+    return _load_model(source, dtype, trust_remote_code)
+
+
+def _load_model(source, dtype, trust_remote_code):
     import torch
     import transformers
 
