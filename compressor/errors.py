@@ -23,3 +23,10 @@ class Interrupted(LowrankError):
     """The user interrupted a run (Ctrl-C); what is durable is kept for --resume. Exit code 130."""
 
     exit_code = 130
+
+
+def overflow(what: str) -> LowrankError:
+    """The one line for activations (or gradients) that overflowed: a float16 model whose values exceed float16's
+    range gives Inf, then NaN; statistics built from them must stop the run, not pass for a dead input."""
+    return LowrankError(f"the {what} are not finite (the model's activations overflowed on the calibration text); "
+                        "run with --dtype float32, or bfloat16 for a float16 model")

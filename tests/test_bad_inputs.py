@@ -606,3 +606,23 @@ def test_refused_pickle_never_suggests_unsafe_loading(tmp_path, capsys, llama_di
     code, stdout, err = run(["compress", names["bad"], "-o", out, "--calib", calib_file, *FAST], capsys)
     assert_clean_failure(code, err, 2, os.path.join(names["bad"], "pytorch_model.bin"), out)
     assert "weights_only" not in err and NEVER_PRINTED not in stdout + err
+
+
+@pytest.mark.parametrize("alloc", ["auto", "uniform"])  # the Fisher pass sees the overflow first, else whitening
+def test_float16_overflow_stops_the_run_with_the_fix(alloc, tmp_path, tokenizer, calib_file, capsys):
+    """A float16 model whose activations exceed float16's range (65504) gives Inf, then NaN: the run stops with one
+    line that names the fix, instead of NaN statistics passing for a dead input or a NaN Fisher deciding the
+    ranks (which kept a whole block dense, silently). With --dtype float32 the same model compresses."""
+    model = build_model("llama").half()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(2e5)  # finite weights, outputs ~1e5: Inf in float16
+    source = str(tmp_path / "f16")
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    output = str(tmp_path / "out")
+    argv = ["compress", source, "--ratio", "0.8", "--alloc", alloc, "--calib", calib_file, "-o", output,
+            "--num-samples", "8", "--seq-len", "64"]
+    code, _, err = run(argv, capsys)
+    assert_clean_failure(code, err, 1, "overflowed on the calibration text); run with --dtype float32", output)
+    code, _, err = run([*argv, "--dtype", "float32"], capsys)
+    assert code == 0, err

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import LowrankError
+from ..errors import overflow
 
 
 @dataclass
@@ -96,8 +96,7 @@ def whitening(gram, damp):
     n = gram.shape[0]
     scale = torch.diagonal(gram).mean().item()
     if not math.isfinite(scale):  # NaN would pass for a dead input below (not NaN > 0)
-        raise LowrankError("the calibration statistics are not finite (the activations overflowed); run with "
-                           "--dtype float32, or bfloat16 for a float16 model")
+        raise overflow("calibration statistics")
     if not scale > 0:  # an input that is always zero: nothing the layer does reaches its output
         ones = torch.ones(n, dtype=torch.float64, device=gram.device)
         return Weighting(basis=torch.eye(n, dtype=torch.float64, device=gram.device), root=ones,

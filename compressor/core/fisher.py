@@ -19,7 +19,7 @@ from itertools import chain
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
+from ..errors import UsageError, overflow
 
 
 def has_lm_head(model):
@@ -112,6 +112,8 @@ def _accumulate_gradients(model, input_ids, names, batch_size, device, per_layer
                 logits = model(inputs_embeds=embeds, use_cache=False).logits.float()
                 # the sum over samples of each sample's mean token loss: per-sample gradients stay separate
                 losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none").mean(1)
+                if not bool(torch.isfinite(losses).all()):  # NaN Fisher would sort as anything: a silent allocation
+                    raise overflow(f"losses of the {who} pass")
                 losses.sum().backward()
                 if progress is not None:
                     progress()
@@ -120,6 +122,8 @@ def _accumulate_gradients(model, input_ids, names, batch_size, device, per_layer
             handle.remove()
         for param, flag in zip(model.parameters(), requires):
             param.requires_grad_(flag)
+    if not all(bool(torch.isfinite(value).all()) for value in totals.values()):
+        raise overflow(f"gradients of the {who} pass")
     samples = input_ids.shape[0]
     return {name: value / samples for name, value in totals.items()}
 
