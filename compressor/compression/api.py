@@ -28,6 +28,7 @@ from ..report.card import model_card
 from ..report.compression import SPECTRA_FILE, build_report, compression_markdown, layer_entry, spectra_bytes
 from . import resume
 from .config import CompressConfig
+from .coverage import measure_coverage
 from .distributed import from_environment
 from .layers import LayerResult
 from .model import compress_model
@@ -120,7 +121,7 @@ class _Job:
                 round_weights(self.net, self.output_dtype())
         self.timings["load"] = time.perf_counter() - start
         progress.advance("load", f"loaded in {self.timings['load']:.0f}s")
-        self.blocks_name, _, _ = select_targets(self.net, config.targets, config.ignore)  # bad patterns fail here
+        self.blocks_name, _, targets = select_targets(self.net, config.targets, config.ignore)  # bad patterns fail here
         self.config, why = resolve(config, self.net, streaming=self.streaming, distributed=self.dist is not None)
         if config.alloc == "auto":
             progress.log(f"--alloc auto: {self.config.alloc} (" + (why or "Fisher-weighted global ranks; --alloc "
@@ -131,6 +132,10 @@ class _Job:
         self.config = self.config.resolved(dtype=self.dtype)
         self.element_size = torch_dtype(self.dtype).itemsize
         self.params_before = sum(t.numel() for name, t in self.net.state_dict().items() if name not in self.tied)
+        self.coverage = measure_coverage(self.net, self.blocks_name, targets, self.tied)
+        warning = self.coverage.warning(self.config.ratio)
+        if warning and self.main:
+            progress.log("warning: " + warning)
 
     def output_dtype(self):
         """The dtype of the output: --dtype, else the checkpoint's, else for a GGUF its recorded float type or
@@ -338,7 +343,7 @@ class _Job:
                 bytes_dense=self.params_before * self.element_size, bytes_after=bytes_after, files=files,
                 dtype=self.dtype, command=self.command or invocation(),
                 timings={**self.timings, **result.timings, **self.verify_timing(), "write_weights": seconds}, run=run,
-                input_bytes=self.input_bytes(), verify=self.verification,
+                input_bytes=self.input_bytes(), verify=self.verification, coverage=self.coverage,
             )
             extra = {
                 "compression_report.json": json.dumps(self.report, indent=2) + "\n",

@@ -55,10 +55,12 @@ def layer_entry(layer):
 
 
 def build_report(*, result, settings, calibration, source, model_params_before, model_params_after,
-                 bytes_dense, bytes_after, files, dtype, command, timings, run, input_bytes=None, verify=None):
+                 bytes_dense, bytes_after, files, dtype, command, timings, run, input_bytes=None, verify=None,
+                 coverage=None):
     """The whole report, built once when the weights are written: `timings` in the order the phases ran, `run`
     how the run was carried out (streamed, offload budget, processes, where it resumed), `input_bytes` the size
-    of a quantized input file (GGUF), `verify` the verdict on held-out text (verify.py) or why there is none."""
+    of a quantized input file (GGUF), `verify` the verdict on held-out text (verify.py) or why there is none,
+    `coverage` how much of the model is targeted and what stays dense and why (coverage.py)."""
     target_before = sum(layer.params_before for layer in result.layers)
     target_after = sum(layer.params_after for layer in result.layers)
     kept_t = _fraction(target_after, target_before)
@@ -83,6 +85,8 @@ def build_report(*, result, settings, calibration, source, model_params_before, 
             "model": {"params_before": model_params_before, "params_after": model_params_after,
                       "kept": round(kept_m, 6), "removed": round(1 - kept_m, 6)},
         },
+        **({"coverage": coverage.as_dict(), "coverage_warning": coverage.warning(settings.ratio)}
+           if coverage is not None else {}),
         "size": {"bytes_dense": bytes_dense, "bytes_after": bytes_after, "files": files,
                  **({"bytes_input": input_bytes, "input_dequantized": True} if input_bytes else {})},
         "layers": {
@@ -141,6 +145,7 @@ def compression_rows(report):
                             f"kept {t['kept']:.1%}, removed {t['removed']:.1%}"),
         ("whole model", f"{m['params_before']:,} -> {m['params_after']:,} params: "
                         f"kept {m['kept']:.1%}, removed {m['removed']:.1%}"),
+        *coverage_rows(report),
         ("size", size_row(report)),
         ("layers", f"{report['layers']['factorized']} factorized, {report['layers']['dense']} kept dense"),
         ("calibration", compression_calibration(report["calibration"])),
@@ -148,6 +153,22 @@ def compression_rows(report):
         ("time", ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())),
         ("peak memory (RSS)", human_bytes(report["peak_rss_bytes"])),
     ]
+
+
+def coverage_rows(report):
+    """What the ratio could act on: the targeted share of the model and what stays dense, by reason; the warning
+    when parameters nobody chose to exclude stay dense in amounts that matter."""
+    coverage = report.get("coverage")
+    if not coverage:
+        return []
+    rows = [("targeted share", f"{coverage['targeted']['fraction']:.1%} of the model's parameters are in targeted "
+                               "layers (the ratio applies to them only)")]
+    dense = "; ".join(f"{part['fraction']:.1%} {part['why']}" for part in coverage["not_targeted"])
+    if dense:
+        rows.append(("stays dense", dense))
+    if report.get("coverage_warning"):
+        rows.append(("warning", report["coverage_warning"]))
+    return rows
 
 
 def size_row(report):
