@@ -29,6 +29,7 @@ from ..report.compression import SPECTRA_FILE, build_report, compression_markdow
 from . import resume
 from .config import CompressConfig
 from .coverage import measure_coverage
+from .experts import check_supported, repack_untargeted, unpack_model_experts
 from .distributed import from_environment
 from .layers import LayerResult
 from .model import compress_model
@@ -121,7 +122,10 @@ class _Job:
                 round_weights(self.net, self.output_dtype())
         self.timings["load"] = time.perf_counter() - start
         progress.advance("load", f"loaded in {self.timings['load']:.0f}s")
+        check_supported(self.net, self.streaming, self.dist is not None, config.anchor or config.refit)
+        unpack_model_experts(self.net)  # MoE: per-expert linears, targets like any other (experts.py)
         self.blocks_name, _, targets = select_targets(self.net, config.targets, config.ignore)  # bad patterns fail here
+        self.experts = repack_untargeted(self.net, targets)
         self.config, why = resolve(config, self.net, streaming=self.streaming, distributed=self.dist is not None)
         if config.alloc == "auto":
             progress.log(f"--alloc auto: {self.config.alloc} (" + (why or "Fisher-weighted global ranks; --alloc "
@@ -325,6 +329,7 @@ class _Job:
             "ratio_definition": RATIO_DEFINITION,
             "ranks": {layer.name: layer.rank for layer in self.layers if layer.rank is not None},
             "dense": [layer.name for layer in self.layers if layer.rank is None],
+            **({"experts": self.experts} if self.experts else {}),  # unpacked MoE experts (modeling_lowrank.py)
             "base_model": self.source.spec,
             "base_model_type": self.net.config.model_type,
             "base_architectures": [type(self.net).__name__],

@@ -16,7 +16,7 @@ from .targets import is_linear
 REASONS = {
     "outside": "embeddings, LM head and final norm: outside the repeated blocks, never targeted",
     "excluded": "linear layers left out by --targets / --ignore",
-    "experts": "expert tensors (3-D) that are not targeted",
+    "experts": "expert tensors (3-D) left out by --targets / --ignore, or in a layout lowrank cannot unpack",
     "router": "routers (the expert gate) stay dense: they decide the routing",
     "matrices": "block matrices that are not linear layers (not targetable)",
     "vectors": "norms, biases and other 1-D tensors",
