@@ -17,6 +17,14 @@ MOE = {
     "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=48),
     "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
                       shared_expert_intermediate_size=96, intermediate_size=96, decoder_sparse_step=1),
+    # transposed [E, in, out] tensors with biases and an interleaved, clamped gate
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, head_dim=16,
+                    sliding_window=16, layer_types=["full_attention", "full_attention"]),
+    # routed experts plus a shared expert, multi-head latent attention
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, intermediate_size=96,
+                        n_shared_experts=1, first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16,
+                        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1,
+                        num_key_value_heads=4),
 }
 
 
@@ -24,9 +32,9 @@ def build_moe(kind, seed=0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(kind, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
-                                  bos_token_id=0, eos_token_id=1, pad_token_id=3, **MOE[kind])
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                 max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=3)
+    config = AutoConfig.for_model(kind, **{**shape, **MOE[kind]})
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random init is isotropic: give every matrix a decaying spectrum, as trained ones have
         for name, param in model.named_parameters():
@@ -93,3 +101,126 @@ def test_summary_says_what_the_ratio_reaches(tmp_path, tokenizer, calib_file):
     assert model_ratio["kept"] > 0.9  # the truth: the experts are kept whole
     rows = dict(lowrank.report.compression.compression_rows(report))
     assert "warning" in rows and "targeted share" in rows
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def calibration_ids(samples=8, length=32, seed=0):
+    return torch.randint(5, VOCAB, (samples, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", sorted(MOE))
+def test_full_rank_reproduces_the_dense_logits(kind):
+    """Every expert matrix factorized at full rank (whitening: the data-weighted SVD, folded back) computes the
+    model it came from: the unpacked per-expert forward and the factorization are exact up to float rounding."""
+    from lowrank import CompressConfig, LowRankLinear, compress_model
+    from lowrank.compression.experts import unpack_model_experts
+    from lowrank.compression.targets import select_targets
+
+    model = build_moe(kind)
+    ids = calibration_ids(2, 24, seed=9)
+    before = logits(model, ids)
+    unpack_model_experts(model)
+    _, _, targets = select_targets(model)
+    ranks = {name: min(model.get_submodule(name).weight.shape) for names in targets.values() for name in names}
+    experts = [name for name in ranks if ".experts." in name]
+    assert len(experts) == 2 * 2 * 8  # two tensors of eight experts in each of two layers
+    result = compress_model(model, calibration_ids(), CompressConfig(alloc="uniform", ranks=ranks, batch_size=4))
+    factorized = {name for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert set(experts) <= factorized
+    assert not any("router" in name or name.endswith(".gate") for name in factorized)
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-4, atol=2e-5)
+    tokens = {layer.name: layer.info["tokens"] for layer in result.layers if "tokens" in layer.info}
+    assert set(tokens) == set(experts)
+    # each token goes to top-k = 2 experts: the gate_up inputs of one layer count every calibration token twice
+    layer0 = [count for name, count in tokens.items() if ".0.mlp.experts.gate_up_proj." in name]
+    assert sum(layer0) == 2 * calibration_ids().numel()
+
+
+@pytest.fixture(scope="module")
+def half(moe_dir, tmp_path_factory, calib_file):
+    """Each MoE kind compressed to keep 0.5 of its targeted parameters (uniform ranks)."""
+    import lowrank
+
+    kind, directory = moe_dir
+    out = str(tmp_path_factory.mktemp(kind + "-half") / "out")
+    report = lowrank.compress(directory, out, ratio=0.5, alloc="uniform", verify=False, calib=calib_file,
+                              num_samples=8, seq_len=64, batch_size=4)
+    return kind, directory, out, report
+
+
+def test_half_loads_without_lowrank_and_says_what_it_kept(half, tmp_path):
+    """transformers alone (lowrank blocked) rebuilds the unpacked experts from the bundled modeling file and
+    computes what lowrank.load_pretrained computes; the kept fraction is the parameters actually written."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    import lowrank
+    from lowrank.io.checkpoint import unique_state_dict
+
+    kind, _, out, report = half
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "lowrank" or name.startswith("lowrank."):
+                    raise ImportError("lowrank is not installed here")
+        sys.meta_path.insert(0, Block())
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({out!r}, trust_remote_code=True)
+        ids = torch.randint(5, 320, (2, 24), generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            torch.save(model(input_ids=ids).logits, {str(tmp_path / "logits.pt")!r})
+        experts = model.get_submodule("model.layers.1.mlp.experts")
+        print(type(experts).__name__, type(experts.down_proj[3]).__name__, "lowrank" in sys.modules)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "Experts LowRankLinear False" in run.stdout, run.stdout
+    model = lowrank.load_pretrained(out)
+    ids = torch.randint(5, 320, (2, 24), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(torch.load(tmp_path / "logits.pt", weights_only=True), logits(model, ids))
+
+    config = json.load(open(f"{out}/config.json"))["lowrank"]
+    assert config["experts"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert report["ratio"]["model"]["params_after"] == params_in(out)
+    assert sum(t.numel() for t in unique_state_dict(model).values()) == params_in(out)  # buffers included
+    assert report["ratio"]["targets"]["kept"] <= 0.5
+    assert report["coverage"]["targeted"]["fraction"] > 0.75 and not report["coverage_warning"]
+    listed = [layer for layer in report["layers"]["list"] if ".experts." in layer["name"]]
+    assert len(listed) == 32 and all("tokens" in layer["info"] for layer in listed if not layer["dense"])
+
+
+def test_generate_with_cache_equals_without(half):
+    import lowrank
+
+    _, _, out, _ = half
+    model = lowrank.load_pretrained(out)
+    prompt = torch.randint(5, 320, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=3)
+        uncached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=3)
+    assert torch.equal(cached, uncached)
+
+
+def test_densify_round_trips_to_the_original_layout(half, tmp_path):
+    """densify stacks the experts back into the model's own 3-D tensors: plain transformers loads it (no remote
+    code) and it computes what the factorized model computes."""
+    import lowrank
+    from transformers import AutoModelForCausalLM
+
+    kind, directory, out, _ = half
+    dense_dir = str(tmp_path / "dense")
+    lowrank.densify(out, dense_dir)
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir)
+    original = AutoModelForCausalLM.from_pretrained(directory)
+    assert {n: p.shape for n, p in dense.named_parameters()} == {n: p.shape for n, p in original.named_parameters()}
+    ids = torch.randint(5, 320, (2, 24), generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(logits(dense, ids), logits(lowrank.load_pretrained(out), ids), rtol=1e-4, atol=2e-5)

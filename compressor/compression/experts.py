@@ -11,7 +11,10 @@ Fisher allocation) flow through the router like any other layer's. The router (`
 
 import re
 
-from ..io.modeling_lowrank import UnpackedExperts, is_packed_experts, pack_experts, unpack_experts
+import torch
+
+from ..errors import LowrankError
+from ..io.modeling_lowrank import EXPERT_TENSORS, UnpackedExperts, is_packed_experts, pack_experts, unpack_experts
 
 EXPERT_INDEX = re.compile(r"\.\d+(?=\.|$)")
 
@@ -83,6 +86,44 @@ def pool_sparse_experts(collector, modules):
             s = collector.stats_of(name)
             counts[name] = (s.tokens - s.pooled_tokens, s.pooled_tokens)
     return counts
+
+
+class ExpertStacker:
+    """A tensor writer (`add(name, tensor)`, `finish()`) for densify: the per-expert tensors of the unpacked
+    modules `names` are held until all E experts of a tensor are there, then written as the original 3-D
+    parameter (transposed back where the layout is, biases as `<tensor>_bias`). Memory: one stacked tensor.
+    `meta`: the original architecture on the meta device, which says E and the layout."""
+
+    def __init__(self, writer, meta, names):
+        from ..io.modeling_lowrank import resolve_module_name
+
+        self.writer, self.pending, self.layout = writer, {}, {}
+        for name in names:
+            module = meta.get_submodule(resolve_module_name(meta, name))
+            for tensor in EXPERT_TENSORS:
+                shape = getattr(module, tensor).shape
+                self.layout[f"{name}.{tensor}"] = (shape[0], module.is_transposed,
+                                                   getattr(module, tensor + "_bias", None) is not None)
+
+    def add(self, name, value):
+        stem, _, part = name.rpartition(".")
+        parent, _, index = stem.rpartition(".")
+        if parent not in self.layout or not index.isdigit() or part not in ("weight", "bias"):
+            return self.writer.add(name, value)
+        experts, transposed, has_bias = self.layout[parent]
+        parts = self.pending.setdefault(parent, {"weight": {}, "bias": {}})
+        parts[part][int(index)] = value
+        if len(parts["weight"]) == experts and (not has_bias or len(parts["bias"]) == experts):
+            weights = torch.stack([parts["weight"][e] for e in range(experts)])
+            self.writer.add(parent, weights.transpose(1, 2).contiguous() if transposed else weights)
+            if has_bias:
+                self.writer.add(parent + "_bias", torch.stack([parts["bias"][e] for e in range(experts)]))
+            del self.pending[parent]
+
+    def finish(self):
+        if self.pending:
+            raise LowrankError(f"the checkpoint lacks experts of {sorted(self.pending)[0]}; it is incomplete")
+        return self.writer.finish()
 
 
 def check_supported(model, streaming, distributed, paired):
