@@ -224,3 +224,61 @@ def test_densify_round_trips_to_the_original_layout(half, tmp_path):
     assert {n: p.shape for n, p in dense.named_parameters()} == {n: p.shape for n, p in original.named_parameters()}
     ids = torch.randint(5, 320, (2, 24), generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(logits(dense, ids), logits(lowrank.load_pretrained(out), ids), rtol=1e-4, atol=2e-5)
+
+
+def test_an_expert_no_token_reaches_borrows_pooled_statistics(tmp_path):
+    """gpt-oss's router has a bias: at -1e4 for expert 7 no calibration token is routed there. Its matrices are
+    still factorized (finite factors) from the layer's pooled statistics, and the report lists it with 0 tokens."""
+    from lowrank import CompressConfig, compress_model
+    from lowrank.report.compression import expert_rows, expert_tokens_markdown, layer_entry
+
+    model = build_moe("gpt_oss")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.router.bias[7] = -1e4
+    result = compress_model(model, calibration_ids(), CompressConfig(alloc="uniform", ratio=0.5, batch_size=4))
+    info = {layer.name: layer.info for layer in result.layers}
+    starved = info["model.layers.0.mlp.experts.gate_up_proj.7"]
+    assert starved["tokens"] == 0 and starved["pooled_tokens"] == 64  # its input width
+    down = info["model.layers.0.mlp.experts.down_proj.7"]
+    assert down["tokens"] == 0 and down["pooled_tokens"] == 48
+    fed = [i for name, i in info.items() if ".gate_up_proj." in name and i["tokens"] >= 64]
+    assert fed and all(i["pooled_tokens"] == 0 for i in fed)
+    expert = model.get_submodule("model.layers.0.mlp.experts.gate_up_proj.7")
+    assert torch.isfinite(expert.up.weight).all() and torch.isfinite(expert.down.weight).all()
+    report = {"layers": {"list": [layer_entry(layer) for layer in result.layers]}}
+    assert "fewest 0" in expert_rows(report)[0][1]
+    assert "| model.layers.0.mlp.experts.gate_up_proj.7 | 0 | 64 |" in expert_tokens_markdown(report)
+
+
+def test_gradient_methods_work_through_the_router():
+    """fwsvd's Fisher weights and the Fisher allocation need gradients of the LM loss at every expert matrix: the
+    unpacked experts are ordinary linear layers on the router's path, so they get them."""
+    from lowrank import CompressConfig, compress_model
+
+    model = build_moe("mixtral")
+    result = compress_model(model, calibration_ids(), CompressConfig(alloc="uniform", ratio=0.5, method="fwsvd",
+                                                                     batch_size=4))
+    experts = [layer for layer in result.layers if ".experts." in layer.name]
+    assert len(experts) == 32 and all(layer.rank for layer in experts)
+    model = build_moe("mixtral")
+    result = compress_model(model, calibration_ids(), CompressConfig(alloc="fisher", ratio=0.5, batch_size=4))
+    ranks = {layer.rank for layer in result.layers if ".experts.down_proj." in layer.name}
+    assert len(ranks) > 1  # heterogeneous per-expert ranks: the list layout stores them without padding
+    assert sum(l.params_after for l in result.layers) <= 0.5 * sum(l.params_before for l in result.layers) + 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--stream", "on"], "--stream on does not support mixture-of-experts models yet"),
+    (["--anchor"], "--anchor and --refit do not support mixture-of-experts models yet"),
+])
+def test_what_moe_does_not_support_yet_is_one_line(flags, message, moe_dir, calib_file, tmp_path, capsys):
+    from conftest import assert_clean_failure, run
+
+    kind, directory = moe_dir
+    if kind != "mixtral":
+        pytest.skip("one layout is enough for the refusal")
+    output = str(tmp_path / "out")
+    code, _, err = run(["compress", directory, "--ratio", "0.5", "-o", output, "--calib", calib_file,
+                        "--num-samples", "8", "--seq-len", "64", "--no-verify", *flags], capsys)
+    assert_clean_failure(code, err, 2, message, output)

@@ -148,6 +148,7 @@ def compression_rows(report):
         *coverage_rows(report),
         ("size", size_row(report)),
         ("layers", f"{report['layers']['factorized']} factorized, {report['layers']['dense']} kept dense"),
+        *expert_rows(report),
         ("calibration", compression_calibration(report["calibration"])),
         *verify_rows(report.get("verify")),
         ("time", ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())),
@@ -169,6 +170,36 @@ def coverage_rows(report):
     if report.get("coverage_warning"):
         rows.append(("warning", report["coverage_warning"]))
     return rows
+
+
+def _expert_layers(report):
+    return [layer for layer in report["layers"]["list"] if "tokens" in layer.get("info", {})]
+
+
+def expert_rows(report):
+    """MoE: how many expert matrices, and how many the calibration barely reached (compression/experts.py)."""
+    experts = _expert_layers(report)
+    if not experts:
+        return []
+    pooled = [layer for layer in experts if layer["info"]["pooled_tokens"]]
+    least = min(layer["info"]["tokens"] for layer in experts)
+    return [("experts", f"{len(experts)} expert matrices, statistics from the tokens the router sent them (fewest "
+                        f"{least:,}); {len(pooled)} had fewer tokens than their input width and borrowed pooled "
+                        "statistics of their layer's experts for the rest")]
+
+
+def expert_tokens_markdown(report):
+    """The experts that borrowed pooled statistics, with their token counts."""
+    pooled = [layer for layer in _expert_layers(report) if layer["info"]["pooled_tokens"]]
+    if not pooled:
+        return []
+    lines = ["", f"## Experts the calibration barely reached ({len(pooled)})", "",
+             "Each got the average statistics of its layer's experts for the tokens it lacked (up to its input "
+             "width), then the method's damping.", "", "| expert matrix | tokens routed | tokens' worth pooled |",
+             "|---|---|---|"]
+    lines += [f"| {layer['name']} | {layer['info']['tokens']:,} | {layer['info']['pooled_tokens']:,} |"
+              for layer in sorted(pooled, key=lambda layer: (layer["info"]["tokens"], layer["name"]))]
+    return lines
 
 
 def size_row(report):
@@ -219,6 +250,7 @@ def compression_markdown(report, worst=20):
     dense = [layer["name"] for layer in report["layers"]["list"] if layer["dense"]]
     if dense:
         lines += ["", f"Kept dense ({len(dense)}): " + ", ".join(dense[:20]) + (" ..." if len(dense) > 20 else "")]
+    lines += expert_tokens_markdown(report)
     if report.get("evaluations"):
         lines += ["", *evaluations_markdown(report["evaluations"], heading="##")]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
