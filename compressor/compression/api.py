@@ -29,7 +29,7 @@ from ..report.compression import SPECTRA_FILE, build_report, compression_markdow
 from . import resume
 from .config import CompressConfig
 from .coverage import measure_coverage
-from .experts import check_supported, repack_untargeted, unpack_model_experts
+from .experts import check_streamable, check_supported, repack_untargeted, unpack_model_experts
 from .distributed import from_environment
 from .layers import LayerResult
 from .model import compress_model
@@ -122,10 +122,12 @@ class _Job:
                 round_weights(self.net, self.output_dtype())
         self.timings["load"] = time.perf_counter() - start
         progress.advance("load", f"loaded in {self.timings['load']:.0f}s")
-        check_supported(self.net, self.streaming, self.dist is not None, config.anchor or config.refit)
+        check_supported(self.net, self.dist is not None, config.anchor or config.refit)
         unpack_model_experts(self.net)  # MoE: per-expert linears, targets like any other (experts.py)
         self.blocks_name, _, targets = select_targets(self.net, config.targets, config.ignore)  # bad patterns fail here
         self.experts = repack_untargeted(self.net, targets)
+        if self.streaming:
+            check_streamable(self.skeleton, self.experts)
         self.config, why = resolve(config, self.net, streaming=self.streaming, distributed=self.dist is not None)
         if config.alloc == "auto":
             progress.log(f"--alloc auto: {self.config.alloc} (" + (why or "Fisher-weighted global ranks; --alloc "

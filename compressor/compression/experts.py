@@ -126,15 +126,26 @@ class ExpertStacker:
         return self.writer.finish()
 
 
-def check_supported(model, streaming, distributed, paired):
+def check_streamable(skeleton, names):
+    """--stream on reads each expert as a row of the checkpoint's stacked tensor (io/streaming.py). Checkpoints
+    that store experts one matrix at a time under older names (transformers 5 saves Mixtral and Qwen-MoE that way
+    and converts them at load) cannot be read like that yet: said before any work is done."""
+    from ..errors import UsageError
+
+    for name in names:
+        for tensor in EXPERT_TENSORS:
+            if skeleton.key(f"{name}.{tensor}") is None:
+                raise UsageError(f"this checkpoint stores the experts of {name} one matrix per expert under older "
+                                 "names, which transformers converts at load; --stream on cannot read them yet: "
+                                 "use --stream off")
+
+
+def check_supported(model, distributed, paired):
     """MoE features this version does not have yet, said before any work is done."""
     from ..errors import UsageError
 
     if not any(isinstance(m, UnpackedExperts) or is_packed_experts(m) for m in model.modules()):
         return
-    if streaming:
-        raise UsageError("--stream on does not support mixture-of-experts models yet; use --stream off (the model "
-                         "is held in memory)")
     if distributed:
         raise UsageError("torchrun does not support mixture-of-experts models yet; run one process")
     if paired:

@@ -45,7 +45,7 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
         config, _ = resolve(config, model, streaming=source is not None, distributed=dist is not None)
     if dist is not None and (config.whole_model_reason() or config.refine_steps):
         raise UsageError("fwsvd, --alloc fisher/sensitivity and --refine-steps run in a single process only")
-    check_supported(model, source is not None, dist is not None, config.anchor or config.refit)
+    check_supported(model, dist is not None, config.anchor or config.refit)
     unpack_model_experts(model)  # MoE: 3-D expert tensors become per-expert linears (experts.py)
     blocks_name, blocks, targets = select_targets(model, config.targets, config.ignore)
     repack_untargeted(model, targets)
