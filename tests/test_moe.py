@@ -123,6 +123,12 @@ def test_summary_says_what_the_ratio_reaches(tmp_path, tokenizer, calib_file):
     assert model_ratio["kept"] > 0.9  # the truth: the experts are kept whole
     rows = dict(lowrank.report.compression.compression_rows(report))
     assert "warning" in rows and "targeted share" in rows
+    # experts nobody targeted are written in the model's own layout and load as its own class
+    assert "experts" not in json.load(open(tmp_path / "out" / "config.json"))["lowrank"]
+    loaded = lowrank.load_pretrained(str(tmp_path / "out"))
+    assert type(loaded.model.layers[0].mlp.experts).__name__ == "MixtralExperts"
+    ids = calibration_ids(2, 16, seed=4)
+    assert torch.isfinite(logits(loaded, ids)).all()
 
 
 def logits(model, ids):
