@@ -344,3 +344,23 @@ def test_streaming_and_resume_write_the_in_memory_bytes(saved_moe, calib_file, t
     report = lowrank.compress(directory, resumed, stream="off", resume=True, **options)
     assert report["resumed_at_block"] == 1
     assert every_file(resumed) == every_file(memory)
+
+
+def test_eora_repairs_the_experts(half, calib_file, tmp_path):
+    """compensate compares the original with the compressed model expert by expert (the original's experts are
+    unpacked the same way): the PEFT adapter covers the expert matrices and lowers their error."""
+    import lowrank
+    from peft import PeftModel
+
+    kind, directory, out, _ = half
+    if kind != "qwen2_moe":
+        pytest.skip("one layout with routed and shared experts is enough")
+    # the 1 x 64 shared_expert_gate cannot hold a rank-4 correction (compensate says so): left out
+    report = lowrank.compensate(directory, out, str(tmp_path / "eora"), rank=4, calib=calib_file, num_samples=8,
+                                seq_len=64, batch_size=4, ignore=["shared_expert_gate"])
+    layers = {layer["name"]: layer for layer in report["layers"]["list"]}
+    experts = [layer for name, layer in layers.items() if ".experts." in name]
+    assert len(experts) == 32 and all(layer["rel_error"] < layer["error_before"] for layer in experts)
+    assert any(".shared_expert." in name for name in layers)
+    model = PeftModel.from_pretrained(lowrank.load_pretrained(out), str(tmp_path / "eora"))
+    assert sum(".experts.gate_up_proj." in name and "lora_A" in name for name, _ in model.named_parameters()) == 16

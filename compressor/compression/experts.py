@@ -30,6 +30,19 @@ def unpack_model_experts(model):
     return names
 
 
+def unpack_like(model, reference):
+    """Unpack the experts modules of `model` that are unpacked in `reference` (the same architecture), so that the
+    two have the same layer names (EoRA compares an original with its compressed model layer by layer)."""
+    for name, module in reference.named_modules():
+        if isinstance(module, UnpackedExperts):
+            try:
+                mine = model.get_submodule(name)
+            except AttributeError:
+                continue
+            if is_packed_experts(mine):
+                unpack_experts(mine)
+
+
 def repack_untargeted(model, targets):
     """Pack back the unpacked experts modules none of whose linears is a target (--targets / --ignore left them
     out): they are written in the original layout. Returns the names of the modules that stay unpacked."""
