@@ -28,6 +28,8 @@ from ..report.card import model_card
 from ..report.compression import SPECTRA_FILE, build_report, compression_markdown, layer_entry, spectra_bytes
 from . import resume
 from .config import CompressConfig
+from .coverage import measure_coverage
+from .experts import check_streamable, check_supported, repack_untargeted, unpack_model_experts
 from .distributed import from_environment
 from .layers import LayerResult
 from .model import compress_model
@@ -120,7 +122,12 @@ class _Job:
                 round_weights(self.net, self.output_dtype())
         self.timings["load"] = time.perf_counter() - start
         progress.advance("load", f"loaded in {self.timings['load']:.0f}s")
-        self.blocks_name, _, _ = select_targets(self.net, config.targets, config.ignore)  # bad patterns fail here
+        check_supported(self.net, self.dist is not None, config.anchor or config.refit)
+        unpack_model_experts(self.net)  # MoE: per-expert linears, targets like any other (experts.py)
+        self.blocks_name, _, targets = select_targets(self.net, config.targets, config.ignore)  # bad patterns fail here
+        self.experts = repack_untargeted(self.net, targets)
+        if self.streaming:
+            check_streamable(self.skeleton, self.experts)
         self.config, why = resolve(config, self.net, streaming=self.streaming, distributed=self.dist is not None)
         if config.alloc == "auto":
             progress.log(f"--alloc auto: {self.config.alloc} (" + (why or "Fisher-weighted global ranks; --alloc "
@@ -131,6 +138,10 @@ class _Job:
         self.config = self.config.resolved(dtype=self.dtype)
         self.element_size = torch_dtype(self.dtype).itemsize
         self.params_before = sum(t.numel() for name, t in self.net.state_dict().items() if name not in self.tied)
+        self.coverage = measure_coverage(self.net, self.blocks_name, targets, self.tied)
+        warning = self.coverage.warning(self.config.ratio)
+        if warning and self.main:
+            progress.log("warning: " + warning)
 
     def output_dtype(self):
         """The dtype of the output: --dtype, else the checkpoint's, else for a GGUF its recorded float type or
@@ -320,6 +331,7 @@ class _Job:
             "ratio_definition": RATIO_DEFINITION,
             "ranks": {layer.name: layer.rank for layer in self.layers if layer.rank is not None},
             "dense": [layer.name for layer in self.layers if layer.rank is None],
+            **({"experts": self.experts} if self.experts else {}),  # unpacked MoE experts (modeling_lowrank.py)
             "base_model": self.source.spec,
             "base_model_type": self.net.config.model_type,
             "base_architectures": [type(self.net).__name__],
@@ -338,7 +350,7 @@ class _Job:
                 bytes_dense=self.params_before * self.element_size, bytes_after=bytes_after, files=files,
                 dtype=self.dtype, command=self.command or invocation(),
                 timings={**self.timings, **result.timings, **self.verify_timing(), "write_weights": seconds}, run=run,
-                input_bytes=self.input_bytes(), verify=self.verification,
+                input_bytes=self.input_bytes(), verify=self.verification, coverage=self.coverage,
             )
             extra = {
                 "compression_report.json": json.dumps(self.report, indent=2) + "\n",

@@ -15,6 +15,7 @@ from ..errors import UsageError
 from ..progress import SILENT, Progress
 from .allocation import allocate_ranks
 from .config import CompressConfig
+from .experts import check_supported, repack_untargeted, unpack_model_experts
 from .layers import decompose_block, decompose_block_distributed
 from .plan import resolve
 from .sequential import Resume, WalkOptions, check_uniform_attention, walk_blocks
@@ -44,7 +45,10 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
         config, _ = resolve(config, model, streaming=source is not None, distributed=dist is not None)
     if dist is not None and (config.whole_model_reason() or config.refine_steps):
         raise UsageError("fwsvd, --alloc fisher/sensitivity and --refine-steps run in a single process only")
+    check_supported(model, dist is not None, config.anchor or config.refit)
+    unpack_model_experts(model)  # MoE: 3-D expert tensors become per-expert linears (experts.py)
     blocks_name, blocks, targets = select_targets(model, config.targets, config.ignore)
+    repack_untargeted(model, targets)
     check_uniform_attention(blocks)
     timings = {}
     fisher, curve = None, None
@@ -69,7 +73,11 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
     def visit(index, block, names, collector):
         if dist is not None:
             return decompose_block_distributed(block, names, collector, config, fisher, dist)
-        return decompose_block(block, names, collector, config, fisher)
+        results = decompose_block(block, names, collector, config, fisher)
+        for layer in results:  # MoE: the tokens the router sent to each expert, and what was pooled in
+            if layer.name in collector.expert_tokens:
+                layer.info["tokens"], layer.info["pooled_tokens"] = collector.expert_tokens[layer.name]
+        return results
 
     layers = walk_blocks(model, input_ids, targets, blocks_name, visit, WalkOptions.of(config), source=source,
                          progress=progress, on_block_done=on_block_done, resume=resume, dist=dist, timings=timings)

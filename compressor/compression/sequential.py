@@ -26,6 +26,7 @@ from ..core.stats import InputsSeen, PairedCollector, StatsCollector
 from ..errors import UsageError
 from ..io.modeling_lowrank import LowRankLinear
 from ..progress import SILENT
+from .experts import pool_sparse_experts
 from .offload import release_batch, states_factory
 
 
@@ -175,6 +176,7 @@ def collect_statistics(block, names, states, extras, device, keep_outputs, new_s
     modules = {name: block.get_submodule(rel) for name, rel in names.items()}
     with StatsCollector(modules, abs_sums=abs_sums, stop_early=not keep_outputs) as collector:
         outputs = run_block(block, states, extras, device, collector, keep=keep_outputs, new_states=new_states)
+    collector.expert_tokens = pool_sparse_experts(collector, modules)  # MoE: experts few tokens reached (experts.py)
     return collector, (outputs if keep_outputs else None)
 
 

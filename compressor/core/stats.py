@@ -85,6 +85,7 @@ class InputStats:
         self._abs = ExactSum((dim,), device)
         self.abs_sums = abs_sums
         self.tokens = 0
+        self.pooled_tokens = 0  # tokens' worth of statistics borrowed from peer experts (compression/experts.py)
 
     def add(self, x):
         x = x.detach().reshape(-1, self.dim).to(self._gram.hi.device, torch.float32)
@@ -92,6 +93,14 @@ class InputStats:
         if self.abs_sums:
             self._abs.add(x.abs().sum(0, dtype=torch.float64))
         self.tokens += x.shape[0]
+
+    def pool(self, gram, abs_sums, tokens):
+        """Add `tokens` tokens' worth of borrowed statistics (an expert the calibration barely reached)."""
+        self._gram.add(gram)
+        if abs_sums is not None and self.abs_sums:
+            self._abs.add(abs_sums)
+        self.tokens += tokens
+        self.pooled_tokens += tokens
 
     def merge(self, other):
         self._gram.merge(other._gram)
@@ -216,6 +225,14 @@ class StatsCollector:
 
     def stats_of(self, name):
         return self._group_of[name].stats
+
+    def ensure(self, name, dim, device=None):
+        """Empty statistics for a target that saw no input at all (an expert no calibration token was routed to),
+        so that a rule can fill them (compression/experts.py)."""
+        if name not in self._group_of:
+            group = InputGroup([name], self.stats_factory(dim, device=device, abs_sums=self.abs_sums))
+            self.groups.append(group)
+            self._group_of[name] = group
 
     def release(self, name):
         """Drop the statistics of `name`'s input group (once every layer reading that input is done)."""

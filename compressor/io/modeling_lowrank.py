@@ -142,6 +142,101 @@ def factorize_modules(model, ranks):
         setattr(parent, child_name, new)
 
 
+# ---- mixture-of-experts ------------------------------------------------------------------------------------------
+# transformers 5 keeps a layer's routed experts as 3-D parameters (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I],
+# transposed in gpt-oss) behind `use_experts_implementation`. lowrank "unpacks" such a module: each 3-D tensor
+# becomes a ModuleList of E nn.Linear (`experts.gate_up_proj.3`), which lowrank then factorizes like any linear
+# layer, each expert with its own rank (a list layout: no padding to a common rank, and per-expert ranks from the
+# allocation cost nothing). The module keeps its class's routing interface, attributes and `_apply_gate`; only
+# its forward is replaced by the same per-expert loop over the experts the router hit. `config.lowrank["experts"]`
+# lists the unpacked modules, which a checkpoint rebuilds before its factorized layers are swapped in.
+
+EXPERT_TENSORS = ("gate_up_proj", "down_proj")
+_unpacked_classes: dict = {}
+
+
+def is_packed_experts(module):
+    """A transformers experts module with a gate (3-D gate_up_proj and down_proj) that this forward reproduces."""
+    params = getattr(module, "_parameters", {})
+    return (hasattr(module, "is_transposed") and getattr(module, "has_gate", False)
+            and not getattr(module, "has_post_expert_norm", False) and hasattr(module, "_apply_gate")
+            and all(params.get(t) is not None and params[t].dim() == 3 for t in EXPERT_TENSORS))
+
+
+class UnpackedExperts:
+    """Mixin for an experts class whose 3-D tensors were unpacked into ModuleLists of per-expert linear layers.
+
+    The routing weight multiplies each expert's output; where the down projection has no bias it is applied to
+    that projection's input instead (the same product, since the layer is linear). So a statistics hook on
+    `down_proj[e]` sees the input as weighted by the router: the output error it weighs is the error the block
+    output sees."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        experts = len(self.down_proj)
+        with torch.no_grad():
+            hit = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < experts]
+        for e in hit:
+            tokens, position = torch.where(top_k_index == e)
+            h = self._apply_gate(self.gate_up_proj[e](hidden_states[tokens]))
+            weight = top_k_weights[tokens, position, None]
+            down = self.down_proj[e]
+            y = down((h * weight).to(h.dtype)) if down.bias is None else down(h) * weight
+            out.index_add_(0, tokens, y.to(out.dtype))
+        return out
+
+
+def unpacked_class(cls):
+    if cls not in _unpacked_classes:
+        _unpacked_classes[cls] = type("Unpacked" + cls.__name__, (UnpackedExperts, cls), {"__module__": __name__})
+    return _unpacked_classes[cls]
+
+
+def unpack_experts(module):
+    """Turn a packed experts module into its unpacked form, in place (the weights are copied per expert; on the
+    meta device only the shapes are made). Returns the module."""
+    for name in EXPERT_TENSORS:
+        param = module._parameters.pop(name)
+        bias = module._parameters.pop(name + "_bias", None)
+        linears = nn.ModuleList()
+        for e in range(param.shape[0]):
+            weight = param[e].T if module.is_transposed else param[e]
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=param.device,
+                               dtype=param.dtype)
+            if param.device.type != "meta":
+                with torch.no_grad():
+                    linear.weight.copy_(weight)
+                    if bias is not None:
+                        linear.bias.copy_(bias[e])
+            linears.append(linear)
+        setattr(module, name, linears)
+    module.__class__ = unpacked_class(type(module))
+    return module
+
+
+def pack_experts(module):
+    """The inverse of unpack_experts, factorized experts multiplied out: the module the original class expects."""
+    base = type(module).__mro__[2]
+    for name in EXPERT_TENSORS:
+        linears = module._modules.pop(name)
+        weights = torch.stack([linear.weight.detach().clone() for linear in linears])
+        module.register_parameter(name, nn.Parameter(weights.transpose(1, 2) if module.is_transposed else weights))
+        if linears[0].bias is not None:
+            module.register_parameter(name + "_bias",
+                                      nn.Parameter(torch.stack([linear.bias.detach() for linear in linears])))
+    module.__class__ = base
+    return module
+
+
+def unpack_named_experts(model, names):
+    """Unpack the experts modules named in a checkpoint's `lowrank.experts` list (module names of the original
+    architecture, resolved on `model` as the factorized layers are)."""
+    for name in names:
+        target = resolve_module_name(model, name)
+        if target is not None and is_packed_experts(model.get_submodule(target)):
+            unpack_experts(model.get_submodule(target))
+
+
 def _init_factors(model, module):
     from transformers import initialization as init
 
@@ -163,12 +258,14 @@ def _make_config_class(base):
 def _make_model_class(base, config_class):
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
-        factorize_modules(self, (getattr(config, "lowrank", None) or {}).get("ranks", {}))
+        block = getattr(config, "lowrank", None) or {}
+        unpack_named_experts(self, block.get("experts", []))
+        factorize_modules(self, block.get("ranks", {}))
 
     def _init_weights(self, module):
         if isinstance(module, LowRankLinear):
             _init_factors(self, module)
-        elif not isinstance(module, Projection):
+        elif not isinstance(module, (Projection, UnpackedExperts)):  # an unpacked module's linears init themselves
             base._init_weights(self, module)
 
     def save_pretrained(self, save_directory, *args, **kwargs):

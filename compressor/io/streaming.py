@@ -47,6 +47,14 @@ class TensorIndex:
             tensor = handle.get_tensor(name)
         return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
 
+    def get_row(self, name, row, dtype=None):
+        """`name`[row] alone (one expert of a stacked [E, ...] tensor): the other rows are not read."""
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(self.directory, self.files[name]), "pt") as handle:
+            tensor = handle.get_slice(name)[row]
+        return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+
 
 def weightless():
     """Build modules on the meta device (no memory; names and shapes only). Affects only this thread."""
@@ -120,9 +128,32 @@ class Skeleton:
 
     def load(self, name):
         key = self.key(name)
+        if key is None and (expert := self._expert_tensor(name)) is not None:
+            return expert
         if key is None:
             raise LowrankError(f"the checkpoint has no tensor for {name}; compress it with --no-stream")
         return self.index.get(key, self.dtype)
+
+    def _expert_tensor(self, name):
+        """A tensor of an unpacked MoE experts module (modeling_lowrank.unpack_experts): `...experts.down_proj.3.weight`
+        is row 3 of the checkpoint's stacked `...experts.down_proj` (transposed back where the layout is), its
+        bias row 3 of `...experts.down_proj_bias`. None for any other name."""
+        from .modeling_lowrank import EXPERT_TENSORS, UnpackedExperts
+
+        stem, _, leaf = name.rpartition(".")
+        parent, _, row = stem.rpartition(".")
+        owner, _, tensor = parent.rpartition(".")
+        if tensor not in EXPERT_TENSORS or not row.isdigit() or leaf not in ("weight", "bias"):
+            return None
+        try:
+            module = self.model.get_submodule(owner)
+        except AttributeError:
+            return None
+        key = self.key(f"{parent}_bias" if leaf == "bias" else parent)
+        if not isinstance(module, UnpackedExperts) or key is None:
+            return None
+        value = self.index.get_row(key, int(row), self.dtype)
+        return value.T.contiguous() if leaf == "weight" and module.is_transposed else value
 
     def fill(self, module, prefix):
         """Load every parameter and persistent buffer of `module` (named `prefix` in the model)."""

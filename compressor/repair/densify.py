@@ -64,13 +64,10 @@ def _safetensors_call(path, function, *args):
         raise safetensors_error(path, error) from None
 
 
-def _conv1d_layers(config, block):
-    """Names of the factorized layers that were GPT-2 style Conv1D (weight stored in x out), found by building
-    the original architecture on the meta device (no memory)."""
+def _meta_model(config, block):
+    """The original architecture built on the meta device (no memory): what the layers were before."""
     import torch
     import transformers
-
-    from ..io.modeling_lowrank import resolve_module_name
 
     architecture = getattr(transformers, block["base_architectures"][0], None)
     if architecture is None:
@@ -78,7 +75,13 @@ def _conv1d_layers(config, block):
     base_config = {k: v for k, v in config.items() if k not in ("lowrank", "auto_map", "architectures")}
     base_config["model_type"] = block["base_model_type"]
     with torch.device("meta"):
-        model = architecture(architecture.config_class.from_dict(base_config))
+        return architecture(architecture.config_class.from_dict(base_config))
+
+
+def _conv1d_layers(model, block):
+    """Names of the factorized layers that were GPT-2 style Conv1D (weight stored in x out)."""
+    from ..io.modeling_lowrank import resolve_module_name
+
     conv = set()
     for name in block["ranks"]:
         target = resolve_module_name(model, name)
@@ -117,7 +120,10 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
         for part in ("down.weight", "up.weight"):
             if f"{name}.{part}" not in weight_map:
                 raise LowrankError(f"{checkpoint} lists {name} as factorized but has no tensor {name}.{part}")
-    conv = _conv1d_layers(config, block)
+    from ..compression.experts import ExpertStacker  # torch and transformers: imported when used
+
+    meta = _meta_model(config, block)
+    conv = _conv1d_layers(meta, block)
     factor_keys = {f"{name}.{part}": name for name in ranks for part in ("down.weight", "up.weight", "up.bias")}
 
     handles = {}  # the input's shards, opened as needed; closed at the end even on a failure
@@ -130,7 +136,7 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
                     handles[shard] = _open_shard(path)
                 return _safetensors_call(path, handles[shard].get_tensor, key)
 
-            writer = ShardWriter(staging, max_shard_bytes)
+            writer = ExpertStacker(ShardWriter(staging, max_shard_bytes), meta, block.get("experts", []))
             tick = ticker(progress, "layers", max(len(ranks), 1), lambda done: f"{done}/{len(ranks)} layers multiplied")
             params = 0
             for key in sorted(weight_map):  # sorted: the same input always gives the same bytes

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compression.experts import unpack_like
 from ..compression.sequential import WalkOptions, walk_blocks
 from ..compression.targets import dense_weight, select_targets
 from ..core import decompose
@@ -106,6 +107,7 @@ def layer_correction(name, original_module, compressed_module, stats, rank, damp
 def compute_corrections(original, compressed, input_ids, rank, targets=None, ignore=None, damp=1e-4, batch_size=8,
                         device="cpu", progress=SILENT):
     """{name: Correction} for every target layer where the two models differ, in block order."""
+    unpack_like(original, compressed)  # MoE: the compressed model's experts are per-expert linears
     blocks_name, _, selected = select_targets(original, targets, ignore)
     check_match(original, compressed, [n for names in selected.values() for n in names], rank)
     corrections = {}

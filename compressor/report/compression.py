@@ -55,10 +55,12 @@ def layer_entry(layer):
 
 
 def build_report(*, result, settings, calibration, source, model_params_before, model_params_after,
-                 bytes_dense, bytes_after, files, dtype, command, timings, run, input_bytes=None, verify=None):
+                 bytes_dense, bytes_after, files, dtype, command, timings, run, input_bytes=None, verify=None,
+                 coverage=None):
     """The whole report, built once when the weights are written: `timings` in the order the phases ran, `run`
     how the run was carried out (streamed, offload budget, processes, where it resumed), `input_bytes` the size
-    of a quantized input file (GGUF), `verify` the verdict on held-out text (verify.py) or why there is none."""
+    of a quantized input file (GGUF), `verify` the verdict on held-out text (verify.py) or why there is none,
+    `coverage` how much of the model is targeted and what stays dense and why (coverage.py)."""
     target_before = sum(layer.params_before for layer in result.layers)
     target_after = sum(layer.params_after for layer in result.layers)
     kept_t = _fraction(target_after, target_before)
@@ -83,6 +85,8 @@ def build_report(*, result, settings, calibration, source, model_params_before, 
             "model": {"params_before": model_params_before, "params_after": model_params_after,
                       "kept": round(kept_m, 6), "removed": round(1 - kept_m, 6)},
         },
+        **({"coverage": coverage.as_dict(), "coverage_warning": coverage.warning(settings.ratio)}
+           if coverage is not None else {}),
         "size": {"bytes_dense": bytes_dense, "bytes_after": bytes_after, "files": files,
                  **({"bytes_input": input_bytes, "input_dequantized": True} if input_bytes else {})},
         "layers": {
@@ -141,13 +145,61 @@ def compression_rows(report):
                             f"kept {t['kept']:.1%}, removed {t['removed']:.1%}"),
         ("whole model", f"{m['params_before']:,} -> {m['params_after']:,} params: "
                         f"kept {m['kept']:.1%}, removed {m['removed']:.1%}"),
+        *coverage_rows(report),
         ("size", size_row(report)),
         ("layers", f"{report['layers']['factorized']} factorized, {report['layers']['dense']} kept dense"),
+        *expert_rows(report),
         ("calibration", compression_calibration(report["calibration"])),
         *verify_rows(report.get("verify")),
         ("time", ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())),
         ("peak memory (RSS)", human_bytes(report["peak_rss_bytes"])),
     ]
+
+
+def coverage_rows(report):
+    """What the ratio could act on: the targeted share of the model and what stays dense, by reason; the warning
+    when parameters nobody chose to exclude stay dense in amounts that matter."""
+    coverage = report.get("coverage")
+    if not coverage:
+        return []
+    rows = [("targeted share", f"{coverage['targeted']['fraction']:.1%} of the model's parameters are in targeted "
+                               "layers (the ratio applies to them only)")]
+    dense = "; ".join(f"{part['fraction']:.1%} {part['why']}" for part in coverage["not_targeted"])
+    if dense:
+        rows.append(("stays dense", dense))
+    if report.get("coverage_warning"):
+        rows.append(("warning", report["coverage_warning"]))
+    return rows
+
+
+def _expert_layers(report):
+    return [layer for layer in report["layers"]["list"] if "tokens" in layer.get("info", {})]
+
+
+def expert_rows(report):
+    """MoE: how many expert matrices, and how many the calibration barely reached (compression/experts.py)."""
+    experts = _expert_layers(report)
+    if not experts:
+        return []
+    pooled = [layer for layer in experts if layer["info"]["pooled_tokens"]]
+    least = min(layer["info"]["tokens"] for layer in experts)
+    return [("experts", f"{len(experts)} expert matrices, statistics from the tokens the router sent them (fewest "
+                        f"{least:,}); {len(pooled)} had fewer tokens than their input width and borrowed pooled "
+                        "statistics of their layer's experts for the rest")]
+
+
+def expert_tokens_markdown(report):
+    """The experts that borrowed pooled statistics, with their token counts."""
+    pooled = [layer for layer in _expert_layers(report) if layer["info"]["pooled_tokens"]]
+    if not pooled:
+        return []
+    lines = ["", f"## Experts the calibration barely reached ({len(pooled)})", "",
+             "Each got the average statistics of its layer's experts for the tokens it lacked (up to its input "
+             "width), then the method's damping.", "", "| expert matrix | tokens routed | tokens' worth pooled |",
+             "|---|---|---|"]
+    lines += [f"| {layer['name']} | {layer['info']['tokens']:,} | {layer['info']['pooled_tokens']:,} |"
+              for layer in sorted(pooled, key=lambda layer: (layer["info"]["tokens"], layer["name"]))]
+    return lines
 
 
 def size_row(report):
@@ -198,6 +250,7 @@ def compression_markdown(report, worst=20):
     dense = [layer["name"] for layer in report["layers"]["list"] if layer["dense"]]
     if dense:
         lines += ["", f"Kept dense ({len(dense)}): " + ", ".join(dense[:20]) + (" ..." if len(dense) > 20 else "")]
+    lines += expert_tokens_markdown(report)
     if report.get("evaluations"):
         lines += ["", *evaluations_markdown(report["evaluations"], heading="##")]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
