@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -274,3 +275,29 @@ def test_future_format_is_refused(llama_out, tmp_path):
     json.dump(config, open(target / "config.json", "w"))
     with pytest.raises(UsageError, match="upgrade lowrank"):
         lowrank.load_pretrained(str(target))
+
+
+def test_the_model_card_speaks_the_hubs_language_without_machine_paths(llama_dir, calib_file, tmp_path):
+    """The card's front matter carries the source card's license and pipeline tag (else the tag of the model
+    class), base_model and its relation only for a hub id, and no machine path appears anywhere in the card."""
+    import yaml
+
+    from lowrank.report.card import front_matter
+
+    source = tmp_path / "models" / "tiny-llama"
+    shutil.copytree(llama_dir, source)
+    (source / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: en\n---\n# tiny\n")
+    out = tmp_path / "tiny-lr80"
+    command = f"lowrank compress {source} --ratio 0.8 --calib {calib_file} -o {out}"  # as a shell passes it
+    lowrank.compress(str(source), str(out), ratio=0.8, calib=calib_file, command=command, **COMPRESS_FAST)
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---", 2)[1])
+    assert meta["license"] == "apache-2.0" and meta["pipeline_tag"] == "text-generation"
+    assert meta["library_name"] == "transformers" and {"lowrank", "low-rank"} <= set(meta["tags"])
+    assert "base_model" not in meta  # a local path is no hub id
+    assert "`tiny-llama`" in card and "lowrank compress tiny-llama --ratio 0.8" in card and "-o tiny-lr80`" in card
+    assert str(tmp_path) not in card and f"--calib {os.path.basename(calib_file)}" in card
+    hub = {"model": {"source": "org/model", "kind": "hub"}}
+    meta = yaml.safe_load(front_matter(hub, "BertForMaskedLM").split("---", 2)[1])
+    assert meta["base_model"] == "org/model" and meta["base_model_relation"] == "quantized"
+    assert meta["pipeline_tag"] == "fill-mask"

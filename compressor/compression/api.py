@@ -355,7 +355,7 @@ class _Job:
             extra = {
                 "compression_report.json": json.dumps(self.report, indent=2) + "\n",
                 "compression_report.md": compression_markdown(self.report),
-                "README.md": model_card(self.report, self.output),
+                "README.md": model_card(self.report, self.output, architecture=type(self.net).__name__),
             }
             spectra = spectra_bytes(self.layers)  # optional: read by `lowrank report --plot`
             if spectra is not None:
