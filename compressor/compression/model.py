@@ -74,9 +74,10 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
         if dist is not None:
             return decompose_block_distributed(block, names, collector, config, fisher, dist)
         results = decompose_block(block, names, collector, config, fisher)
+        tokens = getattr(collector, "expert_tokens", {})  # (paired collectors: no MoE, refused above)
         for layer in results:  # MoE: the tokens the router sent to each expert, and what was pooled in
-            if layer.name in collector.expert_tokens:
-                layer.info["tokens"], layer.info["pooled_tokens"] = collector.expert_tokens[layer.name]
+            if layer.name in tokens:
+                layer.info["tokens"], layer.info["pooled_tokens"] = tokens[layer.name]
         return results
 
     layers = walk_blocks(model, input_ids, targets, blocks_name, visit, WalkOptions.of(config), source=source,
