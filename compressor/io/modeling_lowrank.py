@@ -3,6 +3,9 @@
 This file depends on torch and transformers only. `lowrank compress` copies it verbatim into every checkpoint
 it writes, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` (and `lm_eval --model hf`)
 works where lowrank is not installed; lowrank imports the very same file for `lowrank.load_pretrained`.
+Consumers need transformers 4.46 or later (loaded and generated with 4.46.3, 4.51.3 and 4.57.1 as well as 5.x:
+tests/test_old_transformers.py); lowrank itself needs 5.x. The tokenizer files are whatever the source's
+tokenizer wrote: one saved by transformers 5 names a class (TokenizersBackend) that 4.x does not know.
 
 A factorized linear `X` keeps its name and holds two children, `X.down` (r x in) and `X.up` (out x r, with
 the bias), so y = up(down(x)). The model classes are made on demand for any architecture: the checkpoint's
@@ -19,6 +22,8 @@ import torch.nn.functional as F
 import transformers
 
 FORMAT_VERSION = 1
+# transformers 5 renamed PretrainedConfig; the older name keeps this file loadable by transformers 4.x consumers
+CONFIG_BASE = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
 MODEL_TYPE_PREFIX = "lowrank_"
 CLASS_PREFIX = "LowRank"
 
@@ -293,7 +298,7 @@ def lowrank_class(name):
     base = getattr(transformers, base_name, None) if base_name else None
     if base is None or not isinstance(base, type):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if issubclass(base, transformers.PreTrainedConfig):
+    if issubclass(base, CONFIG_BASE):
         cls = _make_config_class(base)
     elif issubclass(base, transformers.PreTrainedModel):
         cls = _make_model_class(base, lowrank_class(CLASS_PREFIX + base.config_class.__name__))
