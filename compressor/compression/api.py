@@ -33,7 +33,7 @@ from .layers import LayerResult
 from .model import compress_model
 from .plan import choose_streaming, resolve
 from .sequential import Resume, returnable_large_allocations
-from .targets import replace_module, select_targets
+from .targets import block_lists, replace_module, select_targets
 
 
 def compress(model: str, output: str, config: CompressConfig | None = None, *, progress: Progress = SILENT,
@@ -120,7 +120,15 @@ class _Job:
                 round_weights(self.net, self.output_dtype())
         self.timings["load"] = time.perf_counter() - start
         progress.advance("load", f"loaded in {self.timings['load']:.0f}s")
-        self.blocks_name, _, _ = select_targets(self.net, config.targets, config.ignore)  # bad patterns fail here
+        reads = getattr(self.net, "main_input_name", "input_ids")
+        if reads != "input_ids":
+            raise UsageError(f"this model reads {reads}, not token ids: lowrank calibrates with text only, so it "
+                             "cannot compress this model")
+        self.blocks_name, _, _ = select_targets(self.net, config.targets, config.ignore, config.blocks)  # bad
+        # patterns fail here
+        others = [name for name, _ in block_lists(self.net) if name != self.blocks_name]
+        if others:
+            progress.log(f"--blocks {self.blocks_name}: the other block lists stay dense ({', '.join(others)})")
         self.config, why = resolve(config, self.net, streaming=self.streaming, distributed=self.dist is not None)
         if config.alloc == "auto":
             progress.log(f"--alloc auto: {self.config.alloc} (" + (why or "Fisher-weighted global ranks; --alloc "

@@ -17,7 +17,7 @@ from .allocation import allocate_ranks
 from .config import CompressConfig
 from .layers import decompose_block, decompose_block_distributed
 from .plan import resolve
-from .sequential import Resume, WalkOptions, check_uniform_attention, walk_blocks
+from .sequential import Resume, WalkOptions, walk_blocks
 from .targets import select_targets
 
 
@@ -44,8 +44,7 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
         config, _ = resolve(config, model, streaming=source is not None, distributed=dist is not None)
     if dist is not None and (config.whole_model_reason() or config.refine_steps):
         raise UsageError("fwsvd, --alloc fisher/sensitivity and --refine-steps run in a single process only")
-    blocks_name, blocks, targets = select_targets(model, config.targets, config.ignore)
-    check_uniform_attention(blocks)
+    blocks_name, _, targets = select_targets(model, config.targets, config.ignore, config.blocks)
     timings = {}
     fisher, curve = None, None
     if config.method_spec.gradients:
