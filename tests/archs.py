@@ -69,6 +69,23 @@ REFUSED = {
              "2 stacks of blocks"),
     "llava": (dict(text_config=dict(TEXT, model_type="llama"), vision_config=dict(VISION, model_type="clip_vision_model"),
                    image_token_index=300), "AutoModelForImageTextToText", "2 stacks of blocks"),
+    "siglip": (dict(text_config=dict(TEXT), vision_config=dict(VISION)), "AutoModel", "2 stacks of blocks"),
+    "qwen2_vl": (dict(text_config=dict(TEXT, num_key_value_heads=2, rope_scaling={"type": "mrope",
+                                                                                  "mrope_section": [2, 2, 4]}),
+                      vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=4,
+                                         spatial_merge_size=2, temporal_patch_size=2),
+                      image_token_id=300, video_token_id=301, vision_start_token_id=302),
+                 "AutoModelForImageTextToText", "2 stacks of blocks"),
+    "gemma3": (dict(text_config=dict(TEXT, num_key_value_heads=2, head_dim=16), vision_config=dict(VISION),
+                    mm_tokens_per_image=4, image_token_index=300), "AutoModelForImageTextToText",
+               "2 stacks of blocks"),
+    "idefics3": (dict(text_config=dict(TEXT, model_type="llama"), vision_config=dict(VISION), image_token_id=300,
+                      scale_factor=2), "AutoModelForImageTextToText", "2 stacks of blocks"),
+    "whisper": (dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=VOCAB,
+                     num_mel_bins=16, max_source_positions=32, max_target_positions=64, pad_token_id=3,
+                     bos_token_id=0, eos_token_id=1, decoder_start_token_id=0),
+                "AutoModelForSpeechSeq2Seq", "reads input_features"),
     "vit": (dict(VISION), "AutoModelForImageClassification", "reads pixel_values"),
 }
 
@@ -149,12 +166,11 @@ for path, auto, ids_file, out_file in json.loads(sys.argv[1]):
 """
 
 
-def run_foreign(jobs):
-    """Run FOREIGN_LOADER in a fresh interpreter where lowrank cannot be imported: `-I -S` (no user site, no
-    PYTHONPATH, no site module, so no .pth file runs and lowrank's editable-install finder is never installed),
-    with this process's resolved sys.path minus every entry that holds a `lowrank` package, from a directory
-    outside the source tree. Returns the CompletedProcess."""
-    import json
+def isolated_python(code, *args):
+    """Run `code` in a fresh interpreter where lowrank cannot be imported: `-I -S` (no user site, no PYTHONPATH,
+    no site module, so no .pth file runs and lowrank's editable-install finder is never installed), with this
+    process's resolved sys.path minus every entry that holds a `lowrank` package, from a directory outside the
+    source tree. Returns the CompletedProcess."""
     import os
     import subprocess
     import sys
@@ -162,9 +178,17 @@ def run_foreign(jobs):
 
     path = [entry for entry in sys.path if entry and os.path.isdir(entry)
             and not os.path.exists(os.path.join(entry, "lowrank"))]
-    code = f"import sys\nsys.path[:] = {path!r}\n" + FOREIGN_LOADER
-    return subprocess.run([sys.executable, "-I", "-S", "-c", code, json.dumps(jobs)], capture_output=True, text=True,
-                          cwd=tempfile.mkdtemp(prefix="no-lowrank-"), timeout=900)
+    code = f"import sys\nsys.path[:] = {path!r}\n" + code
+    return subprocess.run([sys.executable, "-I", "-S", "-c", code, *args], capture_output=True, text=True,
+                          cwd=tempfile.mkdtemp(prefix="no-lowrank-"), timeout=900, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # tiny models: see test_architectures
+
+
+def run_foreign(jobs):
+    """FOREIGN_LOADER on `jobs` in an isolated_python."""
+    import json
+
+    return isolated_python(FOREIGN_LOADER, json.dumps(jobs))
 
 
 COMPRESS = dict(calib=None, num_samples=8, seq_len=32, batch_size=4, alloc="uniform", verify=False, seed=0)
@@ -337,3 +361,35 @@ def run_type(model_type, workdir, tokenizer, calib_file):
         keep, os.path.join(workdir, "dense"), auto, ids, keep_logits)
     row["foreign_job"] = [keep, auto, os.path.join(workdir, "ids.pt"), os.path.join(workdir, "foreign-logits.pt")]
     return row
+
+
+def checks(row):
+    """Pass or fail of each check for one type's `row` (run_type's, after run_foreign has written the foreign
+    logits): the one statement of the criteria, asserted by the test and tabled by the bench. None: not
+    applicable (the KV cache of an encoder)."""
+    import os
+
+    tolerance = 1e-5 * max(1.0, row["logit_scale"])
+    foreign_file = row["foreign_job"][3]
+    foreign = None
+    if os.path.exists(foreign_file):
+        keep = torch.load(os.path.join(os.path.dirname(row["foreign_job"][0]), "keep-logits.pt"))
+        foreign = max_error(torch.load(foreign_file), keep)
+    row["foreign_error"] = foreign
+    generative = TYPES[row["type"]][2]
+    return {
+        # (a) every default target factorized at full rank changes nothing
+        "full_rank": row["targets"] > 0 and row["full_rank_error"] <= tolerance,
+        # (f) the walker calibrates each block on the inputs a plain forward pass gives it
+        "statistics": row["statistics_error"] < 1e-5,
+        # (b) keep 0.8: every target factorized, the output changed, and the lowrank-free process agrees
+        "foreign_load": (row["factorized"] == row["targets"] and row["keep_change"] > 0 and foreign is not None
+                         and foreign <= tolerance),
+        # (c) the KV cache gives the tokens and logits of full recomputation
+        "kv_cache": (row["cache_tokens"] == row["no_cache_tokens"]
+                     and row["cache_logit_error"] <= 1e-4 * max(1.0, row["logit_scale"])) if generative else None,
+        # (d) a LoRA wraps every factorized layer and moves the output
+        "lora": row["lora_layers"] == row["factorized"] and row["lora_change"] > 1e-3,
+        # (e) densify: dense weight = up @ down, same logits
+        "densify": row["densify_weight_error"] < 1e-6 and row["densify_logit_error"] <= tolerance,
+    }

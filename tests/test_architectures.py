@@ -9,13 +9,23 @@ round-trips. Model types lowrank cannot compress are refused with one line. Sele
 
 import os
 
+import archs
 import pytest
 import torch
-
-import archs
 from conftest import run
 
 pytestmark = pytest.mark.architectures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """This module on one intra-op thread: its matrices are far too small to gain from more, and on a shared
+    2-core machine two threads each spin-waiting for the other made it 2.5-6x slower (measured: one type's
+    checks 15.6 s against 6.5 s under a load average of 6)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +42,10 @@ def matrix(tmp_path_factory, tokenizer, calib_file):
     return rows, failures, foreign
 
 
-def test_the_foreign_process_cannot_import_lowrank(tmp_path):
+def test_the_foreign_process_cannot_import_lowrank():
     probe = archs.run_foreign([])
     assert probe.returncode == 0, probe.stderr  # the loader exits non-zero when `import lowrank` succeeds
-    import subprocess
-    import sys
-
-    code = "import sys\nsys.path[:] = " + repr([p for p in sys.path if p and os.path.isdir(p)
-                                                 and not os.path.exists(os.path.join(p, "lowrank"))])
-    done = subprocess.run([sys.executable, "-I", "-S", "-c", code + "\nimport transformers\nimport lowrank"],
-                          capture_output=True, text=True, cwd=tmp_path)
+    done = archs.isolated_python("import transformers\nimport lowrank")
     assert done.returncode != 0 and "No module named 'lowrank'" in done.stderr, done.stderr
 
 
@@ -49,28 +53,10 @@ def test_the_foreign_process_cannot_import_lowrank(tmp_path):
 def test_architecture(matrix, model_type):
     rows, failures, foreign = matrix
     assert model_type not in failures, failures.get(model_type)
-    row = rows[model_type]
-    tolerance = 1e-5 * max(1.0, row["logit_scale"])
-    # (a) every default target factorized at full rank changes nothing
-    assert row["targets"] > 0
-    assert row["full_rank_error"] <= tolerance, row["full_rank_error"]
-    # (f) the walker calibrates each block on the inputs a plain forward pass gives it
-    assert row["statistics_error"] < 1e-5, row["statistics_error"]
-    # (b) keep 0.8: every target factorized, the output differs from the dense model, and the lowrank-free
-    # process gives the same logits as lowrank.load_pretrained
-    assert row["factorized"] == row["targets"] and row["keep_change"] > 0
     assert foreign.returncode == 0, foreign.stderr[-3000:]
-    keep_logits = torch.load(os.path.join(os.path.dirname(row["foreign_job"][0]), "keep-logits.pt"))
-    foreign_logits = torch.load(row["foreign_job"][3])
-    assert torch.allclose(foreign_logits, keep_logits, atol=tolerance, rtol=0)
-    # (c) generative models: the KV cache gives the tokens and logits of full recomputation
-    if archs.TYPES[model_type][2]:
-        assert row["cache_tokens"] == row["no_cache_tokens"]
-        assert row["cache_logit_error"] <= 1e-4 * max(1.0, row["logit_scale"]), row["cache_logit_error"]
-    # (d) a LoRA wraps every factorized layer and moves the output
-    assert row["lora_layers"] == row["factorized"] and row["lora_change"] > 1e-3
-    # (e) densify: dense weight = up @ down, same logits
-    assert row["densify_weight_error"] < 1e-6 and row["densify_logit_error"] <= tolerance
+    row = rows[model_type]
+    failed = [name for name, ok in archs.checks(row).items() if ok is False]
+    assert not failed, f"failed {failed}: {row}"
 
 
 @pytest.mark.parametrize("model_type", list(archs.REFUSED))

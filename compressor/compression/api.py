@@ -124,8 +124,8 @@ class _Job:
         if reads != "input_ids":
             raise UsageError(f"this model reads {reads}, not token ids: lowrank calibrates with text only, so it "
                              "cannot compress this model")
-        self.blocks_name, _, _ = select_targets(self.net, config.targets, config.ignore, config.blocks)  # bad
-        # patterns fail here
+        # bad patterns and an ambiguous or wrong --blocks fail here
+        self.blocks_name, _, _ = select_targets(self.net, config.targets, config.ignore, config.blocks)
         others = [name for name, _ in block_lists(self.net) if name != self.blocks_name]
         if others:
             progress.log(f"--blocks {self.blocks_name}: the other block lists stay dense ({', '.join(others)})")
