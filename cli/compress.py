@@ -50,6 +50,9 @@ Method = Annotated[str, typer.Option(help="Decomposition: " + "; ".join(f"{name}
 Targets = Annotated[list[str] | None, typer.Option(help="Layers to factorize: globs, re:REGEX or name suffixes, "
                     "comma-separated or repeated (default: every linear in the blocks).")]
 Ignore = Annotated[list[str] | None, typer.Option(help="Layers to leave dense (same patterns).")]
+Blocks = Annotated[str | None, typer.Option(help="The list of blocks to compress, as a dotted module path (e.g. "
+                   "model.decoder.layers), for a model with several stacks of blocks or none found (default: the "
+                   "model's one stack).")]
 Propagate = Annotated[bool, typer.Option("--propagate/--no-propagate", help="Calibrate each block on the outputs "
                       "of the already-compressed blocks before it.")]
 Alloc = Annotated[str, typer.Option(help="Rank allocation under the same parameter budget. auto (default): fisher "
@@ -99,7 +102,7 @@ Verify = Annotated[bool, typer.Option("--verify/--no-verify", help="End with a v
 )
 def compress(
     model: Model, ratio: Ratio = D["ratio"], output: Output = None, method: Method = D["method"],
-    targets: Targets = None, ignore: Ignore = None, propagate: Propagate = D["propagate"], alloc: Alloc = D["alloc"],
+    targets: Targets = None, ignore: Ignore = None, blocks: Blocks = D["blocks"], propagate: Propagate = D["propagate"], alloc: Alloc = D["alloc"],
     min_rank_fraction: MinRankFraction = D["min_rank_fraction"], anchor: Anchor = D["anchor"],
     refit: Refit = D["refit"], refine_steps: RefineSteps = D["refine_steps"], refine_lr: RefineLr = D["refine_lr"],
     damp: Damp = D["damp"], alpha: Alpha = D["alpha"], calib: Calib = D["calib"],

@@ -49,6 +49,11 @@ def calib_file(tmp_path_factory, calib_text):
 
 @pytest.fixture(scope="session")
 def tokenizer(calib_text):
+    return train_tokenizer(calib_text)
+
+
+def train_tokenizer(calib_text):
+    """A byte-level BPE of VOCAB tokens trained on `calib_text` (ids 0-4: <s> </s> <unk> <pad> <mask>)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -109,7 +109,8 @@ def test_statistics_pass_stops_at_the_last_input_with_the_same_statistics():
     model = build_model("llama")
     block = model.model.layers[0]
     names = {n: n for n in ["self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.down_proj"]}
-    states, extras = capture_block_inputs(model, block, calibration_ids(samples=6), 2, "cpu")
+    states, extras = capture_block_inputs(model, model.model.layers, calibration_ids(samples=6), 2, "cpu")
+    extras = extras[0]
     finished = []
     block.mlp.down_proj.register_forward_hook(lambda *args: finished.append(1))
     full, outputs = collect_statistics(block, names, states, extras, "cpu", keep_outputs=True)
@@ -196,7 +197,8 @@ def test_propagation_consumes_its_inputs(tmp_path):
 
     model = build_model("llama")
     block = model.model.layers[0]
-    states, extras = capture_block_inputs(model, block, calibration_ids(samples=6), 2, "cpu")
+    states, extras = capture_block_inputs(model, model.model.layers, calibration_ids(samples=6), 2, "cpu")
+    extras = extras[0]
     expected = run_block(block, states, extras, "cpu")
     spilling = HiddenStates(budget=states[0].numel() * 4, directory=str(tmp_path))  # one batch in memory
     for batch in states:

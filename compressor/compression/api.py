@@ -29,13 +29,13 @@ from ..report.compression import SPECTRA_FILE, build_report, compression_markdow
 from . import resume
 from .config import CompressConfig
 from .coverage import measure_coverage
-from .experts import check_streamable, check_supported, repack_untargeted, unpack_model_experts
 from .distributed import from_environment
+from .experts import check_streamable, check_supported, repack_untargeted, unpack_model_experts
 from .layers import LayerResult
 from .model import compress_model
 from .plan import choose_streaming, resolve
 from .sequential import Resume, returnable_large_allocations
-from .targets import replace_module, select_targets
+from .targets import block_lists, replace_module, select_targets
 
 
 def compress(model: str, output: str, config: CompressConfig | None = None, *, progress: Progress = SILENT,
@@ -123,11 +123,19 @@ class _Job:
         self.timings["load"] = time.perf_counter() - start
         progress.advance("load", f"loaded in {self.timings['load']:.0f}s")
         check_supported(self.net, self.dist is not None, config.anchor or config.refit)
+        reads = getattr(self.net, "main_input_name", "input_ids")
+        if reads != "input_ids":
+            raise UsageError(f"this model reads {reads}, not token ids: lowrank calibrates with text only, so it "
+                             "cannot compress this model")
         unpack_model_experts(self.net)  # MoE: per-expert linears, targets like any other (experts.py)
-        self.blocks_name, _, targets = select_targets(self.net, config.targets, config.ignore)  # bad patterns fail here
+        # bad patterns and an ambiguous or wrong --blocks fail here
+        self.blocks_name, _, targets = select_targets(self.net, config.targets, config.ignore, config.blocks)
         self.experts = repack_untargeted(self.net, targets)
         if self.streaming:
             check_streamable(self.skeleton, self.experts)
+        others = [name for name, _ in block_lists(self.net) if name != self.blocks_name]
+        if others:
+            progress.log(f"--blocks {self.blocks_name}: the other block lists stay dense ({', '.join(others)})")
         self.config, why = resolve(config, self.net, streaming=self.streaming, distributed=self.dist is not None)
         if config.alloc == "auto":
             progress.log(f"--alloc auto: {self.config.alloc} (" + (why or "Fisher-weighted global ranks; --alloc "

@@ -9,6 +9,7 @@ the allocation that applies, `device="auto"` a device, `offload_budget` a byte c
 ranks. The engine only ever sees a resolved config.
 """
 
+import re
 from dataclasses import asdict, dataclass, fields, replace
 
 from ..errors import UsageError
@@ -32,6 +33,7 @@ class CompressConfig:
     targets: list[str] | None = None  # globs, re:REGEX or name suffixes; None: every linear in the blocks
     ignore: list[str] | None = None
     ranks: dict[str, int | None] | None = None  # explicit {module name: rank (None: dense)}, overriding the ratio
+    blocks: str | None = None  # the ModuleList of blocks to compress (dotted path); None: the model's one stack
 
     # calibration
     calib: str = "auto"  # auto | self | hub dataset NAME[:CONFIG] | local file or folder
@@ -82,6 +84,9 @@ class CompressConfig:
         if self.anchor and not self.propagate:
             raise UsageError("anchored fitting compares the compressed stream with the original one: it needs "
                              "propagation")
+        if self.blocks is not None and not (isinstance(self.blocks, str)
+                                            and re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", self.blocks)):
+            raise UsageError(f"--blocks must be a dotted module path such as model.layers, got {self.blocks!r}")
         check_calibration(self.num_samples, self.seq_len, self.batch_size)
         check_int("--refine-steps", self.refine_steps, 0)
         check_number("--damp", self.damp, 0)

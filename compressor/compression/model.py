@@ -18,7 +18,7 @@ from .config import CompressConfig
 from .experts import check_supported, repack_untargeted, unpack_model_experts
 from .layers import decompose_block, decompose_block_distributed
 from .plan import resolve
-from .sequential import Resume, WalkOptions, check_uniform_attention, walk_blocks
+from .sequential import Resume, WalkOptions, walk_blocks
 from .targets import select_targets
 
 
@@ -47,9 +47,8 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
         raise UsageError("fwsvd, --alloc fisher/sensitivity and --refine-steps run in a single process only")
     check_supported(model, dist is not None, config.anchor or config.refit)
     unpack_model_experts(model)  # MoE: 3-D expert tensors become per-expert linears (experts.py)
-    blocks_name, blocks, targets = select_targets(model, config.targets, config.ignore)
+    blocks_name, _, targets = select_targets(model, config.targets, config.ignore, config.blocks)
     repack_untargeted(model, targets)
-    check_uniform_attention(blocks)
     timings = {}
     fisher, curve = None, None
     if config.method_spec.gradients:

@@ -26,6 +26,7 @@ from ..core.stats import InputsSeen, PairedCollector, StatsCollector
 from ..errors import UsageError
 from ..io.modeling_lowrank import LowRankLinear
 from ..progress import SILENT
+from .capture import capture_block_inputs
 from .experts import pool_sparse_experts
 from .offload import release_batch, states_factory
 
@@ -100,51 +101,8 @@ def move_outside_blocks(model, blocks, device):
                     module._buffers[key] = buffer.to(device)
 
 
-class _StopForward(Exception):
-    pass
-
-
 def hidden_states(output):
     return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def check_uniform_attention(blocks):
-    kinds = {getattr(block, "attention_type", None) for block in blocks}
-    if len(kinds) > 1:
-        raise UsageError(
-            f"this model mixes attention layer types {sorted(map(str, kinds))}: per-layer attention masks are "
-            "not supported yet"
-        )
-
-
-def capture_block_inputs(model, first_block, input_ids, batch_size, device, batches=None, new_states=list):
-    """Run every calibration batch up to the first block. Returns the hidden states per batch and, per batch
-    size, the block's other arguments (mask, position embeddings, ...).
-
-    Calibration windows are full-length and unpadded, so those arguments depend only on the batch shape:
-    they are kept once per shape and replayed for every block.
-    """
-    states, extras = new_states(), {}
-
-    def catch(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        states.append(hidden.detach().to("cpu"))
-        if hidden.shape[0] not in extras:
-            extras[hidden.shape[0]] = (args[1:], kwargs)
-        raise _StopForward
-
-    handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            chunks = input_ids.split(batch_size)
-            for batch in chunks if batches is None else [chunks[i] for i in batches]:
-                try:
-                    model(input_ids=batch.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
-    return states, extras
 
 
 def run_block(block, states, extras, device, collector=None, keep=True, new_states=list, consume=False):
@@ -250,7 +208,7 @@ def walk_blocks(model, input_ids, targets, blocks_name, visit, options=WalkOptio
     source.open_capture(model, device)
     try:
         mine = dist.my_batches(-(-input_ids.shape[0] // options.batch_size)) if dist else None
-        states, extras = capture_block_inputs(model, source.blocks[0], input_ids, options.batch_size, device, mine,
+        states, extras = capture_block_inputs(model, source.blocks, input_ids, options.batch_size, device, mine,
                                               new_states)
     finally:
         source.close_capture(model)
@@ -266,14 +224,14 @@ def walk_blocks(model, input_ids, targets, blocks_name, visit, options=WalkOptio
         block = source.materialize(index).to(device)
         if index < resume.start:
             begin = time.perf_counter()
-            _replay_block(block, index, resume.replay, streams, extras, device, options, new_states)
+            _replay_block(block, index, resume.replay, streams, extras[index], device, options, new_states)
             source.release(index, block.to("cpu"))
             timings["propagation"] += time.perf_counter() - begin
             progress.advance(stage, f"block {index + 1}/{len(source)} · done by an earlier run")
             continue
         prefix = f"{blocks_name}.{index}."
         names = {name: name[len(prefix):] for name in targets.get(index, [])}
-        block_results = _visit_block(block, index, names, visit, streams, extras, device, options, new_states,
+        block_results = _visit_block(block, index, names, visit, streams, extras[index], device, options, new_states,
                                      timings)
         results.extend(block_results)
 

@@ -19,20 +19,45 @@ def dense_weight(module):
     return weight.T if type(module).__name__ == "Conv1D" else weight
 
 
-def find_blocks(model):
-    """(name, ModuleList) of the repeated blocks: the largest ModuleList whose children share one class."""
-    best, best_params = None, 0
-    for name, module in model.named_modules():
+def find_blocks(model, path=None):
+    """(name, ModuleList) of the repeated blocks to compress: `path` (--blocks), else the model's one stack.
+
+    A stack is a ModuleList whose children share one class and hold linear layers. A model with several stacks
+    outside one another (an encoder and a decoder, a vision tower and a language model, two towers) is refused
+    unless --blocks names one: compressing the largest alone would leave the others dense without a word."""
+    if path is not None:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            module = None
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            found = ", ".join(name for name, _ in block_lists(model)) or "none"
+            raise UsageError(f"--blocks {path} is not a list of blocks in this model (block lists found: {found})")
+        return path, module
+    stacks = block_lists(model)
+    if not stacks:
+        raise UsageError("found no repeated blocks (an nn.ModuleList of layers) in this model; name the list of "
+                         "blocks to compress with --blocks PATH")
+    if len(stacks) > 1:
+        names = ", ".join(name for name, _ in stacks)
+        raise UsageError(f"this model has {len(stacks)} stacks of blocks ({names}); lowrank compresses one stack per "
+                         "run: name it with --blocks PATH (the others then stay dense, and the run says so)")
+    return stacks[0]
+
+
+def block_lists(model):
+    """Every stack of blocks: a non-empty ModuleList of one class with linear layers inside, not nested in
+    another stack (the experts of an MoE block are part of their block), largest first."""
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0 or len({type(c) for c in module}) != 1:
             continue
-        if len({type(child) for child in module}) != 1:
+        if not any(is_linear(m) for m in module.modules()):
             continue
-        params = sum(p.numel() for p in module.parameters())
-        if params > best_params:
-            best, best_params = (name, module), params
-    if best is None:
-        raise UsageError("found no repeated blocks (an nn.ModuleList of layers) in this model; it is not supported")
-    return best
+        if any(name.startswith(outer + ".") for outer, _ in found):
+            continue
+        found.append((name, module))
+    return sorted(found, key=lambda item: -sum(p.numel() for p in item[1].parameters()))
 
 
 def matches(name, pattern):
@@ -44,13 +69,14 @@ def matches(name, pattern):
     return name == pattern or name.endswith("." + pattern)
 
 
-def select_targets(model, targets=None, ignore=None):
+def select_targets(model, targets=None, ignore=None, blocks=None):
     """Map block index -> names of the linear layers to factorize in that block, in module order.
 
     By default every linear layer inside the repeated blocks; `targets` narrows that, `ignore` removes from it.
     A target pattern that names a layer outside the blocks is an error, since only block layers are factorized.
+    `blocks` names the list of blocks (--blocks) where the model has no single one.
     """
-    blocks_name, blocks = find_blocks(model)
+    blocks_name, blocks = find_blocks(model, blocks)
     ignore = list(ignore or [])
     selected, used = {}, set()
     for index, block in enumerate(blocks):

@@ -85,7 +85,11 @@ def tied_names(model):
 
 
 def auto_map_for(model):
-    """auto_map entries into the bundled modeling file, for every Auto class that knows the base model type."""
+    """auto_map entries into the bundled modeling file, for every Auto class that knows the base model type.
+
+    Only classes built on the model's own config class: an Auto mapping may list another family's class under
+    this model type (transformers 5 maps "qwen2" to JevForDecision, whose config is JevConfig), and registering
+    it for our config would make every load fail on the mismatch."""
     import transformers
 
     config_class = base_class(type(model.config))
@@ -96,7 +100,8 @@ def auto_map_for(model):
         class_name = (mapping or {}).get(base_type)
         if isinstance(class_name, (list, tuple)):
             class_name = class_name[0]
-        if isinstance(class_name, str) and hasattr(transformers, class_name):
+        model_class = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
+        if isinstance(model_class, type) and getattr(model_class, "config_class", None) is config_class:
             entries[auto_name] = f"modeling_lowrank.{CLASS_PREFIX}{class_name}"
     return entries
 
