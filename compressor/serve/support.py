@@ -73,3 +73,19 @@ def layer_ranks(config, index):
         if match and int(match.group(1)) == index:
             found[match.group(2).rpartition(".")[2]] = int(rank)
     return found
+
+
+def check_no_lora(config, lora_enabled):
+    """Refuse `--enable-lora` on a checkpoint with factorized projections, at engine start.
+
+    vLLM's LoRA layers wrap its dense linear layers by name: on a factorized projection they would wrap one of
+    the factors (whose input is the rank-r code, not the layer's input), so an adapter would fail at request time
+    and take the engine down, or be applied to the wrong vector. Refusing before any request is served is the
+    safe answer until the plugin has LoRA layers of its own.
+    """
+    if lora_enabled and ((config.get("lowrank") or {}).get("ranks")):
+        raise UnservableCheckpoint(
+            "lowrank's vLLM plugin cannot apply LoRA adapters (--enable-lora) to a checkpoint with factorized "
+            "projections: vLLM's LoRA layers expect dense ones. Fold an EoRA repair adapter into the factors with "
+            "`lowrank compensate ORIGINAL COMPRESSED --rank K -o OUT --merge` and serve OUT without --enable-lora, "
+            "or apply the adapter with transformers and PEFT (lowrank.load_pretrained)")

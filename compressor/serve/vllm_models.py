@@ -16,7 +16,7 @@ import importlib
 
 from vllm.model_executor.models.utils import PPMissingLayer
 
-from .support import FAMILIES, UnservableCheckpoint, check_servable, layer_ranks
+from .support import FAMILIES, UnservableCheckpoint, check_no_lora, check_servable, layer_ranks
 from .vllm_layers import FactorizedColumnGroup, FactorizedRow, Member
 
 KINDS = (".down.weight", ".up.weight", ".up.bias", ".weight", ".bias")
@@ -57,6 +57,7 @@ class FactorizedMixin:
     def __init__(self, *, vllm_config, prefix="", **kwargs):
         config = vllm_config.model_config.hf_config
         check_servable(config.to_dict())
+        check_no_lora(config.to_dict(), vllm_config.lora_config is not None)
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         self._routes = {}  # checkpoint module name ("model.layers.0.self_attn.q_proj") -> (module, its name)
         model = self.model

@@ -127,8 +127,9 @@ def reference(model_dir, dtype):
 
 
 # Tolerances: vLLM and transformers differ by about 0.002 nats per token in float32 on the DENSE tiny Llama too
-# (measured: tokens equal, max |diff| 0.0022), so 0.01 is that floor with margin; bfloat16 rounds every product.
-# The test also checks that the factorized model's log-probabilities are far (> 5x the tolerance) from the dense
+# (measured: tokens equal, max |diff| 0.0022), so 0.01 is that floor with margin; in bfloat16 the factorized
+# Llama measured 0.0092 (tokens equal), hence 0.03.
+# The test also checks that the factorized model's log-probabilities are far (> 3x the tolerance) from the dense
 # original's, so agreement cannot come from factors that were silently left out.
 def dense_reference(dense_dir, tokens, dtype):
     """The dense original's log-probabilities of the same continuations (teacher-forced)."""
@@ -144,7 +145,7 @@ def dense_reference(dense_dir, tokens, dtype):
 
 
 @pytest.mark.parametrize("family, dtype, tolerance", [
-    ("llama", "float32", 0.01), ("llama", "bfloat16", 0.1), ("qwen2", "float32", 0.01), ("qwen3", "float32", 0.01),
+    ("llama", "float32", 0.01), ("llama", "bfloat16", 0.03), ("qwen2", "float32", 0.01), ("qwen3", "float32", 0.01),
     ("mistral", "float32", 0.01)])
 def test_vllm_matches_transformers(checkpoints, family, dtype, tolerance):
     path = checkpoints(family, dtype)
@@ -156,8 +157,42 @@ def test_vllm_matches_transformers(checkpoints, family, dtype, tolerance):
     vllm_tokens, vllm_logprobs = serve(path, dtype)
     hf_tokens, hf_logprobs = reference(path, dtype)
     assert vllm_tokens == hf_tokens
-    for ours, theirs in zip(vllm_logprobs, hf_logprobs):
-        assert max(abs(a - b) for a, b in zip(ours, theirs)) < tolerance, (ours, theirs)
+    error = max(abs(a - b) for ours, theirs in zip(vllm_logprobs, hf_logprobs) for a, b in zip(ours, theirs))
     dense_logprobs = dense_reference(os.path.join(os.path.dirname(path), "dense"), hf_tokens, dtype)
     gap = max(abs(a - b) for ours, dense in zip(hf_logprobs, dense_logprobs) for a, b in zip(ours, dense))
-    assert gap > 5 * tolerance, f"the factorized model is too close to the dense one ({gap}) for this test to tell"
+    print(f"{family} {dtype}: vLLM vs transformers {error:.2g}, factorized vs dense {gap:.2g} nats")
+    assert error < tolerance, (vllm_logprobs, hf_logprobs)
+    assert gap > 3 * tolerance, f"the factorized model is too close to the dense one ({gap}) for this test to tell"
+
+
+def refused(model, *flags):
+    """vLLM's stderr for a run that must fail."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    done = subprocess.run([sys.executable, os.path.join(HERE, "run_vllm.py"), model, "float32",
+                           json.dumps(PROMPTS[:1]), "2", *flags], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode != 0 and "RESULT" not in done.stdout, done.stdout[-2000:]
+    return done.stderr
+
+
+def test_unsupported_family_is_refused_by_name_before_the_engine_starts(tmp_path, calib):
+    import lowrank
+    from conftest import build_model
+
+    from lowrank.io.modeling_lowrank import MODEL_TYPE_PREFIX
+
+    dense = tmp_path / "gpt2"
+    build_model("gpt2").save_pretrained(dense)
+    out = tmp_path / "gpt2-lowrank"
+    lowrank.compress(str(dense), str(out), ratio=0.5, alloc="uniform", calib=calib, num_samples=8, seq_len=64,
+                     batch_size=4, verify=False)
+    assert json.load(open(out / "config.json"))["model_type"] == MODEL_TYPE_PREFIX + "gpt2"
+    err = refused(str(out))
+    assert "lowrank's vLLM plugin cannot serve a gpt2 checkpoint (it serves llama, mistral, qwen2, qwen3)" in err
+    assert "lowrank densify" in err
+    assert "Initializing a V1 LLM engine" not in err  # refused while reading config.json, no engine was started
+
+
+def test_lora_on_factorized_layers_is_refused_with_the_merge_path(checkpoints):
+    err = refused(checkpoints("llama"), "--enable-lora")
+    assert "cannot apply LoRA adapters (--enable-lora) to a checkpoint with factorized projections" in err
+    assert "lowrank compensate ORIGINAL COMPRESSED --rank K -o OUT --merge" in err
