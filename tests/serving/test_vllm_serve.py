@@ -82,11 +82,11 @@ def checkpoints(tmp_path_factory, calib_file, tokenizer):
     return make
 
 
-def serve(model, dtype):
+def serve(model, dtype, *flags):
     """(tokens, logprobs) from vLLM, greedy, per prompt."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     done = subprocess.run([sys.executable, os.path.join(HERE, "run_vllm.py"), model, dtype, json.dumps(PROMPTS),
-                           str(NEW_TOKENS)], capture_output=True, text=True, env=env, timeout=900)
+                           str(NEW_TOKENS), *flags], capture_output=True, text=True, env=env, timeout=900)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-4000:]
     result = json.loads(lines[-1][len("RESULT "):])
@@ -181,3 +181,14 @@ def test_lora_on_factorized_layers_is_refused_with_the_merge_path(checkpoints):
     err = refused(checkpoints("llama"), "--enable-lora")
     assert "cannot apply LoRA adapters (--enable-lora) to a checkpoint with factorized projections" in err
     assert "lowrank compensate ORIGINAL COMPRESSED --rank K -o OUT --merge" in err
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_tensor_parallel_2_matches_transformers(checkpoints, family):
+    """TP = 2 on two CPU processes: the split of vllm_layers' docstring. The tiny Llama has 2 KV heads (one per
+    rank); the tiny Qwen2 has 1, so its k/v rows (dense and up factors) are replicated on both ranks."""
+    path = checkpoints(family)
+    vllm_tokens, vllm_logprobs = serve(path, "float32", "--tp2")
+    hf_tokens, hf_logprobs = reference(path, "float32")
+    assert vllm_tokens == hf_tokens
+    assert max(abs(a - b) for ours, theirs in zip(vllm_logprobs, hf_logprobs) for a, b in zip(ours, theirs)) < 1e-4
