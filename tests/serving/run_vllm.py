@@ -1,5 +1,6 @@
 """Greedy generation with vLLM, in its own process (vLLM spawns workers; a fresh process per engine keeps the
-tests independent): `python run_vllm.py MODEL DTYPE PROMPTS_JSON MAX_TOKENS [--enable-lora] [--tp2]`, prints one JSON line
+tests independent):
+`python run_vllm.py MODEL DTYPE PROMPTS_JSON MAX_TOKENS [--enable-lora] [--tp2]`, prints one JSON line
 {"tokens": [[...] per prompt], "logprobs": [[...] per prompt]} (the chosen tokens' log-probabilities), or exits
 non-zero with vLLM's error on stderr."""
 
