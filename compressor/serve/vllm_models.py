@@ -3,8 +3,9 @@
 Each class subclasses vLLM's own model for the family (LlamaForCausalLM, ...) so that embeddings, norms,
 attention, rotary, the KV cache, sampling and the LM head are vLLM's, and swaps in factorized modules only where
 the checkpoint's config says a projection is factorized (vllm_layers). A group whose members are all dense keeps
-vLLM's fused layer: nothing changes there, LoRA included. The swap happens after vLLM built the dense layer, so
-a dense layer is allocated and dropped once per swapped module (on CPU untouched pages are never resident).
+vLLM's fused layer: nothing changes there. The swap happens after vLLM built the whole dense model, whose weights
+are allocated (never written) and then dropped: on CPU untouched pages are not resident, but on a GPU the load
+peaks at the dense model's size (to fix: build the factorized modules in place of the dense ones).
 
 Weight names: lowrank writes `...q_proj.down.weight`, `...q_proj.up.weight` (the original names plus the
 factor); `load_weights` routes those (and the dense members of a swapped group) to the new modules, skips the
