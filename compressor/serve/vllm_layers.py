@@ -1,0 +1,119 @@
+"""vLLM modules for factorized projections, with their tensor-parallel split (imported only inside vLLM).
+
+A factorized projection W (out x in) is stored as up (out x r) @ down (r x in). How each factor is split over TP
+ranks follows from where the layer's input and output live in vLLM's Megatron-style layout:
+
+- Column-parallel layers (q/k/v, gate/up): the input x is replicated on every rank, each rank owns a slice of
+  the output rows. So `down` is REPLICATED (every rank computes the full r-vector z = down x, r*in flops, small)
+  and `up` is split by OUTPUT rows like the dense weight was (rank t computes y_t = up_t z). k and v follow
+  QKVParallelLinear's head split: with fewer KV heads than ranks, a head's rows are replicated on
+  tp / num_kv_heads ranks, i.e. the up factor of k/v is sharded over num_kv_heads groups, not over tp.
+- Row-parallel layers (o_proj, down_proj): the input arrives split along its features (x_t on rank t), and the
+  output must be the full vector on every rank. So `down` is split by INPUT columns (rank t computes the partial
+  z_t = down[:, cols_t] x_t) and all-reduced: z = sum_t z_t, an all-reduce of r numbers per token instead of the
+  dense layer's `out`; `up` is then REPLICATED (y = up z + b on every rank, the bias added once per rank, as
+  vLLM's RowParallelLinear adds it after its reduce).
+
+tests/serving runs TP = 1 and TP = 2 (two CPU processes; a Llama with one KV head per rank and a Qwen2 whose single
+KV head is replicated on both): the same tokens as transformers, log-probabilities within 1e-4.
+
+Layers that read the same input (q/k/v, gate/up) run their down factors as ONE replicated GEMM (the downs
+concatenated), then one GEMM per up: one read of x, fewer kernel launches.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+
+
+@dataclass(frozen=True)
+class Member:
+    """One projection of a fused column-parallel group: its checkpoint name (q_proj), output size, rank (None:
+    dense), bias, and for k/v the number of shards of its rows (num_kv_heads when that is fewer than tp)."""
+
+    name: str
+    out_size: int
+    rank: int | None
+    bias: bool
+    shards: int | None = None
+
+
+def _shard(shards):
+    """(tp_rank, tp_size) to split rows into `shards` groups, each replicated on tp / shards ranks."""
+    tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+    if shards is None or shards >= tp_size:
+        return None, None
+    return tp_rank // (tp_size // shards), shards
+
+
+def _load(param, tensor):
+    param.weight_loader(param, tensor)
+
+
+class FactorizedColumnGroup(nn.Module):
+    """Stands in for a fused column-parallel projection (qkv_proj, gate_up_proj) when at least one member is
+    factorized: returns (the members' local output shards concatenated, in member order, None), as the fused
+    layer did, so vLLM's attention and MLP code runs unchanged. Dense members keep a column-parallel weight."""
+
+    def __init__(self, input_size, members, prefix=""):
+        super().__init__()
+        self.names = [member.name for member in members]
+        self.factorized = [member.name for member in members if member.rank]
+        self.ranks = [member.rank for member in members if member.rank]
+        self.offsets = dict(zip(self.factorized, [sum(self.ranks[:i]) for i in range(len(self.ranks))]))
+        self.down = ReplicatedLinear(input_size, sum(self.ranks), bias=False, prefix=f"{prefix}.down")
+        self.parts = nn.ModuleDict()
+        for member in members:
+            tp_rank, tp_size = _shard(member.shards)
+            self.parts[member.name] = ColumnParallelLinear(
+                member.rank or input_size, member.out_size, bias=member.bias, gather_output=False,
+                prefix=f"{prefix}.{member.name}", tp_rank=tp_rank, tp_size=tp_size)
+
+    def forward(self, x):
+        z, _ = self.down(x)
+        codes = dict(zip(self.factorized, z.split(self.ranks, dim=-1)))
+        outputs = [self.parts[name](codes[name].contiguous() if name in codes else x)[0] for name in self.names]
+        return torch.cat(outputs, dim=-1), None
+
+    def load(self, member, kind, tensor):
+        """Load one checkpoint tensor of `member` ("down.weight", "up.weight", "up.bias" when factorized;
+        "weight", "bias" when dense); returns the parameter name it filled, relative to this module."""
+        factorized = member in self.offsets
+        if factorized and kind == "down.weight":
+            rank = self.ranks[self.factorized.index(member)]
+            if tuple(tensor.shape) != (rank, self.down.input_size):
+                raise ValueError(f"{member}.down.weight has shape {tuple(tensor.shape)}, the config's rank gives "
+                                 f"{(rank, self.down.input_size)}")
+            self.down.weight.data[self.offsets[member]: self.offsets[member] + rank].copy_(tensor)
+            return "down.weight"
+        if kind in (("up.weight", "up.bias") if factorized else ("weight", "bias")):
+            attr = kind.rpartition(".")[2]
+            _load(getattr(self.parts[member], attr), tensor)
+            return f"parts.{member}.{attr}"
+        raise ValueError(f"unexpected tensor {member}.{kind}: config.json says this projection is "
+                         f"{'factorized' if factorized else 'dense'}")
+
+
+class FactorizedRow(nn.Module):
+    """Stands in for a row-parallel projection (o_proj, down_proj) stored as factors: down split by input
+    columns and all-reduced, up replicated (see the module docstring). Returns (y, None) like RowParallelLinear."""
+
+    def __init__(self, input_size, output_size, rank, bias, prefix=""):
+        super().__init__()
+        self.down = RowParallelLinear(input_size, rank, bias=False, input_is_parallel=True, reduce_results=True,
+                                      prefix=f"{prefix}.down")
+        self.up = ReplicatedLinear(rank, output_size, bias=bias, prefix=f"{prefix}.up")
+
+    def forward(self, x):
+        z, _ = self.down(x)
+        return self.up(z)[0], None
+
+    def load(self, member, kind, tensor):
+        if kind not in ("down.weight", "up.weight", "up.bias"):
+            raise ValueError(f"unexpected tensor {member}.{kind}: config.json says this projection is factorized")
+        factor, attr = kind.split(".")
+        _load(getattr(getattr(self, factor), attr), tensor)
+        return kind
