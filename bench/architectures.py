@@ -100,7 +100,15 @@ def render(result):
         lines.append(f"| {row['type']} | {row['class']} | {row['targets']} | {row['full_rank_error']:.1e} | "
                      f"{mark(c.get('foreign_load'))} | {mark(c.get('kv_cache'))} | {mark(c.get('lora'))} | "
                      f"{mark(c.get('densify'))} | {mark(c.get('statistics'))} |")
-    refused = "; ".join(f"{t} ({why})" for t, why in result["refused"].items())
+    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    import archs
+
+    # vision-language models were refused when this run was made and are compressed since (tests/test_multimodal.py)
+    refused = "; ".join(f"{t} ({why})" for t, why in result["refused"].items() if t not in archs.VLM)
+    lines.append("")
+    lines.append(f"Vision-language models, the language model's blocks by default (tests/test_multimodal.py: the "
+                 f"output loads with AutoModelForImageTextToText where lowrank is not installed, with the logits of "
+                 f"`lowrank.load_pretrained`; LLaVA generates from an image): {', '.join(archs.VLM)}.")
     lines.append("")
     lines.append(f"Refused with one line (tests/test_architectures.py): {refused}. A model with several stacks "
                  "of blocks compresses one of them with `--blocks PATH`; the others stay dense and the run says so.")

@@ -67,20 +67,7 @@ REFUSED = {
              "AutoModelForSeq2SeqLM", "2 stacks of blocks"),
     "clip": (dict(text_config=dict(TEXT), vision_config=dict(VISION), projection_dim=32), "AutoModel",
              "2 stacks of blocks"),
-    "llava": (dict(text_config=dict(TEXT, model_type="llama"), vision_config=dict(VISION, model_type="clip_vision_model"),
-                   image_token_index=300), "AutoModelForImageTextToText", "2 stacks of blocks"),
     "siglip": (dict(text_config=dict(TEXT), vision_config=dict(VISION)), "AutoModel", "2 stacks of blocks"),
-    "qwen2_vl": (dict(text_config=dict(TEXT, num_key_value_heads=2, rope_scaling={"type": "mrope",
-                                                                                  "mrope_section": [2, 2, 4]}),
-                      vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=4,
-                                         spatial_merge_size=2, temporal_patch_size=2),
-                      image_token_id=300, video_token_id=301, vision_start_token_id=302),
-                 "AutoModelForImageTextToText", "2 stacks of blocks"),
-    "gemma3": (dict(text_config=dict(TEXT, num_key_value_heads=2, head_dim=16), vision_config=dict(VISION),
-                    mm_tokens_per_image=4, image_token_index=300), "AutoModelForImageTextToText",
-               "2 stacks of blocks"),
-    "idefics3": (dict(text_config=dict(TEXT, model_type="llama"), vision_config=dict(VISION), image_token_id=300,
-                      scale_factor=2), "AutoModelForImageTextToText", "2 stacks of blocks"),
     "whisper": (dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                      decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=VOCAB,
                      num_mel_bins=16, max_source_positions=32, max_target_positions=64, pad_token_id=3,
@@ -89,13 +76,30 @@ REFUSED = {
     "vit": (dict(VISION), "AutoModelForImageClassification", "reads pixel_values"),
 }
 
+# Vision-language models: the language model's stack (the third entry) is compressed by default, text-only
+# calibration; tests/test_multimodal.py.
+VLM = {
+    "llava": (dict(text_config=dict(TEXT, model_type="llama"), vision_config=dict(VISION, model_type="clip_vision_model"),
+                   image_token_index=300), "AutoModelForImageTextToText", "model.language_model.layers"),
+    "qwen2_vl": (dict(text_config=dict(TEXT, num_key_value_heads=2, rope_scaling={"type": "mrope",
+                                                                                  "mrope_section": [2, 2, 4]}),
+                      vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=4,
+                                         spatial_merge_size=2, temporal_patch_size=2),
+                      image_token_id=300, video_token_id=301, vision_start_token_id=302),
+                 "AutoModelForImageTextToText", "model.language_model.layers"),
+    "gemma3": (dict(text_config=dict(TEXT, num_key_value_heads=2, head_dim=16), vision_config=dict(VISION),
+                    mm_tokens_per_image=4, image_token_index=300), "AutoModelForImageTextToText",
+               "model.language_model.layers"),
+    "idefics3": (dict(text_config=dict(TEXT, model_type="llama"), vision_config=dict(VISION), image_token_id=300,
+                      scale_factor=2), "AutoModelForImageTextToText", "model.text_model.layers"),
+}
 
 def build(model_type, seed=0):
     """The tiny random model of `model_type`, in eval mode, with a spread spectrum (so that low rank means
     something): each linear weight's singular values are made to decay over 1.5 decades."""
     import transformers
 
-    options, auto, _ = TYPES[model_type] if model_type in TYPES else REFUSED[model_type]
+    options, auto, _ = {**REFUSED, **VLM}.get(model_type) or TYPES[model_type]
     torch.manual_seed(seed)
     config = transformers.AutoConfig.for_model(model_type, **options)
     model = getattr(transformers, auto).from_config(config)

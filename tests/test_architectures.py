@@ -102,7 +102,7 @@ def test_blocks_names_one_stack_and_the_rest_stays_dense(tmp_path, tokenizer, ca
                         "--calib", calib_file, "--num-samples", "8", "--seq-len", "32", "--alloc", "uniform",
                         "--no-verify", "--ratio", "0.8"], capsys)
     assert code == 0, err
-    assert "the other block lists stay dense (model.encoder.layers)" in err + _
+    assert "the other stacks stay dense (model.encoder.layers; name one with --blocks PATH)" in err + _
 
 
 @pytest.mark.parametrize("path", ["model.decoder", "model.nothing.layers", "model..layers"])

@@ -135,7 +135,8 @@ class _Job:
             check_streamable(self.skeleton, self.experts)
         others = [name for name, _ in block_lists(self.net) if name != self.blocks_name]
         if others:
-            progress.log(f"--blocks {self.blocks_name}: the other block lists stay dense ({', '.join(others)})")
+            progress.log(f"compressing the blocks of {self.blocks_name}; the other stacks stay dense "
+                         f"({', '.join(others)}; name one with --blocks PATH)")
         self.config, why = resolve(config, self.net, streaming=self.streaming, distributed=self.dist is not None)
         if config.alloc == "auto":
             progress.log(f"--alloc auto: {self.config.alloc} (" + (why or "Fisher-weighted global ranks; --alloc "

@@ -53,15 +53,16 @@ def capture_block_inputs(model, blocks, input_ids, batch_size, device, batches=N
 
     stubs = _stub_forwards(blocks)
     handles = [block.register_forward_pre_hook(catcher(i), with_kwargs=True) for i, block in enumerate(blocks)]
-    failed = None
+    failed, reached, ran = None, 0, 0
     try:
         with torch.no_grad():
             chunks = input_ids.split(batch_size)
             for batch in chunks if batches is None else [chunks[i] for i in batches]:
+                ran += 1
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
                 except _StopForward:
-                    pass
+                    reached += 1
                 except Exception as error:  # the stubbed blocks upset the model: fall back to the first's
                     if not recording["all"]:
                         raise
@@ -71,6 +72,9 @@ def capture_block_inputs(model, blocks, input_ids, batch_size, device, batches=N
         for handle in handles:
             handle.remove()
         _restore_forwards(blocks, stubs)
+    if ran and not reached and failed is None:  # the forward ended without running them: text never reaches them
+        raise UsageError("these blocks never run on text (e.g. a vision tower): lowrank calibrates with text only, "
+                         "so it cannot compress them; compress the language model's blocks (the default)")
     if failed is not None or any(set(extra) != set(extras[0]) for extra in extras):
         check_uniform_attention(blocks)
         extras = [extras[0] for _ in blocks]

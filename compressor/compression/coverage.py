@@ -10,11 +10,12 @@ the summary and the report say so, with numbers.
 
 from dataclasses import dataclass, field
 
-from .targets import is_linear
+from .targets import block_lists, is_linear
 
 # why each kind of parameter stays dense (the report's wording)
 REASONS = {
     "outside": "embeddings, LM head and final norm: outside the repeated blocks, never targeted",
+    "stacks": "other stacks of blocks (a vision tower, an encoder...): one stack is compressed per run (--blocks)",
     "excluded": "linear layers left out by --targets / --ignore",
     "experts": "expert tensors (3-D) left out by --targets / --ignore, or in a layout lowrank cannot unpack",
     "router": "routers (the expert gate) stay dense: they decide the routing",
@@ -22,7 +23,7 @@ REASONS = {
     "vectors": "norms, biases and other 1-D tensors",
 }
 # kinds that the user did not choose and that hold enough parameters to matter: said as a warning
-UNCHOSEN = ("experts", "matrices")
+UNCHOSEN = ("experts", "matrices", "stacks")
 
 
 @dataclass
@@ -59,9 +60,9 @@ class Coverage:
                 f"this model's parameters: the model keeps at least {floor:.1%}. Not targeted: {parts}")
 
 
-def _kind(param_name, param, module_name, module, blocks_name, block_linears):
+def _kind(param_name, param, module_name, module, blocks_name, block_linears, other_stacks):
     if not param_name.startswith(blocks_name + "."):
-        return "outside"
+        return "stacks" if any(param_name.startswith(stack + ".") for stack in other_stacks) else "outside"
     if module_name in block_linears:
         return "excluded" if param.dim() >= 2 else "vectors"
     if param.dim() >= 3:
@@ -82,6 +83,7 @@ def measure_coverage(model, blocks_name, targets, tied=()):
     modules = dict(model.named_modules())
     block_linears = {name for name, module in modules.items()
                      if name.startswith(blocks_name + ".") and is_linear(module)}
+    other_stacks = [name for name, _ in block_lists(model) if name != blocks_name]
     targeted, dense, total = 0, {}, 0
     seen = set()
     for module_name, module in modules.items():
@@ -94,6 +96,6 @@ def measure_coverage(model, blocks_name, targets, tied=()):
             if name in target_names or (module_name in target_names and short == "weight"):
                 targeted += param.numel()
                 continue
-            kind = _kind(name, param, module_name, module, blocks_name, block_linears)
+            kind = _kind(name, param, module_name, module, blocks_name, block_linears, other_stacks)
             dense[kind] = dense.get(kind, 0) + param.numel()
     return Coverage(total, targeted, dense)

@@ -24,7 +24,9 @@ def find_blocks(model, path=None):
 
     A stack is a ModuleList whose children share one class and hold linear layers. A model with several stacks
     outside one another (an encoder and a decoder, a vision tower and a language model, two towers) is refused
-    unless --blocks names one: compressing the largest alone would leave the others dense without a word."""
+    unless --blocks names one: compressing the largest alone would leave the others dense without a word. The
+    exception is a vision-language model, whose language model's stack is the default (issue 16: most of its
+    weights, and what text calibration exercises); the summary's coverage then counts the tower as dense."""
     if path is not None:
         try:
             module = model.get_submodule(path)
@@ -38,11 +40,22 @@ def find_blocks(model, path=None):
     if not stacks:
         raise UsageError("found no repeated blocks (an nn.ModuleList of layers) in this model; name the list of "
                          "blocks to compress with --blocks PATH")
+    language = [stack for stack in stacks if ".language_model." in f".{stack[0]}." or ".text_model." in f".{stack[0]}."]
+    if len(stacks) > 1 and len(language) == 1 and _multimodal(model):
+        return language[0]  # a vision-language model: its language model by default, the tower with --blocks
     if len(stacks) > 1:
         names = ", ".join(name for name, _ in stacks)
         raise UsageError(f"this model has {len(stacks)} stacks of blocks ({names}); lowrank compresses one stack per "
                          "run: name it with --blocks PATH (the others then stay dense, and the run says so)")
     return stacks[0]
+
+
+def _multimodal(model):
+    """A vision-language model: a generative model whose config has a vision part beside the text one (LLaVA,
+    Qwen2-VL, Gemma 3, Idefics3, ...)."""
+    config = getattr(model, "config", None)
+    generative = hasattr(model, "can_generate") and model.can_generate()  # not CLIP / SigLIP's two towers
+    return generative and getattr(config, "vision_config", None) is not None
 
 
 def block_lists(model):
