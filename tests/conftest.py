@@ -153,6 +153,17 @@ def smollm2_available():
 COMPRESS_FAST = {"num_samples": 8, "seq_len": 64, "batch_size": 4}
 
 
+# The first lines of a script run in a fresh interpreter as if lowrank were not installed: any import of it fails.
+# (tests/archs.py's isolated_python goes further and keeps its install off sys.path altogether.)
+WITHOUT_LOWRANK = """import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "lowrank" or name.startswith("lowrank."):
+            raise ImportError("lowrank is not installed here")
+sys.meta_path.insert(0, Block())
+"""
+
+
 def assert_clean_failure(code, err, expected_code, message, output):
     """One `error:` line (the last), the expected exit code, no traceback, no output and no partial sibling."""
     assert code == expected_code, err

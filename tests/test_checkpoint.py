@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import COMPRESS_FAST
+from conftest import COMPRESS_FAST, WITHOUT_LOWRANK
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
@@ -102,13 +102,7 @@ def test_report_states_both_fractions(llama_out):
 def test_remote_code_load_without_lowrank(llama_out, tmp_path):
     """transformers alone (lowrank import blocked) loads the checkpoint with trust_remote_code, and refuses
     without it instead of building random weights."""
-    script = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "lowrank" or name.startswith("lowrank."):
-                    raise ImportError("lowrank is not installed here")
-        sys.meta_path.insert(0, Block())
+    script = WITHOUT_LOWRANK + textwrap.dedent(f"""
         import torch
         from transformers import AutoModel, AutoModelForCausalLM
         try:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import COMPRESS_FAST, tree_digest
+from conftest import COMPRESS_FAST, WITHOUT_LOWRANK, tree_digest
 from safetensors import safe_open
 from test_cli import run
 
@@ -49,11 +49,7 @@ def test_round_trip_loads_without_remote_code_and_matches(kind, compressed, llam
     assert tree_digest(source) == before  # the input is never modified
     # A plain transformers load in a fresh interpreter without lowrank: no custom code, the original class.
     script = (
-        "import sys, torch\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'lowrank' or name.startswith('lowrank.'): raise ImportError('no lowrank here')\n"
-        "sys.meta_path.insert(0, Block())\n"
+        WITHOUT_LOWRANK + "import torch\n"
         "from transformers import AutoModelForCausalLM\n"
         f"model = AutoModelForCausalLM.from_pretrained({out!r})\n"
         f"ids = torch.randint(5, 320, (2, 40), generator=torch.Generator().manual_seed(11))\n"

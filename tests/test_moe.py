@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import VOCAB
+from conftest import VOCAB, WITHOUT_LOWRANK
 
 MOE = {
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=96),
@@ -193,13 +193,7 @@ def test_half_loads_without_lowrank_and_says_what_it_kept(half, tmp_path):
     from lowrank.io.checkpoint import unique_state_dict
 
     kind, _, out, report = half
-    script = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "lowrank" or name.startswith("lowrank."):
-                    raise ImportError("lowrank is not installed here")
-        sys.meta_path.insert(0, Block())
+    script = WITHOUT_LOWRANK + textwrap.dedent(f"""
         import torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({out!r}, trust_remote_code=True)
