@@ -35,7 +35,7 @@ from .layers import LayerResult
 from .model import compress_model
 from .plan import choose_streaming, resolve
 from .sequential import Resume, returnable_large_allocations
-from .targets import block_lists, replace_module, select_targets
+from .targets import block_lists, block_prefixes, is_encoder_decoder, replace_module, select_targets, stack_names
 
 
 def compress(model: str, output: str, config: CompressConfig | None = None, *, progress: Progress = SILENT,
@@ -124,7 +124,7 @@ class _Job:
         progress.advance("load", f"loaded in {self.timings['load']:.0f}s")
         check_supported(self.net, self.dist is not None, config.anchor or config.refit)
         reads = getattr(self.net, "main_input_name", "input_ids")
-        if reads != "input_ids":
+        if reads != "input_ids":  # Whisper's input_features: audio (log-mel spectra), which text cannot stand for
             raise UsageError(f"this model reads {reads}, not token ids: lowrank calibrates with text only, so it "
                              "cannot compress this model")
         unpack_model_experts(self.net)  # MoE: per-expert linears, targets like any other (experts.py)
@@ -133,16 +133,24 @@ class _Job:
         self.experts = repack_untargeted(self.net, targets)
         if self.streaming:
             check_streamable(self.skeleton, self.experts)
-        others = [name for name, _ in block_lists(self.net) if name != self.blocks_name]
+        stacks = stack_names(self.blocks_name)
+        if self.streaming and len(stacks) > 1:
+            raise UsageError(f"the stacks {' and '.join(stacks)} are compressed together with the model in memory, "
+                             "not streamed: pass --stream off, or name one stack with --blocks PATH")
+        others = [name for name, _ in block_lists(self.net) if name not in stacks]
         if others:
             progress.log(f"compressing the blocks of {self.blocks_name}; the other stacks stay dense "
                          f"({', '.join(others)}; name one with --blocks PATH)")
+        elif len(stacks) > 1:
+            progress.log(f"compressing the blocks of {' and '.join(stacks)} (the decoder calibrated with the "
+                         "compressed encoder's output)")
         self.config, why = resolve(config, self.net, streaming=self.streaming, distributed=self.dist is not None)
         if config.alloc == "auto":
             progress.log(f"--alloc auto: {self.config.alloc} (" + (why or "Fisher-weighted global ranks; --alloc "
                                                                     "uniform gives the papers' one rank rule") + ")")
         self.tied = tied_names(self.net)
-        self.before, self.after = partition_keys(self.net, self.blocks_name, self.tied)
+        self.before, self.after = partition_keys(self.net, stacks, self.tied)
+        self.prefixes = block_prefixes(self.net, self.blocks_name)  # block index -> "model.decoder.layers.1."
         self.dtype = self.output_dtype()  # what is written; factors are rounded to it (layers.py)
         self.config = self.config.resolved(dtype=self.dtype)
         self.element_size = torch_dtype(self.dtype).itemsize
@@ -194,7 +202,7 @@ class _Job:
         if self.streaming or self.dist is not None:
             return f"the original model is never whole in memory in a {'streamed' if self.streaming else 'torchrun'} " \
                    f"run; {check}"
-        if not (hasattr(self.net, "can_generate") and self.net.can_generate()):
+        if not (hasattr(self.net, "can_generate") and self.net.can_generate()) or is_encoder_decoder(self.net):
             return "not a causal language model (no next-token perplexity)"
         if self.calibration.held_out is None:
             return f"the calibration text has no window left over for a held-out check; {check}"
@@ -305,7 +313,7 @@ class _Job:
         """Write a finished block and journal it: from here on it survives a crash."""
         if not self.main:
             return
-        prefix = f"{self.blocks_name}.{index}."
+        prefix = self.prefixes[index]
         for name, value in block.state_dict().items():
             self.writer.add(prefix + name, value)
         self.layers.extend(block_layers)
@@ -319,7 +327,7 @@ class _Job:
     def replay(self, index, block):
         """Rebuild block `index` as the earlier run left it, from the factors already written."""
         staged = resume.StagedTensors(self.staging, self.journal["writer"])
-        prefix = f"{self.blocks_name}.{index}."
+        prefix = self.prefixes[index]
         dtype = next(block.parameters()).dtype
         for layer in self.layers:
             if layer.name.startswith(prefix) and layer.rank is not None:

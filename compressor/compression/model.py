@@ -19,7 +19,7 @@ from .experts import check_supported, repack_untargeted, unpack_model_experts
 from .layers import decompose_block, decompose_block_distributed
 from .plan import resolve
 from .sequential import Resume, WalkOptions, walk_blocks
-from .targets import select_targets
+from .targets import is_encoder_decoder, select_targets
 
 
 @dataclass
@@ -46,6 +46,9 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
     if dist is not None and (config.whole_model_reason() or config.refine_steps):
         raise UsageError("fwsvd, --alloc fisher/sensitivity and --refine-steps run in a single process only")
     check_supported(model, dist is not None, config.anchor or config.refit)
+    if is_encoder_decoder(model) and (config.method_spec.gradients or config.alloc in ("fisher", "sensitivity")):
+        raise UsageError("the gradients of --method fwsvd and --alloc fisher/sensitivity are taken from a causal "
+                         "language model's loss; for an encoder-decoder use --alloc uniform or global")
     unpack_model_experts(model)  # MoE: 3-D expert tensors become per-expert linears (experts.py)
     blocks_name, _, targets = select_targets(model, config.targets, config.ignore, config.blocks)
     repack_untargeted(model, targets)
