@@ -39,16 +39,17 @@ class BlockArguments:
         """Keep the arguments of the first batch of this size; `memory`: this batch's encoder output, to mark."""
         if batch_size in self.by_size:
             return
+
         def mark(value):
             return self.MEMORY if memory is not None and value is memory else value
         self.by_size[batch_size] = (tuple(mark(a) for a in args), {k: mark(v) for k, v in kwargs.items()})
 
-    def of(self, index, hidden):
-        """(args, kwargs) for batch `index` of the stream, whose hidden states are `hidden`."""
-        args, kwargs = self.by_size[hidden.shape[0]]
+    def of(self, index, batch_size, device):
+        """(args, kwargs) for batch `index` of the stream, of `batch_size` windows, run on `device`."""
+        args, kwargs = self.by_size[batch_size]
         if self.memory is None:
             return args, kwargs
-        memory = self.memory[index].to(hidden.device)
+        memory = self.memory[index].to(device)
         return (tuple(memory if a is self.MEMORY else a for a in args),
                 {k: memory if v is self.MEMORY else v for k, v in kwargs.items()})
 

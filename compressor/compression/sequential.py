@@ -116,7 +116,7 @@ def run_block(block, states, extras, device, collector=None, keep=True, new_stat
     with torch.no_grad():
         for index in range(len(states)):
             hidden = states[index]
-            args, kwargs = extras.of(index, hidden)
+            args, kwargs = extras.of(index, hidden.shape[0], device)
             try:
                 out = hidden_states(block(hidden.to(device), *args, **kwargs))
             except InputsSeen:  # the collector has what it needs from this batch (never when keep)
@@ -148,7 +148,7 @@ def collect_paired_statistics(block, names, original, shifted, extras, device, n
     outputs = new_states()
     with PairedCollector(modules, abs_sums) as collector, torch.no_grad():
         for index, (x, x_shifted) in enumerate(zip(original, shifted)):
-            args, kwargs = extras.of(index, x)
+            args, kwargs = extras.of(index, x.shape[0], device)
             collector.record()
             outputs.append(hidden_states(block(x.to(device), *args, **kwargs)).to("cpu"))
             collector.pair()
@@ -175,7 +175,7 @@ def refine_block(block, states, targets, extras, steps, lr, device, seed=0):
         with torch.enable_grad():
             for step in range(steps):
                 index = order[step % len(order)]
-                args, kwargs = extras.of(index, states[index])
+                args, kwargs = extras.of(index, states[index].shape[0], device)
                 target = targets[index].to(device).float()
                 out = hidden_states(block(states[index].to(device), *args, **kwargs)).float()
                 loss = (out - target).square().mean() / target.square().mean()
