@@ -204,7 +204,8 @@ def walk_blocks(model, input_ids, targets, blocks_name, visit, options=WalkOptio
     the earlier stacks have left it. So a decoder is calibrated with the output of the *compressed* encoder,
     both in its own stream and in its cross-attention memory: that is what it will read once the model is
     compressed, and the walk fits each block to the inputs it will really see, as propagation does within a
-    stack (the original encoder's output would calibrate the decoder for an encoder it no longer has)."""
+    stack (the original encoder's output would calibrate the decoder for an encoder it no longer has). With
+    `anchored`, the decoder's original stream starts from the same capture, memory included."""
     timings = timings if timings is not None else {}
     for key in ("capture", "statistics", "decomposition", "propagation"):
         timings.setdefault(key, 0.0)
@@ -222,6 +223,7 @@ def walk_blocks(model, input_ids, targets, blocks_name, visit, options=WalkOptio
     for index in range(len(source)):
         if index in starts:
             stack = source.blocks if len(starts) == 1 else model.get_submodule(starts[index])
+            streams = extras = None  # the previous stack's: not held while the next one is captured
             streams, extras = _capture(model, source, stack, input_ids, options, dist, timings)
             first = index
         block = source.materialize(index).to(device)
