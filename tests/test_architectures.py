@@ -144,6 +144,23 @@ def test_an_encoder_decoder_compresses_both_stacks_by_default(tmp_path, tokenize
     assert report["verify"]["skipped"] == "not a causal language model (no next-token perplexity)"
 
 
+def test_blocks_names_several_stacks_with_commas():
+    """An encoder-decoder's default is its two stacks in run order, the same as naming them; the blocks are
+    numbered across the stacks, and a wrong name among them is the usual one line."""
+    from lowrank.compression.config import CompressConfig
+    from lowrank.compression.targets import select_targets
+    from lowrank.errors import UsageError
+
+    model = archs.build("bart")
+    both = "model.encoder.layers,model.decoder.layers"
+    assert CompressConfig.from_options(blocks=both).blocks == both
+    name, blocks, targets = select_targets(model)
+    assert name == both and len(blocks) == 4 and select_targets(model, blocks=both)[2] == targets
+    assert targets[0][0].startswith("model.encoder.layers.0.") and targets[3][0].startswith("model.decoder.layers.1.")
+    with pytest.raises(UsageError, match="--blocks model.nothing is not a list of blocks"):
+        select_targets(model, blocks="model.encoder.layers,model.nothing")
+
+
 @pytest.mark.parametrize("options, says", [
     (["--calib", "self"], "--calib FILE"),  # selfgen samples a causal LM
     (["--alloc", "fisher"], "--alloc uniform or global"),  # gradients of a causal LM's loss

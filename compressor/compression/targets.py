@@ -19,7 +19,7 @@ def dense_weight(module):
     return weight.T if type(module).__name__ == "Conv1D" else weight
 
 
-STACKS_SEPARATOR = ","  # between the stacks of a run that compresses several: "model.encoder.layers,model.decoder.layers"
+STACKS_SEPARATOR = ","  # between the stacks a run compresses: "model.encoder.layers,model.decoder.layers"
 
 
 def stack_names(blocks_name):
