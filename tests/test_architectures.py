@@ -234,3 +234,31 @@ def _forward_grams(model, names, ids, batch_size=4):
         for handle in handles:
             handle.remove()
     return grams
+
+
+def test_an_encoder_decoder_run_resumes_in_the_decoder(tmp_path, tokenizer, calib_file, monkeypatch):
+    """Interrupted after the first decoder block (block 2 of 4, numbered across the stacks), `resume` rebuilds the
+    encoder from the journal, captures the decoder from it, and writes the bytes of an uninterrupted run."""
+    import lowrank
+    from lowrank.compression import api
+    from lowrank.errors import Interrupted
+
+    source = str(tmp_path / "bart")
+    archs.save_source("bart", source, tokenizer)
+    options = dict(archs.COMPRESS, calib=calib_file, ratio=0.6)
+    lowrank.compress(source, str(tmp_path / "whole"), **options)
+    block_done = api._Job.block_done
+
+    def stop_after_the_first_decoder_block(job, index, block, layers):
+        block_done(job, index, block, layers)
+        if index == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(api._Job, "block_done", stop_after_the_first_decoder_block)
+    with pytest.raises(Interrupted, match="after block 3"):
+        lowrank.compress(source, str(tmp_path / "out"), **options)
+    monkeypatch.setattr(api._Job, "block_done", block_done)
+    report = lowrank.compress(source, str(tmp_path / "out"), **options, resume=True)
+    assert report["resumed_at_block"] == 3
+    written = [(tmp_path / name / "model.safetensors").read_bytes() for name in ("out", "whole")]
+    assert written[0] == written[1]
