@@ -28,9 +28,6 @@ def batch_size_for(config, num_samples, seq_len):
     return max(1, min(num_samples, KV_CACHE_BUDGET // per_sequence))
 
 
-TOP_K, TOP_P = 50, 0.95  # the sampling: the 50 likeliest tokens (transformers' default top_k), then nucleus 0.95
-
-
 def _eos_ids(model):
     eos = model.generation_config.eos_token_id
     eos = eos if eos is not None else model.config.eos_token_id
@@ -40,10 +37,14 @@ def _eos_ids(model):
 @torch.no_grad()
 def _sample(model, rows, seq_len, start, device, tick):
     """rows sequences of seq_len tokens from BOS: one forward per step over the whole batch with the KV cache,
-    top-k then top-p sampling on the last logits, end-of-text suppressed (windows are never short).
+    each token drawn from the model's full next-token distribution (temperature 1, no top-k or top-p), end-of-text
+    suppressed (windows are never short).
 
-    Written out instead of model.generate: its top-p sorts the whole vocabulary for every row at every step
-    (top_k=0), which with SmolLM2's 49k tokens cost as much as the forward itself (BENCHMARKS.md)."""
+    Why untruncated: calibration text should cover what the model does on any text, not only its likeliest
+    continuations. Measured on SmolLM2 at keep 0.9 with 32 x 256 windows (BENCHMARKS.md, "quick start"):
+    perplexity on real news 87.6 after calibrating on top-k 50 / top-p 0.95 text, 43.1 on untruncated text (the
+    original model: 31.8). Written out instead of model.generate, whose per-step logits processing costs as much
+    as a forward at this vocabulary size."""
     eos = _eos_ids(model)
     # transformers 5.24 renamed the KV cache argument and output (past_key_values -> cache); older ones have only
     # the first name
@@ -55,18 +56,15 @@ def _sample(model, rows, seq_len, start, device, tick):
         past, logits = getattr(out, name), out.logits[:, -1].float()
         if eos:
             logits[:, eos] = -float("inf")
-        top = logits.topk(min(TOP_K, logits.shape[-1]))
-        probs = torch.softmax(top.values, dim=-1)
-        probs = probs * ((probs.cumsum(-1) - probs) < TOP_P)  # the nucleus: the likeliest always stays
-        tokens = top.indices.gather(-1, torch.multinomial(probs, 1))
+        tokens = torch.multinomial(torch.softmax(logits, dim=-1), 1)
         sequence.append(tokens)
         tick()
     return torch.cat(sequence, dim=1)
 
 
 def generate(model, num_samples, seq_len, seed, device=None, progress=SILENT, batch_size=None):
-    """num_samples sequences of exactly seq_len tokens, each started at BOS and sampled (top-k 50, top-p 0.95) from
-    the model.
+    """num_samples sequences of exactly seq_len tokens, each started at BOS and sampled from the
+    model (temperature 1, the full vocabulary).
     Sampled on `device` (default: where the model is; the model is moved there for the sampling and back); the
     token ids are returned on the CPU. `batch_size` (default: batch_size_for) only for tests."""
     from lowrank.core.fisher import staged
