@@ -80,10 +80,12 @@ print(json.dumps({{"dtype": str(next(model.parameters()).dtype)}}))
     return BF16_DIR
 
 
-def compress(dtype, ratio):
-    out = os.path.join(common.WORK, "dtype", f"smollm2-{dtype}-{ratio}")
+def compress(dtype, ratio, alloc="auto"):
+    """The default compression (`--alloc` aside: see main's help) of checkpoint `dtype` at keep `ratio`."""
+    out = os.path.join(common.WORK, "dtype", f"smollm2-{dtype}-{ratio}" + ("" if alloc == "auto" else f"-{alloc}"))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     args = ["compress", MODELS[dtype], "--ratio", str(ratio), "-o", out, "--overwrite", *common.calib_args()]
+    args += [] if alloc == "auto" else ["--alloc", alloc]
     report, wall, command = common.run_lowrank(args)
     return out, report, wall, command
 
@@ -100,6 +102,8 @@ def main():
     parser.add_argument("--dense-dtypes", default="float32,bfloat16", help="dense checkpoints to score in their "
                         "own dtype (the effect of bf16 arithmetic itself)")
     parser.add_argument("--own-dtype", action="store_true", help="also score bf16 outputs in bf16 arithmetic")
+    parser.add_argument("--alloc", default="auto", help="auto (the default, Fisher-weighted global ranks) or "
+                        "uniform: the Fisher pass is a backward pass, 16x slower in bf16 than float32 on this CPU")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--render", action="store_true", help="only print the markdown table of --out")
     args = parser.parse_args()
@@ -120,14 +124,15 @@ def main():
             print(f"dense {dtype} ...", file=sys.stderr)
             results["dense"][dtype] = dict(measure(MODELS[dtype], dtype), bytes=file_bytes(MODELS[dtype]))
             common.save(args.out, results)
-    done = {(run["dtype"], run["ratio"]) for run in results["runs"]}
+    done = {(run["dtype"], run["ratio"], run.get("alloc", "auto")) for run in results["runs"]}
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for dtype in dtypes:
-            if (dtype, ratio) in done:
+            if (dtype, ratio, args.alloc) in done:
                 continue
-            print(f"{dtype} keep {ratio} ...", file=sys.stderr)
-            out, report, wall, command = compress(dtype, ratio)
+            print(f"{dtype} keep {ratio} --alloc {args.alloc} ...", file=sys.stderr)
+            out, report, wall, command = compress(dtype, ratio, args.alloc)
             run = run_entry(dtype, ratio, command, report, wall, measure(out, "float32"))
+            run["alloc"] = args.alloc
             if args.own_dtype and dtype != "float32":
                 run["eval_own_dtype"] = measure(out, dtype)
             run["bytes"] = file_bytes(out)
@@ -166,33 +171,34 @@ def run_entry(dtype, ratio, command, report, wall, evaluation):
 
 
 def checks(results):
-    by_key = {(run["dtype"], run["ratio"]): run for run in results["runs"]}
+    by_key = {(run["dtype"], run["ratio"], run.get("alloc", "auto")): run for run in results["runs"]}
     out = {}
-    for (dtype, ratio), run in by_key.items():
-        reference = by_key.get(("float32", ratio))
+    for (dtype, ratio, alloc), run in by_key.items():
+        reference = by_key.get(("float32", ratio, alloc))
         if dtype == "float32" or reference is None:
             continue
         rise = run["perplexity"] / reference["perplexity"] - 1
-        out[f"{dtype}@{ratio}"] = {"ppl_vs_float32": rise, "within_2pct": abs(rise) <= 0.02,
+        out[f"{dtype}@{ratio}/{alloc}"] = {"ppl_vs_float32": rise, "within_2pct": abs(rise) <= 0.02,
                                    "size_vs_float32": run["bytes"] / reference["bytes"]}
     return out
 
 
 def markdown(results):
     dense = results["dense"]
-    lines = ["| checkpoint | keep | perplexity | vs float32 run | compress wall | peak RSS | size | mean rel. error |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| checkpoint | keep | --alloc | perplexity | vs float32 run | compress wall | peak RSS | size | mean rel. error |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for dtype, entry in dense.items():
         ref = dense.get("float32")
         versus = f"{entry['perplexity'] / ref['perplexity'] - 1:+.2%}" if ref else "-"
-        lines.append(f"| {dtype} dense | 1.0 | {entry['perplexity']:.2f} | {versus} | - | - | "
+        lines.append(f"| {dtype} dense | 1.0 | - | {entry['perplexity']:.2f} | {versus} | - | - | "
                      f"{entry['bytes'] / 1e6:.0f} MB | - |")
-    reference = {run["ratio"]: run for run in results["runs"] if run["dtype"] == "float32"}
-    for run in sorted(results["runs"], key=lambda r: (-r["ratio"], r["dtype"] != "float32")):
-        ref = reference.get(run["ratio"])
+    reference = {(run["ratio"], run.get("alloc", "auto")): run for run in results["runs"] if run["dtype"] == "float32"}
+    for run in sorted(results["runs"], key=lambda r: (-r["ratio"], r.get("alloc", "auto"), r["dtype"] != "float32")):
+        alloc = run.get("alloc", "auto")
+        ref = reference.get((run["ratio"], alloc))
         versus = f"{run['perplexity'] / ref['perplexity'] - 1:+.2%}" if ref else "-"
         upcast = f" ({run['eval_own_dtype']['perplexity']:.2f} in {run['dtype']})" if "eval_own_dtype" in run else ""
-        lines.append(f"| {run['dtype']} | {run['ratio']} | {run['perplexity']:.2f}{upcast} | {versus} | "
+        lines.append(f"| {run['dtype']} | {run['ratio']} | {alloc} | {run['perplexity']:.2f}{upcast} | {versus} | "
                      f"{run['compress_wall_s']:.0f} s | {run['compress_peak_rss_bytes'] / 2**30:.2f} GiB | "
                      f"{run['bytes'] / 1e6:.0f} MB | {run['mean_rel_error']:.4f} |")
     return "\n".join(lines)

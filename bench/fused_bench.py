@@ -87,20 +87,21 @@ def convert():
     return check
 
 
-def compress(model_dir, layout, ratio):
-    out = os.path.join(common.WORK, "fused", f"smollm2-{layout}-{ratio}")
+def compress(model_dir, layout, ratio, alloc):
+    out = os.path.join(common.WORK, "fused", f"smollm2-{layout}-{ratio}" + ("" if alloc == "auto" else f"-{alloc}"))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     args = ["compress", model_dir, "--ratio", str(ratio), "-o", out, "--overwrite", *common.calib_args()]
+    args += [] if alloc == "auto" else ["--alloc", alloc]
     return out, *common.run_lowrank(args)
 
 
-def reused_llama_run(ratio):
+def reused_llama_run(ratio, alloc):
     """The Llama-layout float32 run of bench/dtype_bench.py at `ratio`, when it was made (the same command)."""
     path = os.path.join(common.RESULTS, "dtype.json")
     if not os.path.exists(path):
         return None
     for run in json.load(open(path))["runs"]:
-        if run["dtype"] == "float32" and run["ratio"] == ratio:
+        if run["dtype"] == "float32" and run["ratio"] == ratio and run.get("alloc", "auto") == alloc:
             return run
     return None
 
@@ -127,6 +128,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", default="0.8,0.6")
     parser.add_argument("--out", default="fused.json")
+    parser.add_argument("--alloc", default="auto", help="auto (the default) or uniform (one keep ratio for every "
+                        "matrix: a fused one keeps `ratio` of its parameters, each slice of the Llama layout too)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--render", action="store_true", help="only print the markdown table of --out")
     args = parser.parse_args()
@@ -140,21 +143,23 @@ def main():
         earlier = json.load(open(path))
         if earlier.get("protocol") == results["protocol"]:
             results.update(runs=earlier["runs"])
-    done = {(run["layout"], run["ratio"]) for run in results["runs"]}
+    done = {(run["layout"], run["ratio"], run.get("alloc", "auto")) for run in results["runs"]}
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for layout, model_dir in (("phi3", PHI3_DIR), ("llama", common.MODEL_DIR)):
-            if (layout, ratio) in done:
+            if (layout, ratio, args.alloc) in done:
                 continue
-            reused = reused_llama_run(ratio) if layout == "llama" else None
+            reused = reused_llama_run(ratio, args.alloc) if layout == "llama" else None
             if reused:
-                report = json.load(open(os.path.join(common.WORK, "dtype", f"smollm2-float32-{ratio}",
+                suffix = "" if args.alloc == "auto" else f"-{args.alloc}"
+                report = json.load(open(os.path.join(common.WORK, "dtype", f"smollm2-float32-{ratio}{suffix}",
                                                      "compression_report.json")))
                 entry = run_entry(layout, ratio, reused["command"], report, reused["compress_wall_s"], reused)
                 entry["from"] = "dtype.json (bench/dtype_bench.py, the same command)"
             else:
                 print(f"{layout} keep {ratio} ...", file=sys.stderr)
-                out, report, wall, command = compress(model_dir, layout, ratio)
+                out, report, wall, command = compress(model_dir, layout, ratio, args.alloc)
                 entry = run_entry(layout, ratio, command, report, wall, common.measure(out)["eval"])
+            entry["alloc"] = args.alloc
             results["runs"].append(entry)
             common.save(args.out, results)
     print(markdown(results))
@@ -172,9 +177,9 @@ def markdown(results):
     lines = [f"Phi-3 layout check: max |logit difference| against the Llama layout {conversion['max_logit_error']:.1e} "
              f"(2 x 256 random tokens, logits up to {conversion['logit_scale']:.1f}); "
              f"{conversion['params']:,} parameters in both.", "",
-             "| keep | fused layers | perplexity | targeted params after | mean rank qkv / q,k,v | "
-             "mean rank gate_up / gate,up | compress wall |", "|---|---|---|---|---|---|---|"]
-    for run in sorted(results["runs"], key=lambda r: (-r["ratio"], r["layout"])):
+             "| keep | --alloc | fused layers | perplexity | targeted params after | mean rank qkv / q,k,v | "
+             "mean rank gate_up / gate,up | compress wall |", "|---|---|---|---|---|---|---|---|"]
+    for run in sorted(results["runs"], key=lambda r: (-r["ratio"], r.get("alloc", "auto"), r["layout"])):
         rank = {kind: run["mean_rank"].get(kind, float("nan")) for kind in KINDS}
         if run["layout"] == "phi3":
             how, attn, mlp = "whole (one rank)", f"{rank['qkv_proj']:.0f}", f"{rank['gate_up_proj']:.0f}"
@@ -182,7 +187,7 @@ def markdown(results):
             how = "per slice (Llama layout)"
             attn = " / ".join(f"{rank[k]:.0f}" for k in ("q_proj", "k_proj", "v_proj"))
             mlp = " / ".join(f"{rank[k]:.0f}" for k in ("gate_proj", "up_proj"))
-        lines.append(f"| {run['ratio']} | {how} | {run['perplexity']:.2f} | {run['target_params_after']:,} | "
+        lines.append(f"| {run['ratio']} | {run.get('alloc', 'auto')} | {how} | {run['perplexity']:.2f} | {run['target_params_after']:,} | "
                      f"{attn} | {mlp} | {run['compress_wall_s']:.0f} s |")
     return "\n".join(lines)
 
