@@ -25,7 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 PHI3_DIR = os.path.join(common.WORK, "smollm2-135m-phi3")
-KINDS = ("qkv_proj", "gate_up_proj", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 CONVERT = r"""
 import json, torch
@@ -180,13 +179,17 @@ def markdown(results):
              "| keep | --alloc | fused layers | perplexity | targeted params after | mean rank qkv / q,k,v | "
              "mean rank gate_up / gate,up | compress wall |", "|---|---|---|---|---|---|---|---|"]
     for run in sorted(results["runs"], key=lambda r: (-r["ratio"], r.get("alloc", "auto"), r["layout"])):
-        rank = {kind: run["mean_rank"].get(kind, float("nan")) for kind in KINDS}
+        def rank(kind):  # mean rank of the factorized ones, and how many of the 30 stayed dense
+            dense = run.get("kept_dense", {}).get(kind, 0)
+            mean = run["mean_rank"].get(kind)
+            return (f"{mean:.0f}" if mean is not None else "-") + (f" ({dense} dense)" if dense else "")
+
         if run["layout"] == "phi3":
-            how, attn, mlp = "whole (one rank)", f"{rank['qkv_proj']:.0f}", f"{rank['gate_up_proj']:.0f}"
+            how, attn, mlp = "whole (one rank)", rank("qkv_proj"), rank("gate_up_proj")
         else:
             how = "per slice (Llama layout)"
-            attn = " / ".join(f"{rank[k]:.0f}" for k in ("q_proj", "k_proj", "v_proj"))
-            mlp = " / ".join(f"{rank[k]:.0f}" for k in ("gate_proj", "up_proj"))
+            attn = " / ".join(rank(k) for k in ("q_proj", "k_proj", "v_proj"))
+            mlp = " / ".join(rank(k) for k in ("gate_proj", "up_proj"))
         lines.append(f"| {run['ratio']} | {run.get('alloc', 'auto')} | {how} | {run['perplexity']:.2f} | {run['target_params_after']:,} | "
                      f"{attn} | {mlp} | {run['compress_wall_s']:.0f} s |")
     return "\n".join(lines)

@@ -2,12 +2,16 @@
 
 Phi-3 computes q, k and v with one `qkv_proj` and gate and up with one `gate_up_proj`; GPT-NeoX, Falcon and Bloom
 have one `query_key_value`, GPT-2 one `c_attn`. lowrank factorizes such a matrix whole, with one rank: one `down`
-factor (the input subspace, shared by the slices) and one `up` whose rows are the slices' rows. Why whole rather
-than per output slice with separate ranks (measured, BENCHMARKS.md "Fused projections", bench/fused_bench.py):
-SmolLM2-135M written in the Phi-3 layout and compressed whole is compared with the same weights in the Llama
-layout, where every slice is its own layer with its own rank, at the same parameter budget. See the benchmark
-for the numbers behind the decision; the stored layout then stays the architecture's own (one `down`/`up` pair
-per fused module), which the bundled modeling_lowrank.py, load_pretrained, PEFT and densify already handle.
+factor (the input subspace, shared by the slices) and one `up` whose rows are the slices' rows. That is the
+layout the bundled modeling_lowrank.py, load_pretrained, PEFT and densify handle, and it is NOT what measured
+best: SmolLM2-135M rewritten in the Phi-3 layout (identical logits) and compressed whole gets perplexity 60.13
+at keep 0.8 with the default allocation, the same weights in the Llama layout (each slice its own layer and
+rank, the same parameter count) 53.07 (bench/fused_bench.py, BENCHMARKS.md "Fused projections"). The
+allocation keeps k and v nearly dense and compresses q hard, which one rank per fused matrix cannot express;
+with `--alloc uniform` whole wins instead (91.59 against 97.34: the slices share one `down`), so the gain is the
+allocation's freedom, not slicing as such.
+Per-slice factorization needs a stored module with a `down`/`up` pair per slice (and the allocator, the bundled
+modeling code, densify and the vLLM plugin taught about it); until it exists the report says "whole".
 
 Factorizing whole never hides the slices: this module reads them from the model's config (head counts, head
 size, intermediate size) so the report can name them, e.g. `qkv_proj: q 0:576, k 576:768, v 768:960`. Some
