@@ -99,8 +99,9 @@ def main():
     parser.add_argument("--ratios", default="0.8,0.6")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--out", default="dtype.json")
-    parser.add_argument("--dense-dtypes", default="float32,bfloat16", help="dense checkpoints to score in their "
-                        "own dtype (the effect of bf16 arithmetic itself)")
+    parser.add_argument("--dense-dtypes", default="float32,bfloat16,bfloat16:float32", help="dense checkpoints to "
+                        "score, in their own dtype or as CHECKPOINT:ARITHMETIC (bfloat16:float32: the bf16 weights "
+                        "upcast, the baseline of the compressed outputs' evaluation)")
     parser.add_argument("--own-dtype", action="store_true", help="also score bf16 outputs in bf16 arithmetic")
     parser.add_argument("--alloc", default="auto", help="auto (the default, Fisher-weighted global ranks) or "
                         "uniform: the Fisher pass is a backward pass, 16x slower in bf16 than float32 on this CPU")
@@ -119,10 +120,11 @@ def main():
         if earlier.get("protocol") == results["protocol"]:
             results.update(dense=earlier["dense"], runs=earlier["runs"])
     dtypes = args.dtypes.split(",")
-    for dtype in [d for d in args.dense_dtypes.split(",") if d]:
-        if dtype not in results["dense"]:
-            print(f"dense {dtype} ...", file=sys.stderr)
-            results["dense"][dtype] = dict(measure(MODELS[dtype], dtype), bytes=file_bytes(MODELS[dtype]))
+    for key in [d for d in args.dense_dtypes.split(",") if d]:  # CHECKPOINT or CHECKPOINT:ARITHMETIC dtypes
+        dtype, _, arithmetic = key.partition(":")
+        if key not in results["dense"]:
+            print(f"dense {key} ...", file=sys.stderr)
+            results["dense"][key] = dict(measure(MODELS[dtype], arithmetic or dtype), bytes=file_bytes(MODELS[dtype]))
             common.save(args.out, results)
     done = {(run["dtype"], run["ratio"], run.get("alloc", "auto")) for run in results["runs"]}
     for ratio in [float(r) for r in args.ratios.split(",")]:
@@ -190,7 +192,8 @@ def markdown(results):
     for dtype, entry in dense.items():
         ref = dense.get("float32")
         versus = f"{entry['perplexity'] / ref['perplexity'] - 1:+.2%}" if ref else "-"
-        lines.append(f"| {dtype} dense | 1.0 | - | {entry['perplexity']:.2f} | {versus} | - | - | "
+        label = dtype.replace(":", " weights, evaluated in ")
+        lines.append(f"| {label} dense | 1.0 | - | {entry['perplexity']:.2f} | {versus} | - | - | "
                      f"{entry['bytes'] / 1e6:.0f} MB | - |")
     reference = {(run["ratio"], run.get("alloc", "auto")): run for run in results["runs"] if run["dtype"] == "float32"}
     for run in sorted(results["runs"], key=lambda r: (-r["ratio"], r.get("alloc", "auto"), r["dtype"] != "float32")):
