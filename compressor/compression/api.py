@@ -31,6 +31,7 @@ from .config import CompressConfig
 from .coverage import measure_coverage
 from .distributed import from_environment
 from .experts import check_streamable, check_supported, repack_untargeted, unpack_model_experts
+from .fused import fused_projections
 from .layers import LayerResult
 from .model import compress_model
 from .plan import choose_streaming, resolve
@@ -156,6 +157,7 @@ class _Job:
         self.element_size = torch_dtype(self.dtype).itemsize
         self.params_before = sum(t.numel() for name, t in self.net.state_dict().items() if name not in self.tied)
         self.coverage = measure_coverage(self.net, self.blocks_name, targets, self.tied)
+        self.fused = fused_projections(self.net, [name for names in targets.values() for name in names])
         warning = self.coverage.warning(self.config.ratio)
         if warning and self.main:
             progress.log("warning: " + warning)
@@ -368,6 +370,7 @@ class _Job:
                 dtype=self.dtype, command=self.command or invocation(),
                 timings={**self.timings, **result.timings, **self.verify_timing(), "write_weights": seconds}, run=run,
                 input_bytes=self.input_bytes(), verify=self.verification, coverage=self.coverage,
+                fused=self.fused,
             )
             extra = {
                 "compression_report.json": json.dumps(self.report, indent=2) + "\n",
