@@ -30,13 +30,13 @@ from . import resume
 from .config import CompressConfig
 from .coverage import measure_coverage
 from .distributed import from_environment
-from .experts import check_streamable, check_supported, repack_untargeted, unpack_model_experts
+from .experts import check_streamable
 from .fused import fused_projections
 from .layers import LayerResult
-from .model import compress_model
+from .model import compress_model, prepare_targets
 from .plan import choose_streaming, resolve
 from .sequential import Resume, returnable_large_allocations
-from .targets import block_lists, block_prefixes, is_encoder_decoder, replace_module, select_targets, stack_names
+from .targets import block_lists, block_prefixes, is_encoder_decoder, replace_module, stack_names
 
 
 def compress(model: str, output: str, config: CompressConfig | None = None, *, progress: Progress = SILENT,
@@ -123,15 +123,8 @@ class _Job:
                 round_weights(self.net, self.output_dtype())
         self.timings["load"] = time.perf_counter() - start
         progress.advance("load", f"loaded in {self.timings['load']:.0f}s")
-        check_supported(self.net, self.dist is not None, config.anchor or config.refit)
-        reads = getattr(self.net, "main_input_name", "input_ids")
-        if reads != "input_ids":  # Whisper's input_features: audio (log-mel spectra), which text cannot stand for
-            raise UsageError(f"this model reads {reads}, not token ids: lowrank calibrates with text only, so it "
-                             "cannot compress this model")
-        unpack_model_experts(self.net)  # MoE: per-expert linears, targets like any other (experts.py)
-        # bad patterns and an ambiguous or wrong --blocks fail here
-        self.blocks_name, _, targets = select_targets(self.net, config.targets, config.ignore, config.blocks)
-        self.experts = repack_untargeted(self.net, targets)
+        # an unsupported model, bad patterns and an ambiguous or wrong --blocks fail here, before calibration
+        self.blocks_name, targets, self.experts = prepare_targets(self.net, config, self.dist is not None)
         if self.streaming:
             check_streamable(self.skeleton, self.experts)
         stacks = stack_names(self.blocks_name)
