@@ -51,8 +51,9 @@ Targets = Annotated[list[str] | None, typer.Option(help="Layers to factorize: gl
                     "comma-separated or repeated (default: every linear in the blocks).")]
 Ignore = Annotated[list[str] | None, typer.Option(help="Layers to leave dense (same patterns).")]
 Blocks = Annotated[str | None, typer.Option(help="The list of blocks to compress, as a dotted module path (e.g. "
-                   "model.decoder.layers), for a model with several stacks of blocks or none found (default: the "
-                   "model's one stack).")]
+                   "model.decoder.layers), for a model with several stacks of blocks or none found; several with "
+                   "commas, in the order the model runs them (default: the model's one stack; both stacks of an "
+                   "encoder-decoder).")]
 Propagate = Annotated[bool, typer.Option("--propagate/--no-propagate", help="Calibrate each block on the outputs "
                       "of the already-compressed blocks before it.")]
 Alloc = Annotated[str, typer.Option(help="Rank allocation under the same parameter budget. auto (default): fisher "

@@ -52,6 +52,13 @@ TYPES = {
                    "AutoModelForMaskedLM", False),
     "modernbert": (dict(ENCODER, global_attn_every_n_layers=2, local_attention=16, bos_token_id=0,
                         eos_token_id=1, cls_token_id=0, sep_token_id=1), "AutoModelForMaskedLM", False),
+    # encoder-decoders: both stacks, the decoder's cross-attention calibrated with the encoder's real output
+    "t5": (dict(d_model=64, d_ff=96, d_kv=16, num_layers=2, num_heads=4, vocab_size=VOCAB, decoder_start_token_id=0,
+                pad_token_id=3, eos_token_id=1), "AutoModelForSeq2SeqLM", True),  # relative position bias
+    "bart": (dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                  encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=VOCAB, max_position_embeddings=128,
+                  bos_token_id=0, eos_token_id=1, pad_token_id=3, decoder_start_token_id=1),
+             "AutoModelForSeq2SeqLM", True),
 }
 
 
@@ -59,12 +66,8 @@ VISION = dict(hidden_size=64, intermediate_size=96, image_size=32, patch_size=8,
               num_attention_heads=4)
 TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
 # Model types refused with one line (several stacks of blocks, or no token-id input), and what the line says.
+# Whisper reads audio features: text calibration cannot drive its encoder (README "Supported architectures").
 REFUSED = {
-    "t5": (dict(d_model=64, d_ff=96, d_kv=16, num_layers=2, num_heads=4, vocab_size=VOCAB, decoder_start_token_id=0,
-                pad_token_id=3, eos_token_id=1), "AutoModelForSeq2SeqLM", "2 stacks of blocks"),
-    "bart": (dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-                  encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=VOCAB, max_position_embeddings=128),
-             "AutoModelForSeq2SeqLM", "2 stacks of blocks"),
     "clip": (dict(text_config=dict(TEXT), vision_config=dict(VISION), projection_dim=32), "AutoModel",
              "2 stacks of blocks"),
     "siglip": (dict(text_config=dict(TEXT), vision_config=dict(VISION)), "AutoModel", "2 stacks of blocks"),
@@ -135,9 +138,17 @@ def probe_ids(seed=1, batch=2, length=12):
     return torch.randint(5, VOCAB, (batch, length), generator=generator)
 
 
+def decoder_inputs(model, ids):
+    """For an encoder-decoder, the decoder's teacher-forced input for `ids` (the model's own right shift); {}
+    for any other model."""
+    if not model.config.is_encoder_decoder:
+        return {}
+    return {"decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=ids)}
+
+
 def logits(model, ids):
     with torch.no_grad():
-        return model(input_ids=ids).logits.float()
+        return model(input_ids=ids, **decoder_inputs(model, ids)).logits.float()
 
 
 def greedy(model, ids, use_cache, steps=6):
@@ -147,7 +158,8 @@ def greedy(model, ids, use_cache, steps=6):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
                              min_new_tokens=steps, do_sample=False, use_cache=use_cache, pad_token_id=3,
                              return_dict_in_generate=True, output_logits=True)
-    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits).float()
+    prompt = 0 if model.config.is_encoder_decoder else ids.shape[1]  # a decoder starts from its start token
+    return out.sequences[:, prompt:], torch.stack(out.logits).float()
 
 
 # What the fresh, lowrank-free process runs: load each checkpoint with its own Auto class and remote code, save its
@@ -164,8 +176,10 @@ import torch, transformers
 for path, auto, ids_file, out_file in json.loads(sys.argv[1]):
     model = getattr(transformers, auto).from_pretrained(path, trust_remote_code=True).eval()
     ids = torch.load(ids_file)
+    extra = {"decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=ids)} \
+        if model.config.is_encoder_decoder else {}
     with torch.no_grad():
-        torch.save(model(input_ids=ids).logits.float(), out_file)
+        torch.save(model(input_ids=ids, **extra).logits.float(), out_file)
     print(path, type(model).__name__, flush=True)
 """
 
@@ -258,7 +272,7 @@ def statistics_error(model, ids, batch_size=4):
     try:
         with torch.no_grad():
             for batch in ids.split(batch_size):
-                model(input_ids=batch, use_cache=False)
+                model(input_ids=batch, use_cache=False, **decoder_inputs(model, batch))
     finally:
         for handle in handles:
             handle.remove()

@@ -88,6 +88,21 @@ def test_a_hook_mixing_devices_fails():
 # --- compress
 
 
+def test_compress_an_encoder_decoder_on_the_gpu(tokenizer, calib_file, tmp_path):
+    """BART, both stacks: the decoder's capture runs the compressed encoder on the device, and each batch's
+    cross-attention memory is handed to the decoder blocks there."""
+    import archs
+
+    source = str(tmp_path / "bart")
+    archs.save_source("bart", source, tokenizer)
+    options = dict(archs.COMPRESS, calib=calib_file, ratio=0.8)
+    with FakeCuda() as fake:
+        lowrank.compress(source, str(tmp_path / "gpu"), device="cuda", **options)
+    on_the_device(fake)
+    lowrank.compress(source, str(tmp_path / "cpu"), device="cpu", **options)
+    assert weights(tmp_path / "gpu") == weights(tmp_path / "cpu")
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(case.values()))
 def test_compress_on_the_gpu(case, llama_dir, calib_file, tmp_path):
     options = dict(ratio=0.8, calib=calib_file, **COMPRESS_FAST, **case)

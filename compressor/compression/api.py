@@ -30,12 +30,13 @@ from . import resume
 from .config import CompressConfig
 from .coverage import measure_coverage
 from .distributed import from_environment
-from .experts import check_streamable, check_supported, repack_untargeted, unpack_model_experts
+from .experts import check_streamable
+from .fused import fused_projections
 from .layers import LayerResult
-from .model import compress_model
+from .model import compress_model, prepare_targets
 from .plan import choose_streaming, resolve
 from .sequential import Resume, returnable_large_allocations
-from .targets import block_lists, replace_module, select_targets
+from .targets import block_lists, block_prefixes, is_encoder_decoder, replace_module, stack_names
 
 
 def compress(model: str, output: str, config: CompressConfig | None = None, *, progress: Progress = SILENT,
@@ -122,32 +123,34 @@ class _Job:
                 round_weights(self.net, self.output_dtype())
         self.timings["load"] = time.perf_counter() - start
         progress.advance("load", f"loaded in {self.timings['load']:.0f}s")
-        check_supported(self.net, self.dist is not None, config.anchor or config.refit)
-        reads = getattr(self.net, "main_input_name", "input_ids")
-        if reads != "input_ids":
-            raise UsageError(f"this model reads {reads}, not token ids: lowrank calibrates with text only, so it "
-                             "cannot compress this model")
-        unpack_model_experts(self.net)  # MoE: per-expert linears, targets like any other (experts.py)
-        # bad patterns and an ambiguous or wrong --blocks fail here
-        self.blocks_name, _, targets = select_targets(self.net, config.targets, config.ignore, config.blocks)
-        self.experts = repack_untargeted(self.net, targets)
+        # an unsupported model, bad patterns and an ambiguous or wrong --blocks fail here, before calibration
+        self.blocks_name, targets, self.experts = prepare_targets(self.net, config, self.dist is not None)
         if self.streaming:
             check_streamable(self.skeleton, self.experts)
-        others = [name for name, _ in block_lists(self.net) if name != self.blocks_name]
+        stacks = stack_names(self.blocks_name)
+        if self.streaming and len(stacks) > 1:
+            raise UsageError(f"the stacks {' and '.join(stacks)} are compressed together with the model in memory, "
+                             "not streamed: pass --stream off, or name one stack with --blocks PATH")
+        others = [name for name, _ in block_lists(self.net) if name not in stacks]
         if others:
             progress.log(f"compressing the blocks of {self.blocks_name}; the other stacks stay dense "
                          f"({', '.join(others)}; name one with --blocks PATH)")
+        elif len(stacks) > 1:
+            progress.log(f"compressing the blocks of {' and '.join(stacks)} (the decoder calibrated with the "
+                         "compressed encoder's output)")
         self.config, why = resolve(config, self.net, streaming=self.streaming, distributed=self.dist is not None)
         if config.alloc == "auto":
             progress.log(f"--alloc auto: {self.config.alloc} (" + (why or "Fisher-weighted global ranks; --alloc "
                                                                     "uniform gives the papers' one rank rule") + ")")
         self.tied = tied_names(self.net)
-        self.before, self.after = partition_keys(self.net, self.blocks_name, self.tied)
+        self.before, self.after = partition_keys(self.net, stacks, self.tied)
+        self.prefixes = block_prefixes(self.net, self.blocks_name)  # block index -> "model.decoder.layers.1."
         self.dtype = self.output_dtype()  # what is written; factors are rounded to it (layers.py)
         self.config = self.config.resolved(dtype=self.dtype)
         self.element_size = torch_dtype(self.dtype).itemsize
         self.params_before = sum(t.numel() for name, t in self.net.state_dict().items() if name not in self.tied)
         self.coverage = measure_coverage(self.net, self.blocks_name, targets, self.tied)
+        self.fused = fused_projections(self.net, [name for names in targets.values() for name in names])
         warning = self.coverage.warning(self.config.ratio)
         if warning and self.main:
             progress.log("warning: " + warning)
@@ -194,7 +197,7 @@ class _Job:
         if self.streaming or self.dist is not None:
             return f"the original model is never whole in memory in a {'streamed' if self.streaming else 'torchrun'} " \
                    f"run; {check}"
-        if not (hasattr(self.net, "can_generate") and self.net.can_generate()):
+        if not (hasattr(self.net, "can_generate") and self.net.can_generate()) or is_encoder_decoder(self.net):
             return "not a causal language model (no next-token perplexity)"
         if self.calibration.held_out is None:
             return f"the calibration text has no window left over for a held-out check; {check}"
@@ -305,7 +308,7 @@ class _Job:
         """Write a finished block and journal it: from here on it survives a crash."""
         if not self.main:
             return
-        prefix = f"{self.blocks_name}.{index}."
+        prefix = self.prefixes[index]
         for name, value in block.state_dict().items():
             self.writer.add(prefix + name, value)
         self.layers.extend(block_layers)
@@ -319,7 +322,7 @@ class _Job:
     def replay(self, index, block):
         """Rebuild block `index` as the earlier run left it, from the factors already written."""
         staged = resume.StagedTensors(self.staging, self.journal["writer"])
-        prefix = f"{self.blocks_name}.{index}."
+        prefix = self.prefixes[index]
         dtype = next(block.parameters()).dtype
         for layer in self.layers:
             if layer.name.startswith(prefix) and layer.rank is not None:
@@ -360,6 +363,7 @@ class _Job:
                 dtype=self.dtype, command=self.command or invocation(),
                 timings={**self.timings, **result.timings, **self.verify_timing(), "write_weights": seconds}, run=run,
                 input_bytes=self.input_bytes(), verify=self.verification, coverage=self.coverage,
+                fused=self.fused,
             )
             extra = {
                 "compression_report.json": json.dumps(self.report, indent=2) + "\n",

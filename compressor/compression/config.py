@@ -33,7 +33,7 @@ class CompressConfig:
     targets: list[str] | None = None  # globs, re:REGEX or name suffixes; None: every linear in the blocks
     ignore: list[str] | None = None
     ranks: dict[str, int | None] | None = None  # explicit {module name: rank (None: dense)}, overriding the ratio
-    blocks: str | None = None  # the ModuleList of blocks to compress (dotted path); None: the model's one stack
+    blocks: str | None = None  # the ModuleList(s) of blocks to compress (dotted path, commas between); None: default
 
     # calibration
     calib: str = "auto"  # auto | self | hub dataset NAME[:CONFIG] | local file or folder
@@ -84,8 +84,9 @@ class CompressConfig:
         if self.anchor and not self.propagate:
             raise UsageError("anchored fitting compares the compressed stream with the original one: it needs "
                              "propagation")
+        path = r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*"  # several stacks: comma-separated, in the order the model runs them
         if self.blocks is not None and not (isinstance(self.blocks, str)
-                                            and re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", self.blocks)):
+                                            and re.fullmatch(rf"{path}(,{path})*", self.blocks)):
             raise UsageError(f"--blocks must be a dotted module path such as model.layers, got {self.blocks!r}")
         check_calibration(self.num_samples, self.seq_len, self.batch_size)
         check_int("--refine-steps", self.refine_steps, 0)

@@ -10,12 +10,12 @@ the summary and the report say so, with numbers.
 
 from dataclasses import dataclass, field
 
-from .targets import block_lists, is_linear
+from .targets import block_lists, is_linear, stack_names
 
 # why each kind of parameter stays dense (the report's wording)
 REASONS = {
     "outside": "embeddings, LM head and final norm: outside the repeated blocks, never targeted",
-    "stacks": "other stacks of blocks (a vision tower, an encoder...): one stack is compressed per run (--blocks)",
+    "stacks": "other stacks of blocks (a vision tower, a second tower...): not among the stacks --blocks names",
     "excluded": "linear layers left out by --targets / --ignore",
     "experts": "expert tensors (3-D) left out by --targets / --ignore, or in a layout lowrank cannot unpack",
     "router": "routers (the expert gate) stay dense: they decide the routing",
@@ -60,8 +60,8 @@ class Coverage:
                 f"this model's parameters: the model keeps at least {floor:.1%}. Not targeted: {parts}")
 
 
-def _kind(param_name, param, module_name, module, blocks_name, block_linears, other_stacks):
-    if not param_name.startswith(blocks_name + "."):
+def _kind(param_name, param, module_name, module, inside, block_linears, other_stacks):
+    if not param_name.startswith(inside):
         return "stacks" if any(param_name.startswith(stack + ".") for stack in other_stacks) else "outside"
     if module_name in block_linears:
         return "excluded" if param.dim() >= 2 else "vectors"
@@ -81,9 +81,9 @@ def measure_coverage(model, blocks_name, targets, tied=()):
     `tied`: parameter names that are copies of another (counted once)."""
     target_names = {name for names in targets.values() for name in names}
     modules = dict(model.named_modules())
-    block_linears = {name for name, module in modules.items()
-                     if name.startswith(blocks_name + ".") and is_linear(module)}
-    other_stacks = [name for name, _ in block_lists(model) if name != blocks_name]
+    inside = tuple(name + "." for name in stack_names(blocks_name))  # an encoder-decoder: both of its stacks
+    block_linears = {name for name, module in modules.items() if name.startswith(inside) and is_linear(module)}
+    other_stacks = [name for name, _ in block_lists(model) if name + "." not in inside]
     targeted, dense, total = 0, {}, 0
     seen = set()
     for module_name, module in modules.items():
@@ -96,6 +96,6 @@ def measure_coverage(model, blocks_name, targets, tied=()):
             if name in target_names or (module_name in target_names and short == "weight"):
                 targeted += param.numel()
                 continue
-            kind = _kind(name, param, module_name, module, blocks_name, block_linears, other_stacks)
+            kind = _kind(name, param, module_name, module, inside, block_linears, other_stacks)
             dense[kind] = dense.get(kind, 0) + param.numel()
     return Coverage(total, targeted, dense)

@@ -1,6 +1,7 @@
 """The per-layer work of `compress`: give each target of a block its rank, factorize it with its method's
 weighting, measure the error of what will be stored, and swap in a LowRankLinear. The walk over the blocks is
-sequential.py's; this is the `visit` it calls.
+sequential.py's; this is the `visit` it calls. A fused projection (Phi-3 `qkv_proj`, `query_key_value`, ...) is
+one target like any other, factorized whole with one rank: fused.py says why (measured) and names its slices.
 """
 
 from dataclasses import dataclass, field

@@ -19,7 +19,7 @@ from .experts import check_supported, repack_untargeted, unpack_model_experts
 from .layers import decompose_block, decompose_block_distributed
 from .plan import resolve
 from .sequential import Resume, WalkOptions, walk_blocks
-from .targets import select_targets
+from .targets import is_encoder_decoder, select_targets
 
 
 @dataclass
@@ -29,6 +29,21 @@ class Result:
     timings: dict
     calibration_tokens: int
     config: CompressConfig  # as resolved: the allocation used and the ranks it chose
+
+
+def prepare_targets(model: Any, config: CompressConfig, distributed: bool = False) -> tuple[str, dict, list]:
+    """Check that `model` can be compressed with `config` and make its targets plain modules: (blocks name,
+    {block index: target names}, the expert tensors left stacked). Refusals come first (one line each); then MoE
+    expert tensors are unpacked into per-expert linears, the targets chosen, and the experts no target names
+    packed back. Safe to call twice on the same model (compress calls it early, to fail before calibrating)."""
+    check_supported(model, distributed, config.anchor or config.refit)
+    reads = getattr(model, "main_input_name", "input_ids")
+    if reads != "input_ids":  # Whisper's input_features: audio (log-mel spectra), which text cannot stand for
+        raise UsageError(f"this model reads {reads}, not token ids: lowrank calibrates with text only, so it "
+                         "cannot compress this model")
+    unpack_model_experts(model)  # MoE: 3-D expert tensors become per-expert linears (experts.py)
+    blocks_name, _, targets = select_targets(model, config.targets, config.ignore, config.blocks)
+    return blocks_name, targets, repack_untargeted(model, targets)
 
 
 def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress: Progress = SILENT,
@@ -45,10 +60,10 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
         config, _ = resolve(config, model, streaming=source is not None, distributed=dist is not None)
     if dist is not None and (config.whole_model_reason() or config.refine_steps):
         raise UsageError("fwsvd, --alloc fisher/sensitivity and --refine-steps run in a single process only")
-    check_supported(model, dist is not None, config.anchor or config.refit)
-    unpack_model_experts(model)  # MoE: 3-D expert tensors become per-expert linears (experts.py)
-    blocks_name, _, targets = select_targets(model, config.targets, config.ignore, config.blocks)
-    repack_untargeted(model, targets)
+    if is_encoder_decoder(model) and (config.method_spec.gradients or config.alloc in ("fisher", "sensitivity")):
+        raise UsageError("the gradients of --method fwsvd and --alloc fisher/sensitivity are taken from a causal "
+                         "language model's loss; for an encoder-decoder use --alloc uniform or global")
+    blocks_name, targets, _ = prepare_targets(model, config, dist is not None)
     timings = {}
     fisher, curve = None, None
     if config.method_spec.gradients:

@@ -6,6 +6,7 @@
       visit                 the caller's per-block work (decompose, profile, correct), which may change the block
       refine_block          optionally, a few Adam steps on the changed block against the original outputs
       propagate             run the calibration states through the *changed* block: the next block's inputs
+    several stacks (an encoder-decoder's) are walked in run order, each captured anew when the walk reaches it
 
 This module knows nothing of methods or ranks: compress, rank allocation, sensitivity and EoRA all walk the model
 here and differ only in their `visit`. Memory is one block plus the calibration hidden states. Where a block's
@@ -29,6 +30,7 @@ from ..progress import SILENT
 from .capture import capture_block_inputs
 from .experts import pool_sparse_experts
 from .offload import release_batch, states_factory
+from .targets import block_prefixes, find_blocks, stack_names
 
 
 @dataclass(frozen=True)
@@ -80,12 +82,13 @@ class InMemoryBlocks:
     def release(self, index, block):
         pass
 
-    def open_capture(self, model, device):
-        """Make the modules before the first block usable on `device` (embedding the windows needs them)."""
-        move_outside_blocks(model, self.blocks, device)
+    def open_capture(self, model, device, stack):
+        """Make the modules outside the blocks of `stack` usable on `device` (embedding the windows needs them;
+        a decoder's capture runs the encoder too)."""
+        move_outside_blocks(model, stack, device)
 
-    def close_capture(self, model):
-        move_outside_blocks(model, self.blocks, "cpu")
+    def close_capture(self, model, stack):
+        move_outside_blocks(model, stack, "cpu")
 
 
 def move_outside_blocks(model, blocks, device):
@@ -113,7 +116,7 @@ def run_block(block, states, extras, device, collector=None, keep=True, new_stat
     with torch.no_grad():
         for index in range(len(states)):
             hidden = states[index]
-            args, kwargs = extras[hidden.shape[0]]
+            args, kwargs = extras.of(index, hidden.shape[0], device)
             try:
                 out = hidden_states(block(hidden.to(device), *args, **kwargs))
             except InputsSeen:  # the collector has what it needs from this batch (never when keep)
@@ -144,8 +147,8 @@ def collect_paired_statistics(block, names, original, shifted, extras, device, n
     modules = {name: block.get_submodule(rel) for name, rel in names.items()}
     outputs = new_states()
     with PairedCollector(modules, abs_sums) as collector, torch.no_grad():
-        for x, x_shifted in zip(original, shifted):
-            args, kwargs = extras[x.shape[0]]
+        for index, (x, x_shifted) in enumerate(zip(original, shifted)):
+            args, kwargs = extras.of(index, x.shape[0], device)
             collector.record()
             outputs.append(hidden_states(block(x.to(device), *args, **kwargs)).to("cpu"))
             collector.pair()
@@ -172,7 +175,7 @@ def refine_block(block, states, targets, extras, steps, lr, device, seed=0):
         with torch.enable_grad():
             for step in range(steps):
                 index = order[step % len(order)]
-                args, kwargs = extras[states[index].shape[0]]
+                args, kwargs = extras.of(index, states[index].shape[0], device)
                 target = targets[index].to(device).float()
                 out = hidden_states(block(states[index].to(device), *args, **kwargs)).float()
                 loss = (out - target).square().mean() / target.square().mean()
@@ -194,45 +197,47 @@ def walk_blocks(model, input_ids, targets, blocks_name, visit, options=WalkOptio
     refine the changed block against the original block's outputs, then feed the next block (see WalkOptions).
     `targets` maps block index -> target names; `source` gives the blocks (default: the model's own, in memory);
     `on_block_done(index, block, results)` sees each finished block before it is released. Returns every
-    block's results, in order."""
+    block's results, in order.
+
+    Several stacks (an encoder-decoder's, targets.find_blocks) are walked one after the other, blocks numbered
+    across them; each stack's inputs are captured when the walk reaches it, by a forward pass of the model as
+    the earlier stacks have left it. So a decoder is calibrated with the output of the *compressed* encoder,
+    both in its own stream and in its cross-attention memory: that is what it will read once the model is
+    compressed, and the walk fits each block to the inputs it will really see, as propagation does within a
+    stack (the original encoder's output would calibrate the decoder for an encoder it no longer has). With
+    `anchored`, the decoder's original stream starts from the same capture, memory included."""
     timings = timings if timings is not None else {}
     for key in ("capture", "statistics", "decomposition", "propagation"):
         timings.setdefault(key, 0.0)
     if options.anchored and not options.propagate:
         raise UsageError("anchored fitting compares the compressed stream with the original one: it needs propagation")
-    source = source or InMemoryBlocks(model.get_submodule(blocks_name))
+    prefixes = block_prefixes(model, blocks_name)
+    starts = {prefixes.index(f"{name}.0."): name for name in stack_names(blocks_name)}
+    if source is not None and len(starts) > 1:
+        raise UsageError("several stacks of blocks are walked with the whole model in memory only (not streamed)")
+    source = source or InMemoryBlocks(find_blocks(model, blocks_name)[1])
     device = torch.device(options.device)
-    new_states = states_factory(options.offload_budget, options.offload_dir)
-
-    begin = time.perf_counter()
-    source.open_capture(model, device)
-    try:
-        mine = dist.my_batches(-(-input_ids.shape[0] // options.batch_size)) if dist else None
-        states, extras = capture_block_inputs(model, source.blocks, input_ids, options.batch_size, device, mine,
-                                              new_states)
-    finally:
-        source.close_capture(model)
-    # The original model's stream (anchored mode only: held otherwise, it would keep the captured states alive
-    # for the whole run): identical to the compressed one before the first block.
-    streams = _Streams(states, states if options.anchored else None)
-    del states  # the streams own it now: a name left here would keep the captured batches alive to the end
-    timings["capture"] += time.perf_counter() - begin
 
     progress.start(stage, len(source))
     results = []
     for index in range(len(source)):
+        if index in starts:
+            stack = source.blocks if len(starts) == 1 else model.get_submodule(starts[index])
+            streams = extras = None  # the previous stack's: not held while the next one is captured
+            streams, extras = _capture(model, source, stack, input_ids, options, dist, timings)
+            first = index
         block = source.materialize(index).to(device)
+        arguments = extras[index - first]
         if index < resume.start:
             begin = time.perf_counter()
-            _replay_block(block, index, resume.replay, streams, extras[index], device, options, new_states)
+            _replay_block(block, index, resume.replay, streams, arguments, device, options, streams.new_states)
             source.release(index, block.to("cpu"))
             timings["propagation"] += time.perf_counter() - begin
             progress.advance(stage, f"block {index + 1}/{len(source)} · done by an earlier run")
             continue
-        prefix = f"{blocks_name}.{index}."
-        names = {name: name[len(prefix):] for name in targets.get(index, [])}
-        block_results = _visit_block(block, index, names, visit, streams, extras[index], device, options, new_states,
-                                     timings)
+        names = {name: name[len(prefixes[index]):] for name in targets.get(index, [])}
+        block_results = _visit_block(block, index, names, visit, streams, arguments, device, options,
+                                     streams.new_states, timings)
         results.extend(block_results)
 
         block = block.to("cpu")
@@ -247,12 +252,33 @@ def walk_blocks(model, input_ids, targets, blocks_name, visit, options=WalkOptio
     return results
 
 
+def _capture(model, source, stack, input_ids, options, dist, timings):
+    """The calibration batches at the first block of `stack`, and every block's other arguments: the streams the
+    walk starts the stack with."""
+    begin = time.perf_counter()
+    device = torch.device(options.device)
+    new_states = states_factory(options.offload_budget, options.offload_dir)
+    source.open_capture(model, device, stack)
+    try:
+        mine = dist.my_batches(-(-input_ids.shape[0] // options.batch_size)) if dist else None
+        states, extras = capture_block_inputs(model, stack, input_ids, options.batch_size, device, mine, new_states,
+                                              run_blocks=isinstance(source, InMemoryBlocks))
+    finally:
+        source.close_capture(model, stack)
+    # The original model's stream (anchored mode only: held otherwise, it would keep the captured states alive
+    # for the whole run): identical to the compressed one before the first block.
+    streams = _Streams(states, states if options.anchored else None, new_states)
+    timings["capture"] += time.perf_counter() - begin
+    return streams, extras
+
+
 @dataclass
 class _Streams:
     """The calibration states the next block reads, and (anchored only) the original model's stream beside it."""
 
     states: object
     original: object = None
+    new_states: object = list  # how the walk stores a stream (offload.states_factory)
 
 
 def _visit_block(block, index, names, visit, streams, extras, device, options, new_states, timings):

@@ -19,23 +19,34 @@ def dense_weight(module):
     return weight.T if type(module).__name__ == "Conv1D" else weight
 
 
+STACKS_SEPARATOR = ","  # between the stacks a run compresses: "model.encoder.layers,model.decoder.layers"
+
+
+def stack_names(blocks_name):
+    """The stacks of blocks named by `blocks_name` (find_blocks' first item), in the order the model runs them."""
+    return blocks_name.split(STACKS_SEPARATOR)
+
+
+def block_prefixes(model, blocks_name):
+    """The module-name prefix of every block ("model.decoder.layers.3."), numbered across the stacks in run order:
+    the index the walk, the writer and the journal use for a block."""
+    return [f"{name}.{index}." for name in stack_names(blocks_name) for index in range(len(model.get_submodule(name)))]
+
+
 def find_blocks(model, path=None):
     """(name, ModuleList) of the repeated blocks to compress: `path` (--blocks), else the model's one stack.
 
     A stack is a ModuleList whose children share one class and hold linear layers. A model with several stacks
-    outside one another (an encoder and a decoder, a vision tower and a language model, two towers) is refused
-    unless --blocks names one: compressing the largest alone would leave the others dense without a word. The
-    exception is a vision-language model, whose language model's stack is the default (issue 16: most of its
-    weights, and what text calibration exercises); the summary's coverage then counts the tower as dense."""
+    outside one another (a vision tower and a language model, two towers) is refused unless --blocks names one:
+    compressing the largest alone would leave the others dense without a word. Two exceptions: a vision-language
+    model, whose language model's stack is the default (issue 16: most of its weights, and what text calibration
+    exercises; the coverage counts the tower as dense), and an encoder-decoder, whose encoder and decoder stacks
+    are both compressed (issue 16, item 5): text drives both, through the encoder and as teacher-forced decoder
+    input. Several stacks are named with commas, in the order the model runs them; the returned ModuleList then
+    holds their blocks in that order (sequential.walk_blocks calibrates each stack on the ones before it)."""
     if path is not None:
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            module = None
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            found = ", ".join(name for name, _ in block_lists(model)) or "none"
-            raise UsageError(f"--blocks {path} is not a list of blocks in this model (block lists found: {found})")
-        return path, module
+        lists = [_named_stack(model, name) for name in path.split(STACKS_SEPARATOR)]
+        return path, lists[0] if len(lists) == 1 else nn.ModuleList([b for blocks in lists for b in blocks])
     stacks = block_lists(model)
     if not stacks:
         raise UsageError("found no repeated blocks (an nn.ModuleList of layers) in this model; name the list of "
@@ -43,11 +54,43 @@ def find_blocks(model, path=None):
     language = [stack for stack in stacks if ".language_model." in f".{stack[0]}." or ".text_model." in f".{stack[0]}."]
     if len(stacks) > 1 and len(language) == 1 and _multimodal(model):
         return language[0]  # a vision-language model: its language model by default, the tower with --blocks
+    both = _encoder_decoder_stacks(model, stacks)
+    if both is not None:
+        return find_blocks(model, STACKS_SEPARATOR.join(both))
     if len(stacks) > 1:
         names = ", ".join(name for name, _ in stacks)
         raise UsageError(f"this model has {len(stacks)} stacks of blocks ({names}); lowrank compresses one stack per "
                          "run: name it with --blocks PATH (the others then stay dense, and the run says so)")
     return stacks[0]
+
+
+def _named_stack(model, name):
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        found = ", ".join(stack for stack, _ in block_lists(model)) or "none"
+        raise UsageError(f"--blocks {name} is not a list of blocks in this model (block lists found: {found})")
+    return module
+
+
+def is_encoder_decoder(model):
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "is_encoder_decoder", False)) and hasattr(model, "get_encoder")
+
+
+def _encoder_decoder_stacks(model, stacks):
+    """(encoder stack, decoder stack) names of an encoder-decoder whose two stacks are exactly one inside its
+    encoder and one inside its decoder (T5, BART, Marian, ...); None for any other layout."""
+    if len(stacks) != 2 or not is_encoder_decoder(model) or not hasattr(model, "get_decoder"):
+        return None
+    modules = {id(module): name for name, module in model.named_modules()}
+    encoder, decoder = modules.get(id(model.get_encoder())), modules.get(id(model.get_decoder()))
+    if encoder is None or decoder is None:
+        return None
+    inside = [next((name for name, _ in stacks if name.startswith(outer + ".")), None) for outer in (encoder, decoder)]
+    return tuple(inside) if None not in inside and inside[0] != inside[1] else None
 
 
 def _multimodal(model):
@@ -87,16 +130,18 @@ def select_targets(model, targets=None, ignore=None, blocks=None):
 
     By default every linear layer inside the repeated blocks; `targets` narrows that, `ignore` removes from it.
     A target pattern that names a layer outside the blocks is an error, since only block layers are factorized.
-    `blocks` names the list of blocks (--blocks) where the model has no single one.
+    `blocks` names the list of blocks (--blocks) where the model has no single one. Blocks are numbered across
+    the stacks when there are several (block_prefixes).
     """
     blocks_name, blocks = find_blocks(model, blocks)
     ignore = list(ignore or [])
     selected, used = {}, set()
-    for index, block in enumerate(blocks):
+    inside = tuple(name + "." for name in stack_names(blocks_name))
+    for index, (prefix, block) in enumerate(zip(block_prefixes(model, blocks_name), blocks)):
         for rel, module in block.named_modules():
             if not rel or not is_linear(module):
                 continue
-            full = f"{blocks_name}.{index}.{rel}"
+            full = prefix + rel
             if targets:
                 hit = [p for p in targets if matches(full, p)]
                 if not hit:
@@ -109,7 +154,7 @@ def select_targets(model, targets=None, ignore=None, blocks=None):
         outside = [
             name
             for name, module in model.named_modules()
-            if is_linear(module) and not name.startswith(blocks_name + ".") and any(matches(name, p) for p in targets)
+            if is_linear(module) and not name.startswith(inside) and any(matches(name, p) for p in targets)
         ]
         if outside:
             raise UsageError(

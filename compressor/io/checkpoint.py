@@ -66,10 +66,13 @@ def base_class(cls):
 
 def partition_keys(model, blocks_name, tied=()):
     """The model's tensor names outside the blocks, split into those stored before the blocks and after them
-    (the order a state dict has), leaving out `tied` copies. Works on a weightless (meta) model too."""
+    (the order a state dict has), leaving out `tied` copies. Works on a weightless (meta) model too.
+    `blocks_name`: one stack, or several (a list: an encoder-decoder's); what lies between them comes after."""
+    stacks = [blocks_name] if isinstance(blocks_name, str) else blocks_name
+    inside = tuple(name + "." for name in stacks)
     before, after, seen_block = [], [], False
     for name in model.state_dict():
-        if name.startswith(blocks_name + "."):
+        if name.startswith(inside):
             seen_block = True
         elif name not in tied:
             (after if seen_block else before).append(name)

@@ -194,11 +194,11 @@ class StreamingBlocks:
     def release(self, index, block):
         self.skeleton.empty(block)
 
-    def open_capture(self, model, device):
+    def open_capture(self, model, device, stack=None):
         for name in self.prefix_keys:
             set_tensor(model, name, self.skeleton.load(name).to(device))
 
-    def close_capture(self, model):
+    def close_capture(self, model, stack=None):
         for name in self.prefix_keys:
             set_tensor(model, name, torch.empty_like(model.get_parameter(name) if name in dict(
                 model.named_parameters()) else model.get_buffer(name), device="meta"))

@@ -56,11 +56,12 @@ def layer_entry(layer):
 
 def build_report(*, result, settings, calibration, source, model_params_before, model_params_after,
                  bytes_dense, bytes_after, files, dtype, command, timings, run, input_bytes=None, verify=None,
-                 coverage=None):
+                 coverage=None, fused=None):
     """The whole report, built once when the weights are written: `timings` in the order the phases ran, `run`
     how the run was carried out (streamed, offload budget, processes, where it resumed), `input_bytes` the size
     of a quantized input file (GGUF), `verify` the verdict on held-out text (verify.py) or why there is none,
-    `coverage` how much of the model is targeted and what stays dense and why (coverage.py)."""
+    `coverage` how much of the model is targeted and what stays dense and why (coverage.py), `fused` the fused
+    projections among the targets and their slices (fused.py)."""
     target_before = sum(layer.params_before for layer in result.layers)
     target_after = sum(layer.params_after for layer in result.layers)
     kept_t = _fraction(target_after, target_before)
@@ -87,6 +88,7 @@ def build_report(*, result, settings, calibration, source, model_params_before, 
         },
         **({"coverage": coverage.as_dict(), "coverage_warning": coverage.warning(settings.ratio)}
            if coverage is not None else {}),
+        **({"fused": fused} if fused else {}),
         "size": {"bytes_dense": bytes_dense, "bytes_after": bytes_after, "files": files,
                  **({"bytes_input": input_bytes, "input_dequantized": True} if input_bytes else {})},
         "layers": {
@@ -148,6 +150,7 @@ def compression_rows(report):
         *coverage_rows(report),
         ("size", size_row(report)),
         ("layers", f"{report['layers']['factorized']} factorized, {report['layers']['dense']} kept dense"),
+        *fused_rows(report),
         *expert_rows(report),
         ("calibration", compression_calibration(report["calibration"])),
         *verify_rows(report.get("verify")),
@@ -170,6 +173,13 @@ def coverage_rows(report):
     if report.get("coverage_warning"):
         rows.append(("warning", report["coverage_warning"]))
     return rows
+
+
+def fused_rows(report):
+    """One row per fused layer (Phi-3 qkv_proj, GPT-NeoX query_key_value, ...): how it was factorized and which
+    rows are which projection (compression/fused.py)."""
+    return [("fused layer", f"{entry['layer']} ({entry['count']}x {'x'.join(map(str, entry['shape']))}, factorized "
+                            f"{entry['factorized']}): {entry['description']}") for entry in report.get("fused") or []]
 
 
 def _expert_layers(report):
