@@ -83,9 +83,6 @@ def load_calibration(spec, model, tokenizer, num_samples, seq_len=None, seed=0, 
             spec = "self"
         base["requested"] = "auto"
     if spec == "self":
-        if getattr(model.config, "is_encoder_decoder", False):  # selfgen samples a causal LM's continuation
-            raise UsageError("an encoder-decoder cannot write its own calibration text (--calib self samples a "
-                             "causal language model): pass --calib FILE or a dataset")
         from .selfgen import generate
 
         # the held-out rows are sampled with the calibration rows (in the same batched generation) and always, so

@@ -71,10 +71,15 @@ def generate(model, num_samples, seq_len, seed, device=None, progress=SILENT, ba
 
     config = model.generation_config
     start = config.bos_token_id if config.bos_token_id is not None else model.config.bos_token_id
-    if (start is None or not hasattr(model, "generate") or not model.can_generate()
-            or getattr(model.config, "is_encoder_decoder", False)):
-        raise UsageError("--calib self needs a decoder-only generative model with a BOS token; pass --calib with "
-                         "text instead")
+    if getattr(model.config, "is_encoder_decoder", False):
+        why = "this model is an encoder-decoder (--calib self samples a causal language model)"
+    elif not hasattr(model, "generate") or not model.can_generate():
+        why = "this model cannot generate text"
+    else:
+        why = None if start is not None else "this model has no BOS token to start from"
+    if why is not None:
+        raise UsageError(f"--calib self needs a decoder-only generative model with a BOS token, and {why}: pass "
+                         "--calib FILE or a dataset")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     batch_size = batch_size or batch_size_for(model.config, num_samples, seq_len)
     counts = [batch_size] * (num_samples // batch_size) + ([num_samples % batch_size] if num_samples % batch_size

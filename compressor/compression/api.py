@@ -36,7 +36,7 @@ from .layers import LayerResult
 from .model import compress_model, prepare_targets
 from .plan import choose_streaming, resolve
 from .sequential import Resume, returnable_large_allocations
-from .targets import block_lists, block_prefixes, is_encoder_decoder, replace_module, stack_names
+from .targets import block_prefixes, is_encoder_decoder, replace_module, stack_names
 
 
 def compress(model: str, output: str, config: CompressConfig | None = None, *, progress: Progress = SILENT,
@@ -131,10 +131,11 @@ class _Job:
         if self.streaming and len(stacks) > 1:
             raise UsageError(f"the stacks {' and '.join(stacks)} are compressed together with the model in memory, "
                              "not streamed: pass --stream off, or name one stack with --blocks PATH")
-        others = [name for name, _ in block_lists(self.net) if name not in stacks]
-        if others:
+        self.tied = tied_names(self.net)
+        self.coverage = measure_coverage(self.net, self.blocks_name, targets, self.tied)
+        if self.coverage.other_stacks:
             progress.log(f"compressing the blocks of {self.blocks_name}; the other stacks stay dense "
-                         f"({', '.join(others)}; name one with --blocks PATH)")
+                         f"({', '.join(self.coverage.other_stacks)}; name one with --blocks PATH)")
         elif len(stacks) > 1:
             progress.log(f"compressing the blocks of {' and '.join(stacks)} (the decoder calibrated with the "
                          "compressed encoder's output)")
@@ -142,14 +143,12 @@ class _Job:
         if config.alloc == "auto":
             progress.log(f"--alloc auto: {self.config.alloc} (" + (why or "Fisher-weighted global ranks; --alloc "
                                                                     "uniform gives the papers' one rank rule") + ")")
-        self.tied = tied_names(self.net)
         self.before, self.after = partition_keys(self.net, stacks, self.tied)
         self.prefixes = block_prefixes(self.net, self.blocks_name)  # block index -> "model.decoder.layers.1."
         self.dtype = self.output_dtype()  # what is written; factors are rounded to it (layers.py)
         self.config = self.config.resolved(dtype=self.dtype)
         self.element_size = torch_dtype(self.dtype).itemsize
         self.params_before = sum(t.numel() for name, t in self.net.state_dict().items() if name not in self.tied)
-        self.coverage = measure_coverage(self.net, self.blocks_name, targets, self.tied)
         self.fused = fused_projections(self.net, [name for names in targets.values() for name in names])
         warning = self.coverage.warning(self.config.ratio)
         if warning and self.main:

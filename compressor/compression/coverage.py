@@ -31,6 +31,7 @@ class Coverage:
     total: int  # every parameter of the model, tied copies once
     targeted: int  # parameters of the targeted tensors (what --ratio applies to)
     dense: dict = field(default_factory=dict)  # kind -> parameters that stay dense
+    other_stacks: list = field(default_factory=list)  # stacks of blocks outside --blocks (they stay dense)
 
     @property
     def targeted_fraction(self):
@@ -98,4 +99,4 @@ def measure_coverage(model, blocks_name, targets, tied=()):
                 continue
             kind = _kind(name, param, module_name, module, inside, block_linears, other_stacks)
             dense[kind] = dense.get(kind, 0) + param.numel()
-    return Coverage(total, targeted, dense)
+    return Coverage(total, targeted, dense, other_stacks)

@@ -51,8 +51,8 @@ def find_blocks(model, path=None):
     if not stacks:
         raise UsageError("found no repeated blocks (an nn.ModuleList of layers) in this model; name the list of "
                          "blocks to compress with --blocks PATH")
-    language = [stack for stack in stacks if ".language_model." in f".{stack[0]}." or ".text_model." in f".{stack[0]}."]
-    if len(stacks) > 1 and len(language) == 1 and _multimodal(model):
+    language = _inside(model, "get_decoder", stacks) if len(stacks) > 1 and _multimodal(model) else []
+    if len(language) == 1:
         return language[0]  # a vision-language model: its language model by default, the tower with --blocks
     both = _encoder_decoder_stacks(model, stacks)
     if both is not None:
@@ -80,17 +80,26 @@ def is_encoder_decoder(model):
     return bool(getattr(config, "is_encoder_decoder", False)) and hasattr(model, "get_encoder")
 
 
+def _inside(model, accessor, stacks):
+    """The stacks (name, ModuleList) inside the submodule that the model's own `accessor` method returns
+    (get_decoder / get_encoder); none when it has no such method, it fails or it returns the model itself."""
+    try:
+        part = getattr(model, accessor)()
+    except (AttributeError, NotImplementedError, TypeError):
+        return []
+    outer = next((name for name, module in model.named_modules() if module is part), None)
+    return [stack for stack in stacks if outer and stack[0].startswith(outer + ".")]
+
+
 def _encoder_decoder_stacks(model, stacks):
     """(encoder stack, decoder stack) names of an encoder-decoder whose two stacks are exactly one inside its
     encoder and one inside its decoder (T5, BART, Marian, ...); None for any other layout."""
     if len(stacks) != 2 or not is_encoder_decoder(model) or not hasattr(model, "get_decoder"):
         return None
-    modules = {id(module): name for name, module in model.named_modules()}
-    encoder, decoder = modules.get(id(model.get_encoder())), modules.get(id(model.get_decoder()))
-    if encoder is None or decoder is None:
+    inside = [_inside(model, accessor, stacks) for accessor in ("get_encoder", "get_decoder")]
+    if [len(found) for found in inside] != [1, 1] or inside[0][0][0] == inside[1][0][0]:
         return None
-    inside = [next((name for name, _ in stacks if name.startswith(outer + ".")), None) for outer in (encoder, decoder)]
-    return tuple(inside) if None not in inside and inside[0] != inside[1] else None
+    return inside[0][0][0], inside[1][0][0]
 
 
 def _multimodal(model):
