@@ -29,4 +29,5 @@ def overflow(what: str) -> LowrankError:
     """The one line for activations (or gradients) that overflowed: a float16 model whose values exceed float16's
     range gives Inf, then NaN; statistics built from them must stop the run, not pass for a dead input."""
     return LowrankError(f"the {what} are not finite (the model's activations overflowed on the calibration text); "
-                        "run with --dtype float32, or bfloat16 for a float16 model")
+                        "run with --dtype float32, --compute-dtype float32 (float32 arithmetic, the output in the "
+                        "checkpoint's dtype), or --dtype bfloat16 for a float16 model")

@@ -612,7 +612,8 @@ def test_refused_pickle_never_suggests_unsafe_loading(tmp_path, capsys, llama_di
 def test_float16_overflow_stops_the_run_with_the_fix(alloc, tmp_path, tokenizer, calib_file, capsys):
     """A float16 model whose activations exceed float16's range (65504) gives Inf, then NaN: the run stops with one
     line that names the fix, instead of NaN statistics passing for a dead input or a NaN Fisher deciding the
-    ranks (which kept a whole block dense, silently). With --dtype float32 the same model compresses."""
+    ranks (which kept a whole block dense, silently). With --dtype float32 the same model compresses, and with
+    --compute-dtype float32 too, written in float16."""
     model = build_model("llama").half()
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.mul_(2e5)  # finite weights, outputs ~1e5: Inf in float16
@@ -626,3 +627,8 @@ def test_float16_overflow_stops_the_run_with_the_fix(alloc, tmp_path, tokenizer,
     assert_clean_failure(code, err, 1, "overflowed on the calibration text); run with --dtype float32", output)
     code, _, err = run([*argv, "--dtype", "float32"], capsys)
     assert code == 0, err
+    if alloc == "uniform":  # float32 arithmetic, float16 output: the fix the line names that keeps the dtype
+        code, _, err = run([*argv, "--compute-dtype", "float32", "--overwrite"], capsys)
+        assert code == 0, err
+        with open(os.path.join(output, "config.json")) as f:
+            assert json.load(f)["dtype"] == "float16"

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import COMPRESS_FAST, build_model
+from conftest import COMPRESS_FAST, assert_clean_failure, build_model, run
 from safetensors import safe_open
 
 import lowrank
@@ -77,3 +77,42 @@ def test_full_rank_in_half_precision_reproduces_the_model_to_its_rounding(dtype,
         got = lowrank.load_pretrained(out)(ids).logits.float()
     scale = expected.abs().max()
     assert (got - expected).abs().max() <= 0.05 * scale, (got - expected).abs().max() / scale
+
+
+def tensors(directory):
+    with safe_open(os.path.join(directory, "model.safetensors"), "pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+
+def test_compute_dtype_float32_runs_a_bf16_checkpoint_in_float32_and_writes_bf16(tmp_path, tokenizer, calib_file):
+    """--compute-dtype float32: a bf16 checkpoint is loaded and run in float32 (the upcast is exact), and the output
+    is still bf16, the dtype the user brought. Its bytes equal those of the same model saved in float32 and
+    compressed with --dtype bfloat16 --compute-dtype float32: the same arithmetic on the same values, so the
+    option really computes in float32 and the output dtype is read from the checkpoint, not from the upcast
+    model. The default run computes in bf16 and so differs."""
+    source = save(tmp_path / "bf16", tokenizer, torch.bfloat16)
+    upcast = str(tmp_path / "upcast-model")
+    build_model("llama").to(torch.bfloat16).float().save_pretrained(upcast)
+    tokenizer.save_pretrained(upcast)
+    runs = {}
+    for name, model, options in [("f32", source, {"compute_dtype": "float32"}), ("native", source, {}),
+                                 ("upcast", upcast, {"compute_dtype": "float32", "dtype": "bfloat16"})]:
+        out = str(tmp_path / name)
+        report = lowrank.compress(model, out, ratio=0.6, calib=calib_file, verify=False, **COMPRESS_FAST, **options)
+        runs[name] = (report, tensors(out))
+    report, written = runs["f32"]
+    assert report["compute_dtype"] == "float32" and runs["native"][0]["compute_dtype"] == "bfloat16"
+    assert report["model"]["dtype"] == "bfloat16" and {str(t.dtype) for t in written.values()} == {"torch.bfloat16"}
+    upcast_written = runs["upcast"][1]
+    assert written.keys() == upcast_written.keys()
+    assert all(torch.equal(written[k], upcast_written[k]) for k in written)
+    native = runs["native"][1]
+    assert any(not torch.equal(written[k], native[k]) for k in written if k.endswith(".down.weight"))
+
+
+def test_compute_dtype_float32_is_not_streamed(tmp_path, tokenizer, calib_file, capsys):
+    source = save(tmp_path / "bf16", tokenizer, torch.bfloat16)
+    output = str(tmp_path / "out")
+    code, _, err = run(["compress", source, "-o", output, "--calib", calib_file, "--num-samples", "8", "--seq-len",
+                        "32", "--compute-dtype", "float32", "--stream", "on"], capsys)
+    assert_clean_failure(code, err, 2, "--compute-dtype float32 holds the whole model in memory", output)

@@ -20,7 +20,15 @@ from ..environment import invocation
 from ..errors import Interrupted, UsageError
 from ..io.checkpoint import CheckpointWriter, partition_keys, tied_names
 from ..io.gguf import output_dtype as gguf_output_dtype
-from ..io.loading import load_model, load_tokenizer, read_config, resolve_model, round_weights, torch_dtype
+from ..io.loading import (
+    checkpoint_dtype,
+    load_model,
+    load_tokenizer,
+    read_config,
+    resolve_model,
+    round_weights,
+    torch_dtype,
+)
 from ..io.modeling_lowrank import LowRankLinear, linear_shape
 from ..io.publish import check_output, staging_dir
 from ..progress import SILENT, Progress
@@ -115,13 +123,16 @@ class _Job:
             self.skeleton = Skeleton(self.source, config.dtype, config.trust_remote_code)
             self.net, self.tokenizer = self.skeleton.model, load_tokenizer(self.source, config.trust_remote_code)
         else:
-            # a GGUF is dequantized to float32 and computed in float32, on weights rounded to the output dtype
-            gguf = self.source.kind == "gguf"
-            self.net, self.tokenizer = load_model(self.source, dtype="float32" if gguf else config.dtype,
+            # a GGUF is dequantized to float32 and computed in float32, on weights rounded to the output dtype;
+            # --compute-dtype float32 does the same for any checkpoint (see compute_dtype)
+            compute = self.compute_dtype()
+            self.net, self.tokenizer = load_model(self.source, dtype=compute,
                                                   trust_remote_code=config.trust_remote_code)
-            if gguf:
-                round_weights(self.net, self.output_dtype())
+            output = self.output_dtype()
+            if compute != config.dtype and output not in (compute, checkpoint_dtype(self.source)):
+                round_weights(self.net, output)
         self.timings["load"] = time.perf_counter() - start
+        self.computed_in = str(next(self.net.parameters()).dtype).removeprefix("torch.")
         progress.advance("load", f"loaded in {self.timings['load']:.0f}s")
         # an unsupported model, bad patterns and an ambiguous or wrong --blocks fail here, before calibration
         self.blocks_name, targets, self.experts = prepare_targets(self.net, config, self.dist is not None)
@@ -154,6 +165,16 @@ class _Job:
         if warning and self.main:
             progress.log("warning: " + warning)
 
+    def compute_dtype(self):
+        """The dtype the model is loaded and run in: the output dtype (--dtype, default the checkpoint's), except
+        float32 for a GGUF (dequantized) and with --compute-dtype float32. Half-precision checkpoints thus run in
+        their dtype unless the user asks (issue 16: no silent upcast): on a CPU without bf16 hardware float32 is
+        several times faster (BENCHMARKS.md, "bfloat16 checkpoints"), at twice the model's memory. The upcast is
+        exact, and the factors are still rounded to the output dtype with their errors measured after it."""
+        if self.source.kind == "gguf" or self.requested.compute_dtype == "float32":
+            return "float32"
+        return self.requested.dtype
+
     def output_dtype(self):
         """The dtype of the output: --dtype, else the checkpoint's, else for a GGUF its recorded float type or
         bfloat16 (io/gguf.py)."""
@@ -161,6 +182,8 @@ class _Job:
             return self.requested.dtype
         if self.source.kind == "gguf":
             return gguf_output_dtype(os.path.join(self.source.path, self.source.gguf_file))
+        if self.requested.compute_dtype == "float32" and not self.streaming:
+            return checkpoint_dtype(self.source) or "float32"
         return str(next(self.net.parameters()).dtype).removeprefix("torch.")
 
     def calibrate(self):
@@ -350,7 +373,7 @@ class _Job:
             "settings": {**config.recorded(), "alloc_requested": requested.alloc},
         }
         params_after = self.params_before - sum(layer.params_before - layer.params_after for layer in self.layers)
-        run = {"streamed": self.streaming, "offload_budget_bytes": config.offload_budget,
+        run = {"streamed": self.streaming, "compute_dtype": self.computed_in, "offload_budget_bytes": config.offload_budget,
                "processes": self.dist.world if self.dist else 1, "resumed_at_block": self.resumed_at or None}
 
         def extra_files(bytes_after, files, seconds):

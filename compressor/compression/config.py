@@ -20,6 +20,7 @@ from ..validation import check_calibration, check_int, check_number
 ALLOCATIONS = ("auto", "uniform", "global", "fisher", "sensitivity")
 STREAM_MODES = ("auto", "on", "off")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto", "float32")
 # Options that change how a run is carried out, not what it writes: left out of the resume fingerprint.
 RUN_ONLY = ("device", "offload_budget", "offload_dir", "overwrite", "resume", "trust_remote_code", "verify")
 
@@ -58,6 +59,7 @@ class CompressConfig:
     batch_size: int = 8
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # the checkpoint's, or float32 | bfloat16 | float16
+    compute_dtype: str = "auto"  # auto: the output dtype (a GGUF: float32) | float32 (see api._Job.load)
     stream: str = "auto"  # on | off | auto (when the weights exceed a quarter of this machine's memory)
     offload_budget: int | str | None = "auto"  # bytes of hidden states in memory per stream; None: never spill
     offload_dir: str | None = None
@@ -97,6 +99,8 @@ class CompressConfig:
             raise UsageError(f"--min-rank-fraction must be in [0, 1], got {self.min_rank_fraction}")
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise UsageError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         if self.max_shard_bytes < 1:
             raise UsageError(f"--max-shard-size must be at least one byte, got {self.max_shard_size!r}")
         self.offload_bytes  # noqa: B018  (parses, or raises UsageError)

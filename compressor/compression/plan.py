@@ -5,6 +5,7 @@ import os
 
 from ..device import resolve_device
 from ..errors import UsageError
+from ..io.loading import checkpoint_dtype
 from .config import CompressConfig, memory_bytes
 
 
@@ -39,6 +40,10 @@ def weight_bytes(source) -> int | None:
                if name.endswith(".safetensors"))
 
 
+def _element_size(dtype):
+    return 2 if dtype in ("bfloat16", "float16") else 4
+
+
 def choose_streaming(config: CompressConfig, source, progress=None) -> bool:
     """Stream when asked, or (auto) when a safetensors checkpoint outweighs a quarter of this machine's memory.
 
@@ -49,8 +54,12 @@ def choose_streaming(config: CompressConfig, source, progress=None) -> bool:
     size = weight_bytes(source)
     memory = memory_bytes()
     why_not = None
+    if size and config.compute_dtype == "float32":
+        size = size * 4 // _element_size(checkpoint_dtype(source))  # the bytes the model takes in float32
     if not size:
         why_not = "only local safetensors checkpoints can be streamed"
+    elif config.compute_dtype == "float32":
+        why_not = "--compute-dtype float32 holds the whole model in memory in float32"
     elif config.whole_model_reason():
         why_not = config.whole_model_reason()
     elif config.calib == "self" or (config.calib == "auto" and size > memory / 4 and not _hub_reachable()):

@@ -108,6 +108,32 @@ def model_class(config, trust_remote_code):
 
 
 
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def checkpoint_dtype(source):
+    """The float dtype a local checkpoint stores its weights in (what loading with dtype "auto" gives), read from
+    config.json's dtype (torch_dtype before transformers 5), else from the first safetensors header; None when
+    neither says (not a local checkpoint)."""
+    from .shards import read_header
+
+    config = read_config(source) or {}
+    for section in (config, config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            name = str(section.get(key) or "").removeprefix("torch.")
+            if name in SAFETENSORS_DTYPES.values():
+                return name
+    if source.kind != "dir":
+        return None
+    for name in sorted(os.listdir(source.path)):
+        if name.endswith(".safetensors"):
+            header = read_header(os.path.join(source.path, name))
+            found = [SAFETENSORS_DTYPES.get(entry.get("dtype")) for key, entry in header.items()
+                     if key != "__metadata__"]
+            return next((dtype for dtype in found if dtype), None)
+    return None
+
+
 def torch_dtype(name):
     import torch
 
@@ -120,13 +146,14 @@ def torch_dtype(name):
 
 
 def round_weights(model, dtype):
-    """Round every floating parameter and buffer of `model` to `dtype` in place, keeping the model's own dtype:
-    the model then computes in its dtype (float32) on exactly the values a `dtype` checkpoint holds."""
+    """Round every floating parameter of `model` to `dtype` in place, keeping the model's own dtype: the model
+    then computes in its dtype (float32) on exactly the values a `dtype` checkpoint holds. Buffers (rotary
+    frequency tables) are left alone: transformers keeps them in float32 in a half-precision model too."""
     import torch
 
     dtype = torch_dtype(dtype)
     with torch.no_grad():
-        for tensor in list(model.parameters()) + list(model.buffers()):
+        for tensor in model.parameters():
             if tensor.is_floating_point() and tensor.dtype != dtype:
                 tensor.copy_(tensor.to(dtype))
 
