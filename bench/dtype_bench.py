@@ -81,10 +81,13 @@ print(json.dumps({{"dtype": str(next(model.parameters()).dtype)}}))
 
 
 def compress(dtype, ratio, alloc="auto"):
-    """The default compression (`--alloc` aside: see main's help) of checkpoint `dtype` at keep `ratio`."""
+    """The default compression (`--alloc` aside: see main's help) of checkpoint `dtype` at keep `ratio`; a dtype
+    CHECKPOINT@float32 (e.g. bfloat16@float32) adds --compute-dtype float32."""
+    checkpoint, _, compute = dtype.partition("@")
     out = os.path.join(common.WORK, "dtype", f"smollm2-{dtype}-{ratio}" + ("" if alloc == "auto" else f"-{alloc}"))
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    args = ["compress", MODELS[dtype], "--ratio", str(ratio), "-o", out, "--overwrite", *common.calib_args()]
+    args = ["compress", MODELS[checkpoint], "--ratio", str(ratio), "-o", out, "--overwrite", *common.calib_args()]
+    args += ["--compute-dtype", compute] if compute else []
     args += [] if alloc == "auto" else ["--alloc", alloc]
     report, wall, command = common.run_lowrank(args)
     return out, report, wall, command
@@ -97,7 +100,8 @@ def file_bytes(path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", default="0.8,0.6")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="checkpoints to compress; CHECKPOINT@float32 "
+                        "(bfloat16@float32) computes in float32 on it (--compute-dtype float32)")
     parser.add_argument("--out", default="dtype.json")
     parser.add_argument("--dense-dtypes", default="float32,bfloat16,bfloat16:float32", help="dense checkpoints to "
                         "score, in their own dtype or as CHECKPOINT:ARITHMETIC (bfloat16:float32: the bf16 weights "
@@ -136,7 +140,7 @@ def main():
             run = run_entry(dtype, ratio, command, report, wall, measure(out, "float32"))
             run["alloc"] = args.alloc
             if args.own_dtype and dtype != "float32":
-                run["eval_own_dtype"] = measure(out, dtype)
+                run["eval_own_dtype"] = measure(out, dtype.partition("@")[0])
             run["bytes"] = file_bytes(out)
             results["runs"].append(run)
             common.save(args.out, results)
@@ -201,7 +205,7 @@ def markdown(results):
         ref = reference.get((run["ratio"], alloc))
         versus = f"{run['perplexity'] / ref['perplexity'] - 1:+.2%}" if ref else "-"
         upcast = f" ({run['eval_own_dtype']['perplexity']:.2f} in {run['dtype']})" if "eval_own_dtype" in run else ""
-        lines.append(f"| {run['dtype']} | {run['ratio']} | {alloc} | {run['perplexity']:.2f}{upcast} | {versus} | "
+        lines.append(f"| {run['dtype'].replace('@', ', computed in ')} | {run['ratio']} | {alloc} | {run['perplexity']:.2f}{upcast} | {versus} | "
                      f"{run['compress_wall_s']:.0f} s | {run['compress_peak_rss_bytes'] / 2**30:.2f} GiB | "
                      f"{run['bytes'] / 1e6:.0f} MB | {run['mean_rel_error']:.4f} |")
     return "\n".join(lines)
