@@ -30,6 +30,14 @@ def has_lm_head(model):
     return type(model).__name__ in names and model.get_output_embeddings() is not None
 
 
+def is_encoder(model):
+    """A model without an LM head that does not generate (BERT, RoBERTa, a bare LlamaModel...): `--alloc fisher`
+    weighs it by its final hidden states (_sample_losses) instead of next-token cross-entropy."""
+    config = getattr(model, "config", None)
+    generates = hasattr(model, "can_generate") and model.can_generate()
+    return not has_lm_head(model) and not generates and not getattr(config, "is_encoder_decoder", False)
+
+
 def input_importance(model, input_ids, names, batch_size, device, progress=None):
     """{layer name: I (in_features,), float64}: per-input-feature Fisher importance of each named linear layer."""
 
@@ -53,6 +61,26 @@ def output_importance(model, input_ids, names, batch_size, device, progress=None
         return grad.double().square().reshape(-1, grad.shape[-1]).sum(0)
 
     return _accumulate_gradients(model, input_ids, names, batch_size, device, per_layer, progress, "--alloc fisher")
+
+
+def _sample_losses(model, embeds, batch, noise):
+    """Each sample's loss, whose gradients (one backward pass over their sum) are the per-sample gradients.
+
+    A causal LM: the mean next-token cross-entropy (the empirical Fisher of its own objective). An encoder has no
+    likelihood of its own; its output is the final hidden states h, and what a user keeps from it is h itself.
+    Read h as the mean of a unit Gaussian and sample y ~ N(h, I): the gradient of -log p(y) is -(y - h) = -eps,
+    so the per-sample loss <h, eps> with eps ~ N(0, I) has gradients whose squares average to the Gauss-Newton
+    (Fisher) diagonal of ||h' - h||^2: each layer's output weighted by how much it moves the final hidden
+    states, the same role the LM loss plays for a causal LM."""
+    if has_lm_head(model):
+        logits = model(inputs_embeds=embeds, use_cache=False).logits.float()
+        # the sum over samples of each sample's mean token loss: per-sample gradients stay separate
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none").mean(1)
+    output = model(inputs_embeds=embeds, output_hidden_states=True)
+    hidden = getattr(output, "last_hidden_state", None)
+    hidden = (hidden if hidden is not None else output.hidden_states[-1]).float()
+    eps = torch.randn(hidden.shape, generator=noise).to(hidden.device)
+    return (hidden * eps).sum(-1).mean(1)
 
 
 @contextmanager
@@ -79,10 +107,10 @@ def staged(model, device):
 def _accumulate_gradients(model, input_ids, names, batch_size, device, per_layer, progress, who):
     """Backward passes of the per-sample mean token loss over `input_ids`; for each named layer, the sum over
     batches of per_layer(output gradient, input), divided by the number of samples."""
-    if not has_lm_head(model):
+    if not has_lm_head(model) and not (who == "--alloc fisher" and is_encoder(model)):
         option = "--method" if who == "fwsvd" else "--alloc"
         raise UsageError(f"{who} needs a causal language model with its LM head (the loss is next-token "
-                         f"cross-entropy); this model has none, use another {option}")
+                         f"cross-entropy) or an encoder; this model is neither, use another {option}")
     totals, handles = {}, []
 
     def record(name):
@@ -101,6 +129,7 @@ def _accumulate_gradients(model, input_ids, names, batch_size, device, per_layer
     for name in names:
         module = model.get_submodule(name)
         handles.append(module.register_forward_hook(record(name)))  # Conv1D: same math, y = x W + b
+    noise = torch.Generator().manual_seed(0)  # the encoder loss's probes: seeded, so the ranks are reproducible
     requires = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     embeddings = model.get_input_embeddings()
@@ -109,9 +138,7 @@ def _accumulate_gradients(model, input_ids, names, batch_size, device, per_layer
             for batch in input_ids.split(batch_size):
                 batch = batch.to(device)
                 embeds = embeddings(batch).detach().requires_grad_(True)
-                logits = model(inputs_embeds=embeds, use_cache=False).logits.float()
-                # the sum over samples of each sample's mean token loss: per-sample gradients stay separate
-                losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none").mean(1)
+                losses = _sample_losses(model, embeds, batch, noise)
                 if not bool(torch.isfinite(losses).all()):  # NaN Fisher would sort as anything: a silent allocation
                     raise overflow(f"losses of the {who} pass")
                 losses.sum().backward()
