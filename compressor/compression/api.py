@@ -19,7 +19,6 @@ from ..device import resolve_device
 from ..environment import invocation
 from ..errors import Interrupted, UsageError
 from ..io.checkpoint import CheckpointWriter, partition_keys, tied_names
-from ..io.gguf import output_dtype as gguf_output_dtype
 from ..io.loading import (
     checkpoint_dtype,
     load_model,
@@ -42,7 +41,7 @@ from .experts import check_streamable
 from .fused import fused_projections
 from .layers import LayerResult
 from .model import compress_model, prepare_targets
-from .plan import choose_streaming, resolve
+from .plan import choose_streaming, compute_dtype, output_dtype, resolve
 from .sequential import Resume, returnable_large_allocations
 from .targets import block_prefixes, is_encoder_decoder, replace_module, stack_names
 
@@ -125,10 +124,10 @@ class _Job:
         else:
             # a GGUF is dequantized to float32 and computed in float32, on weights rounded to the output dtype;
             # --compute-dtype float32 does the same for any checkpoint (see compute_dtype)
-            compute = self.compute_dtype()
+            compute = compute_dtype(config, self.source)
             self.net, self.tokenizer = load_model(self.source, dtype=compute,
                                                   trust_remote_code=config.trust_remote_code)
-            output = self.output_dtype()
+            output = output_dtype(config, self.source, self.net)
             if compute != config.dtype and output not in (compute, checkpoint_dtype(self.source)):
                 round_weights(self.net, output)
         self.timings["load"] = time.perf_counter() - start
@@ -156,7 +155,7 @@ class _Job:
                                                                     "uniform gives the papers' one rank rule") + ")")
         self.before, self.after = partition_keys(self.net, stacks, self.tied)
         self.prefixes = block_prefixes(self.net, self.blocks_name)  # block index -> "model.decoder.layers.1."
-        self.dtype = self.output_dtype()  # what is written; factors are rounded to it (layers.py)
+        self.dtype = output_dtype(config, self.source, self.net, self.streaming)  # factors are rounded to it
         self.config = self.config.resolved(dtype=self.dtype)
         self.element_size = torch_dtype(self.dtype).itemsize
         self.params_before = sum(t.numel() for name, t in self.net.state_dict().items() if name not in self.tied)
@@ -164,27 +163,6 @@ class _Job:
         warning = self.coverage.warning(self.config.ratio)
         if warning and self.main:
             progress.log("warning: " + warning)
-
-    def compute_dtype(self):
-        """The dtype the model is loaded and run in: the output dtype (--dtype, default the checkpoint's), except
-        float32 for a GGUF (dequantized) and with --compute-dtype float32. Half-precision checkpoints thus run in
-        their dtype unless the user asks (issue 16: no silent upcast): on a CPU without bf16 hardware float32 is
-        several times faster (BENCHMARKS.md, "bfloat16 checkpoints"), at twice the model's memory. The upcast is
-        exact, and the factors are still rounded to the output dtype with their errors measured after it."""
-        if self.source.kind == "gguf" or self.requested.compute_dtype == "float32":
-            return "float32"
-        return self.requested.dtype
-
-    def output_dtype(self):
-        """The dtype of the output: --dtype, else the checkpoint's, else for a GGUF its recorded float type or
-        bfloat16 (io/gguf.py)."""
-        if self.requested.dtype != "auto":
-            return self.requested.dtype
-        if self.source.kind == "gguf":
-            return gguf_output_dtype(os.path.join(self.source.path, self.source.gguf_file))
-        if self.requested.compute_dtype == "float32" and not self.streaming:
-            return checkpoint_dtype(self.source) or "float32"
-        return str(next(self.net.parameters()).dtype).removeprefix("torch.")
 
     def calibrate(self):
         from lowrank.calibration import load_calibration

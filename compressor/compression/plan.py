@@ -5,6 +5,7 @@ import os
 
 from ..device import resolve_device
 from ..errors import UsageError
+from ..io.gguf import output_dtype as gguf_output_dtype
 from ..io.loading import checkpoint_dtype
 from .config import CompressConfig, memory_bytes
 
@@ -38,6 +39,29 @@ def weight_bytes(source) -> int | None:
         return None
     return sum(os.path.getsize(os.path.join(source.path, name)) for name in os.listdir(source.path)
                if name.endswith(".safetensors"))
+
+
+def compute_dtype(config: CompressConfig, source) -> str:
+    """The dtype the model is loaded and run in: the output dtype (--dtype, default the checkpoint's), except
+    float32 for a GGUF (dequantized) and with --compute-dtype float32. Half-precision checkpoints thus run in
+    their dtype unless the user asks (issue 16: no silent upcast): on a CPU without bf16 hardware float32 is
+    several times faster (BENCHMARKS.md, "bfloat16 checkpoints"), at twice the model's memory. The upcast is
+    exact, and the factors are still rounded to the output dtype with their errors measured after it."""
+    if source.kind == "gguf" or config.compute_dtype == "float32":
+        return "float32"
+    return config.dtype
+
+
+def output_dtype(config: CompressConfig, source, model, streaming=False) -> str:
+    """The dtype of the output: --dtype, else the checkpoint's (read from its files when the model was upcast
+    for --compute-dtype float32), else for a GGUF its recorded float type or bfloat16 (io/gguf.py)."""
+    if config.dtype != "auto":
+        return config.dtype
+    if source.kind == "gguf":
+        return gguf_output_dtype(os.path.join(source.path, source.gguf_file))
+    if config.compute_dtype == "float32" and not streaming:
+        return checkpoint_dtype(source) or "float32"
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def _element_size(dtype):
