@@ -78,12 +78,48 @@ def _meta_model(config, block):
         return architecture(architecture.config_class.from_dict(base_config))
 
 
+def _sliced_keys(name, spec, weight_map, checkpoint):
+    """The tensor names of per-slice layer `name` (lowrank.sliced entry `spec`), each checked to be present."""
+    keys = [f"{name}.down.weight"]
+    for part, rank in zip(spec["slices"], spec["ranks"]):
+        if rank is not None:
+            keys.append(f"{name}.up.{part}.weight")
+        if f"{name}.up.{part}.bias" in weight_map:
+            keys.append(f"{name}.up.{part}.bias")
+    for key in keys:
+        if key not in weight_map:
+            raise LowrankError(f"{checkpoint} lists {name} as factorized per slice but has no tensor {key}")
+    return keys
+
+
+def _sliced_dense(name, spec, tensor, conv1d, keys):
+    """{"weight": ..., "bias": ...} of a per-slice layer: each slice's up @ down rows (a dense slice's rows as
+    stored) in float32, cast to the checkpoint's dtype, in the fused layer's row order."""
+    import torch
+
+    from ..io.modeling_lowrank import interleave
+
+    down = tensor(f"{name}.down.weight")
+    widths = [spec["groups"] * size if rank is None else rank for size, rank in zip(spec["sizes"], spec["ranks"])]
+    weights, biases = [], []
+    for part, rank, rows in zip(spec["slices"], spec["ranks"], down.split(widths)):
+        weights.append(rows if rank is None else
+                       (tensor(f"{name}.up.{part}.weight").to(torch.float32) @ rows.to(torch.float32)).to(down.dtype))
+        if f"{name}.up.{part}.bias" in keys:
+            biases.append(tensor(f"{name}.up.{part}.bias"))
+    weight = interleave(weights, spec["groups"], dim=0)
+    out = {"weight": weight.T.contiguous() if conv1d else weight.contiguous()}
+    if biases:
+        out["bias"] = interleave(biases, spec["groups"])
+    return out
+
+
 def _conv1d_layers(model, block):
     """Names of the factorized layers that were GPT-2 style Conv1D (weight stored in x out)."""
     from ..io.modeling_lowrank import resolve_module_name
 
     conv = set()
-    for name in block["ranks"]:
+    for name in [*block["ranks"], *(block.get("sliced") or {})]:
         target = resolve_module_name(model, name)
         if target is not None and type(model.get_submodule(target)).__name__ == "Conv1D":
             conv.add(name)
@@ -115,16 +151,18 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
     check_output(output, checkpoint, overwrite)
     check_checkpoint_files(checkpoint)
     weight_map = _weight_map(checkpoint)
-    ranks = block.get("ranks") or {}
+    ranks, sliced = block.get("ranks") or {}, block.get("sliced") or {}
     for name in ranks:
         for part in ("down.weight", "up.weight"):
             if f"{name}.{part}" not in weight_map:
                 raise LowrankError(f"{checkpoint} lists {name} as factorized but has no tensor {name}.{part}")
+    sliced_keys = {key: name for name in sliced for key in _sliced_keys(name, sliced[name], weight_map, checkpoint)}
     from ..compression.experts import ExpertStacker  # torch and transformers: imported when used
 
     meta = _meta_model(config, block)
     conv = _conv1d_layers(meta, block)
     factor_keys = {f"{name}.{part}": name for name in ranks for part in ("down.weight", "up.weight", "up.bias")}
+    layers = len(ranks) + len(sliced)
 
     handles = {}  # the input's shards, opened as needed; closed at the end even on a failure
     try:
@@ -137,11 +175,19 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
                 return _safetensors_call(path, handles[shard].get_tensor, key)
 
             writer = ExpertStacker(ShardWriter(staging, max_shard_bytes), meta, block.get("experts", []))
-            tick = ticker(progress, "layers", max(len(ranks), 1), lambda done: f"{done}/{len(ranks)} layers multiplied")
+            tick = ticker(progress, "layers", max(layers, 1), lambda done: f"{done}/{layers} layers multiplied")
             params = 0
             for key in sorted(weight_map):  # sorted: the same input always gives the same bytes
                 layer = factor_keys.get(key)
-                if layer is None:
+                if key in sliced_keys:  # a per-slice layer: written whole when its down (sorted first) comes
+                    if key.endswith(".down.weight"):
+                        name = sliced_keys[key]
+                        for suffix, value in _sliced_dense(name, sliced[name], tensor, name in conv,
+                                                                   sliced_keys).items():
+                            writer.add(f"{name}.{suffix}", value)
+                            params += value.numel()
+                        tick()
+                elif layer is None:
                     value = tensor(key)
                     writer.add(key, value)
                     params += value.numel()
@@ -162,8 +208,8 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
             marker = {"format_version": FORMAT_VERSION, "tool_version": __version__,
                       "source": os.path.abspath(checkpoint), "base_model": block.get("base_model"),
                       "method": block.get("method"), "ratio": block.get("ratio"),
-                      "ratio_definition": block.get("ratio_definition"), "densified_layers": len(ranks),
-                      "ranks": ranks, "architectures": list(block["base_architectures"]), "params": params,
+                      "ratio_definition": block.get("ratio_definition"), "densified_layers": layers,
+                      "ranks": ranks, **({"sliced": sliced} if sliced else {}), "architectures": list(block["base_architectures"]), "params": params,
                       "bytes": weight_bytes}
             for name in sorted(os.listdir(checkpoint)):
                 path = os.path.join(checkpoint, name)
