@@ -282,8 +282,8 @@ def test_fused_modes(tmp_path, tokenizer, calib_file):
     from archs import COMPRESS, save_source
 
     save_source("phi3", tmp_path / "src", tokenizer)
-    whole = lowrank.compress(str(tmp_path / "src"), str(tmp_path / "whole"), **dict(COMPRESS, calib=calib_file),
-                             ratio=0.8, alloc="fisher", fused="whole")
+    whole = lowrank.compress(str(tmp_path / "src"), str(tmp_path / "whole"),
+                             **dict(COMPRESS, calib=calib_file, alloc="fisher"), ratio=0.8, fused="whole")
     assert {e["factorized"] for e in whole["fused"]} == {"whole (one rank)"}
     assert "sliced" not in json.loads((tmp_path / "whole" / "config.json").read_text())["lowrank"]
     lowrank.compress(str(tmp_path / "src"), str(tmp_path / "slices"), **dict(COMPRESS, calib=calib_file),
@@ -302,3 +302,28 @@ def test_vllm_plugin_refuses_sliced_layers():
                           "sliced": {"model.layers.0.self_attn.qkv_proj": {"slices": ["q", "k", "v"]}}}}
     with pytest.raises(UnservableCheckpoint, match="factorized per slice"):
         check_servable(config)
+
+
+def test_sliced_run_resumes(phi3_sliced, tmp_path, monkeypatch):
+    """Interrupted after block 0, `resume` rebuilds the sliced layers of block 0 from the journal (their
+    per-slice ranks, the allocation's, not recomputed) and writes the bytes of the uninterrupted run."""
+    import lowrank
+    from lowrank.compression import api
+    from lowrank.errors import Interrupted
+
+    root, _, _, options = phi3_sliced
+    block_done = api._Job.block_done
+
+    def stop_after_the_first_block(job, index, block, layers):
+        block_done(job, index, block, layers)
+        if index == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(api._Job, "block_done", stop_after_the_first_block)
+    with pytest.raises(Interrupted, match="after block 1"):
+        lowrank.compress(str(root / "src"), str(tmp_path / "out"), **options, ratio=0.8)
+    monkeypatch.setattr(api._Job, "block_done", block_done)
+    report = lowrank.compress(str(root / "src"), str(tmp_path / "out"), **options, ratio=0.8, resume=True)
+    assert report["resumed_at_block"] == 1
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (root / "out" / name).read_bytes(), name

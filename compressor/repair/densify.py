@@ -78,6 +78,18 @@ def _meta_model(config, block):
         return architecture(architecture.config_class.from_dict(base_config))
 
 
+def _factor_keys(checkpoint, ranks, sliced, weight_map):
+    """({tensor name: layer} of the whole factorized layers, the same of the per-slice ones), every tensor the
+    config promises checked to be there."""
+    for name in ranks:
+        for part in ("down.weight", "up.weight"):
+            if f"{name}.{part}" not in weight_map:
+                raise LowrankError(f"{checkpoint} lists {name} as factorized but has no tensor {name}.{part}")
+    factor_keys = {f"{name}.{part}": name for name in ranks for part in ("down.weight", "up.weight", "up.bias")}
+    sliced_keys = {key: name for name in sliced for key in _sliced_keys(name, sliced[name], weight_map, checkpoint)}
+    return factor_keys, sliced_keys
+
+
 def _sliced_keys(name, spec, weight_map, checkpoint):
     """The tensor names of per-slice layer `name` (lowrank.sliced entry `spec`), each checked to be present."""
     keys = [f"{name}.down.weight"]
@@ -152,16 +164,11 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
     check_checkpoint_files(checkpoint)
     weight_map = _weight_map(checkpoint)
     ranks, sliced = block.get("ranks") or {}, block.get("sliced") or {}
-    for name in ranks:
-        for part in ("down.weight", "up.weight"):
-            if f"{name}.{part}" not in weight_map:
-                raise LowrankError(f"{checkpoint} lists {name} as factorized but has no tensor {name}.{part}")
-    sliced_keys = {key: name for name in sliced for key in _sliced_keys(name, sliced[name], weight_map, checkpoint)}
+    factor_keys, sliced_keys = _factor_keys(checkpoint, ranks, sliced, weight_map)
     from ..compression.experts import ExpertStacker  # torch and transformers: imported when used
 
     meta = _meta_model(config, block)
     conv = _conv1d_layers(meta, block)
-    factor_keys = {f"{name}.{part}": name for name in ranks for part in ("down.weight", "up.weight", "up.bias")}
     layers = len(ranks) + len(sliced)
 
     handles = {}  # the input's shards, opened as needed; closed at the end even on a failure
@@ -182,8 +189,8 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
                 if key in sliced_keys:  # a per-slice layer: written whole when its down (sorted first) comes
                     if key.endswith(".down.weight"):
                         name = sliced_keys[key]
-                        for suffix, value in _sliced_dense(name, sliced[name], tensor, name in conv,
-                                                                   sliced_keys).items():
+                        dense = _sliced_dense(name, sliced[name], tensor, name in conv, sliced_keys)
+                        for suffix, value in dense.items():
                             writer.add(f"{name}.{suffix}", value)
                             params += value.numel()
                         tick()
@@ -209,8 +216,8 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
                       "source": os.path.abspath(checkpoint), "base_model": block.get("base_model"),
                       "method": block.get("method"), "ratio": block.get("ratio"),
                       "ratio_definition": block.get("ratio_definition"), "densified_layers": layers,
-                      "ranks": ranks, **({"sliced": sliced} if sliced else {}), "architectures": list(block["base_architectures"]), "params": params,
-                      "bytes": weight_bytes}
+                      "ranks": ranks, **({"sliced": sliced} if sliced else {}),
+                      "architectures": list(block["base_architectures"]), "params": params, "bytes": weight_bytes}
             for name in sorted(os.listdir(checkpoint)):
                 path = os.path.join(checkpoint, name)
                 if os.path.isfile(path) and name not in NOT_COPIED and not name.endswith(WEIGHT_SUFFIXES):
@@ -222,7 +229,7 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
                 f.write(model_card(output, marker))
     finally:
         handles.clear()
-    return {"source": checkpoint, "output": output, "densified_layers": len(ranks), "params": params,
+    return {"source": checkpoint, "output": output, "densified_layers": layers, "params": params,
             "bytes": weight_bytes, "files": files, "architectures": marker["architectures"]}
 
 
