@@ -21,7 +21,7 @@ from ..errors import Interrupted, UsageError
 from ..io.checkpoint import CheckpointWriter, partition_keys, tied_names
 from ..io.gguf import output_dtype as gguf_output_dtype
 from ..io.loading import load_model, load_tokenizer, read_config, resolve_model, round_weights, torch_dtype
-from ..io.modeling_lowrank import LowRankLinear, SlicedLowRankLinear, linear_shape
+from ..io.modeling_lowrank import linear_shape
 from ..io.publish import check_output, staging_dir
 from ..progress import SILENT, Progress
 from ..report.card import model_card
@@ -32,7 +32,7 @@ from .coverage import measure_coverage
 from .distributed import from_environment
 from .experts import check_streamable
 from .fused import fused_projections, slice_ranks, sliced_layers
-from .layers import LayerResult
+from .layers import LayerResult, stored_layer, stored_ranks
 from .model import compress_model, prepare_targets
 from .plan import choose_streaming, resolve
 from .sequential import Resume, returnable_large_allocations
@@ -329,26 +329,22 @@ class _Job:
             if layer.name.startswith(prefix) and layer.rank is not None:
                 rel = layer.name[len(prefix):]
                 m, n, has_bias = linear_shape(block.get_submodule(rel))
-                spec = layer.info.get("sliced")
-                replace_module(block, rel, LowRankLinear(n, m, layer.rank, bias=has_bias, dtype=dtype) if spec is None
-                               else SlicedLowRankLinear(n, m, **spec, bias=has_bias, dtype=dtype))
+                replace_module(block, rel, stored_layer(layer, m, n, has_bias, dtype))
         block.load_state_dict({name: staged.get(prefix + name) for name in block.state_dict()}, assign=True)
 
     def write(self, result):
         """The report, the model card and the rest of the checkpoint; then publish."""
         result.layers = self.layers
         config, requested = result.config, self.requested
-        sliced = {layer.name: layer.info["sliced"] for layer in self.layers if "sliced" in layer.info}
+        ranks, sliced = stored_ranks(self.layers)
         block = {
             "format_version": 1,
             "tool_version": __version__,
             "method": config.method,
             "ratio": config.ratio,
             "ratio_definition": RATIO_DEFINITION,
-            "ranks": {layer.name: layer.rank for layer in self.layers
-                      if layer.rank is not None and "sliced" not in layer.info},
-            # fused layers factorized per slice (SlicedLowRankLinear): slice names, rows, per-slice ranks
-            **({"sliced": sliced} if sliced else {}),
+            "ranks": ranks,
+            **({"sliced": sliced} if sliced else {}),  # per-slice fused layers (modeling_lowrank.py)
             "dense": [layer.name for layer in self.layers if layer.rank is None],
             **({"experts": self.experts} if self.experts else {}),  # unpacked MoE experts (modeling_lowrank.py)
             "base_model": self.source.spec,

@@ -212,6 +212,21 @@ def empty_layer(name, module, config, layout=None):
     return layer
 
 
+def stored_ranks(layers):
+    """What config.json's lowrank block lists: ({name: rank} of the layers factorized whole, {name: slice spec}
+    of the fused layers factorized per slice)."""
+    ranks = {layer.name: layer.rank for layer in layers if layer.rank is not None and "sliced" not in layer.info}
+    return ranks, {layer.name: layer.info["sliced"] for layer in layers if "sliced" in layer.info}
+
+
+def stored_layer(layer, m, n, has_bias, dtype):
+    """The empty factorized module of a finished LayerResult (a resumed run reloads its weights into it)."""
+    spec = layer.info.get("sliced")
+    if spec is None:
+        return LowRankLinear(n, m, layer.rank, bias=has_bias, dtype=dtype)
+    return SlicedLowRankLinear(n, m, **spec, bias=has_bias, dtype=dtype)
+
+
 def _release_if_done(collector, name, stats, remaining, weightings):
     """Free an input group's statistics and whitening as soon as its last layer is done (big Grams add up)."""
     if remaining[id(stats)] == 0:

@@ -13,6 +13,8 @@ the bias), so y = up(down(x)). The model classes are made on demand for any arch
 transformers' `LlamaForCausalLM` that swaps the modules listed in `config.lowrank["ranks"]` after __init__.
 A fused layer factorized per output slice (`config.lowrank["sliced"]`: slice names, rows, ranks) becomes a
 SlicedLowRankLinear: one stacked `X.down`, and `X.up.q`, `X.up.k`, ... per slice.
+
+long: every checkpoint gets this one file alone (no lowrank beside it), so it cannot be split into modules.
 """
 
 import os
@@ -185,7 +187,7 @@ class SlicedLowRankLinear(nn.Linear):
         return interleave(outs, self.groups)
 
     def spec(self):
-        """What config.json's `lowrank.sliced` records for this layer, from which it is rebuilt."""
+        """What config.json records in lowrank["sliced"] for this layer, from which it is rebuilt."""
         return {"slices": list(self.slices), "sizes": list(self.sizes), "groups": self.groups,
                 "ranks": list(self.ranks)}
 
@@ -239,7 +241,7 @@ def factorize_modules(model, ranks):
 
 
 def slice_modules(model, sliced):
-    """Replace each named fused linear by an empty SlicedLowRankLinear built from its `lowrank.sliced` entry."""
+    """Replace each named fused linear by an empty SlicedLowRankLinear built from its config.lowrank["sliced"] entry."""
     for name, spec in sliced.items():
         target = resolve_module_name(model, name)
         if target is None:

@@ -78,6 +78,40 @@ def _meta_model(config, block):
         return architecture(architecture.config_class.from_dict(base_config))
 
 
+def _write_weights(weight_map, tensor, writer, factor_keys, sliced_keys, sliced, conv, tick):
+    """Every tensor of the checkpoint to `writer`, factorized layers multiplied out; returns the parameters
+    written. Sorted by name: the same input always gives the same bytes."""
+    import torch
+
+    params = 0
+    for key in sorted(weight_map):
+        layer = factor_keys.get(key)
+        if key in sliced_keys:  # a per-slice layer: written whole when its down (sorted first) comes
+            if key.endswith(".down.weight"):
+                name = sliced_keys[key]
+                for suffix, value in _sliced_dense(name, sliced[name], tensor, name in conv, sliced_keys).items():
+                    writer.add(f"{name}.{suffix}", value)
+                    params += value.numel()
+                tick()
+        elif layer is None:
+            value = tensor(key)
+            writer.add(key, value)
+            params += value.numel()
+        elif key.endswith("down.weight"):
+            down, up = tensor(key), tensor(f"{layer}.up.weight")
+            weight = (up.to(torch.float32) @ down.to(torch.float32)).to(down.dtype)
+            if layer in conv:
+                weight = weight.T.contiguous()
+            writer.add(f"{layer}.weight", weight)
+            params += weight.numel()
+            tick()
+        elif key.endswith("up.bias"):
+            value = tensor(key)
+            writer.add(f"{layer}.bias", value)
+            params += value.numel()
+    return params
+
+
 def _factor_keys(checkpoint, ranks, sliced, weight_map):
     """({tensor name: layer} of the whole factorized layers, the same of the per-slice ones), every tensor the
     config promises checked to be there."""
@@ -151,8 +185,6 @@ def dense_config(config, marker):
 def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", overwrite: bool = False,
             progress: Progress = SILENT) -> dict:
     """Write the dense equivalent of the factorized `checkpoint` to `output`. Returns a summary dict."""
-    import torch
-
     max_shard_bytes = parse_size(max_shard_size)
     if max_shard_bytes < 1:
         raise UsageError(f"--max-shard-size must be at least one byte, got {max_shard_size!r}")
@@ -183,33 +215,7 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
 
             writer = ExpertStacker(ShardWriter(staging, max_shard_bytes), meta, block.get("experts", []))
             tick = ticker(progress, "layers", max(layers, 1), lambda done: f"{done}/{layers} layers multiplied")
-            params = 0
-            for key in sorted(weight_map):  # sorted: the same input always gives the same bytes
-                layer = factor_keys.get(key)
-                if key in sliced_keys:  # a per-slice layer: written whole when its down (sorted first) comes
-                    if key.endswith(".down.weight"):
-                        name = sliced_keys[key]
-                        dense = _sliced_dense(name, sliced[name], tensor, name in conv, sliced_keys)
-                        for suffix, value in dense.items():
-                            writer.add(f"{name}.{suffix}", value)
-                            params += value.numel()
-                        tick()
-                elif layer is None:
-                    value = tensor(key)
-                    writer.add(key, value)
-                    params += value.numel()
-                elif key.endswith("down.weight"):
-                    down, up = tensor(key), tensor(f"{layer}.up.weight")
-                    weight = (up.to(torch.float32) @ down.to(torch.float32)).to(down.dtype)
-                    if layer in conv:
-                        weight = weight.T.contiguous()
-                    writer.add(f"{layer}.weight", weight)
-                    params += weight.numel()
-                    tick()
-                elif key.endswith("up.bias"):
-                    value = tensor(key)
-                    writer.add(f"{layer}.bias", value)
-                    params += value.numel()
+            params = _write_weights(weight_map, tensor, writer, factor_keys, sliced_keys, sliced, conv, tick)
             files = writer.finish()
             weight_bytes = sum(os.path.getsize(os.path.join(staging, name)) for name in files)
             marker = {"format_version": FORMAT_VERSION, "tool_version": __version__,
