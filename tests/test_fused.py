@@ -188,6 +188,7 @@ def test_fisher_allocation_slices_with_their_own_ranks(phi3_sliced):
     root, _, report, _ = phi3_sliced
     block = json.loads((root / "out" / "config.json").read_text())["lowrank"]
     assert block["settings"]["fused"] == "auto"
+    assert block["format_version"] == 2  # an older lowrank, which cannot rebuild sliced layers, refuses it
     assert set(block["sliced"]) == {f"model.layers.{i}.{layer}" for i in range(2)
                                     for layer in ("self_attn.qkv_proj", "mlp.gate_up_proj")}
     ranks = {name: spec["ranks"] for name, spec in block["sliced"].items()}
@@ -285,7 +286,8 @@ def test_fused_modes(tmp_path, tokenizer, calib_file):
     whole = lowrank.compress(str(tmp_path / "src"), str(tmp_path / "whole"),
                              **dict(COMPRESS, calib=calib_file, alloc="fisher"), ratio=0.8, fused="whole")
     assert {e["factorized"] for e in whole["fused"]} == {"whole (one rank)"}
-    assert "sliced" not in json.loads((tmp_path / "whole" / "config.json").read_text())["lowrank"]
+    block = json.loads((tmp_path / "whole" / "config.json").read_text())["lowrank"]
+    assert "sliced" not in block and block["format_version"] == 1
     lowrank.compress(str(tmp_path / "src"), str(tmp_path / "slices"), **dict(COMPRESS, calib=calib_file),
                      ratio=0.5, fused="slices")
     sliced = json.loads((tmp_path / "slices" / "config.json").read_text())["lowrank"]["sliced"]

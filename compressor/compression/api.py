@@ -338,7 +338,7 @@ class _Job:
         config, requested = result.config, self.requested
         ranks, sliced = stored_ranks(self.layers)
         block = {
-            "format_version": 1,
+            "format_version": 2 if sliced else 1,  # an older lowrank refuses what it cannot rebuild
             "tool_version": __version__,
             "method": config.method,
             "ratio": config.ratio,

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: lowrank["sliced"] (per-slice fused layers); a checkpoint without them is written as 1
 # transformers 5 renamed PretrainedConfig; the older name keeps this file loadable by transformers 4.x consumers
 CONFIG_BASE = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
 MODEL_TYPE_PREFIX = "lowrank_"
