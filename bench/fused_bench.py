@@ -115,10 +115,15 @@ def reused_llama_run(ratio, alloc):
 def run_entry(layout, ratio, command, report, wall, evaluation):
     layers = report["layers"]["list"]
     ranks, dense = {}, {}
+    # a fused layer factorized per slice: each slice is a kind of its own ("qkv_proj:k"), also where every slice
+    # stayed dense (reports written before such layers listed their slices are read through report["fused"])
+    sliced = {entry["layer"].rsplit(".", 1)[-1]: [s["name"] for s in entry["slices"]]
+              for entry in report.get("fused") or [] if entry["factorized"].startswith("per slice")}
     for layer in layers:  # mean rank over the factorized matrices of each kind; those kept dense are counted
         kind = layer["name"].rsplit(".", 1)[-1]
-        # a fused layer factorized per slice: each slice is a kind of its own ("qkv_proj:k")
         parts = [(f"{kind}:{p['name']}", p["rank"]) for p in layer.get("info", {}).get("slices", [])]
+        if not parts and layer["rank"] is None and kind in sliced:
+            parts = [(f"{kind}:{name}", None) for name in sliced[kind]]
         for kind, rank in parts or [(kind, layer["rank"])]:
             if rank is None:
                 dense[kind] = dense.get(kind, 0) + 1

@@ -141,7 +141,10 @@ def decompose_sliced(name, module, weight, layout, stats, weighting, config, sto
     if all(rank is None for rank, _ in chosen.values()):
         reasons = {why for _, why in chosen.values()}
         reason = reasons.pop() if len(reasons) == 1 else "allocation"
-        return LayerResult(name, m, n, None, m * n, m * n, 1.0, 1.0, 0.0, dense_reason=reason), None
+        parts = [{"name": part, "rows": len(index), "rank": None, "params_after": len(index) * n}
+                 for part, index in rows.items()]  # so that the report counts each slice as dense
+        return LayerResult(name, m, n, None, m * n, m * n, 1.0, 1.0, 0.0, dense_reason=reason,
+                           info={"slices": parts}), None
     for part, (rank, _) in chosen.items():
         if rank is not None and not 1 <= rank <= min(len(rows[part]), n):
             raise UsageError(f"rank {rank} for {slice_key(name, part)} is outside 1..{min(len(rows[part]), n)}")
