@@ -329,3 +329,19 @@ def test_sliced_run_resumes(phi3_sliced, tmp_path, monkeypatch):
     assert report["resumed_at_block"] == 1
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (root / "out" / name).read_bytes(), name
+
+
+def test_slices_all_kept_dense_are_reported_dense(tmp_path, tokenizer, calib_file):
+    """--fused slices at keep 1.0: every slice reaches break-even and stays dense, so the layer stays an
+    ordinary linear (no sliced entry, format version 1) and the report counts every slice as dense."""
+    import lowrank
+    from archs import COMPRESS, save_source
+
+    save_source("phi3", tmp_path / "src", tokenizer)
+    report = lowrank.compress(str(tmp_path / "src"), str(tmp_path / "out"), **dict(COMPRESS, calib=calib_file),
+                              ratio=1.0, fused="slices")
+    block = json.loads((tmp_path / "out" / "config.json").read_text())["lowrank"]
+    assert "sliced" not in block and block["format_version"] == 1 and block["ranks"] == {}
+    qkv = next(e for e in report["fused"] if e["layer"] == "self_attn.qkv_proj")
+    assert qkv["ranks"] == {part: {"mean": None, "dense": 2} for part in ("q", "k", "v")}
+    assert "; mean ranks q dense, k dense, v dense" in (tmp_path / "out" / "compression_report.md").read_text()
