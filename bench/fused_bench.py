@@ -7,13 +7,16 @@ item 2).
 Phi-3's decoder is Llama's with q/k/v fused into one `qkv_proj` (rows q, then k, then v) and gate/up into one
 `gate_up_proj` (gate, then up). SmolLM2 rewritten in the Phi-3 layout (the same weights concatenated, the same
 sizes, RoPE, norm and tied head; the logits are checked equal to the Llama model's before anything is measured)
-is therefore a realistic model with fused projections, and compressing it is today's behaviour: each fused
-matrix factorized whole, with one rank. The alternative, each output slice (q, k, v / gate, up) factorized like
-a separate layer with its own rank, is exactly what the same model in its own Llama layout gets, so that is
-measured as the Llama-layout run: same weights, same calibration windows, same defaults (whiten, --alloc auto,
-propagation), same targeted parameter count, hence the same parameter budget at each keep ratio (the targeted
-parameters after compression are recorded for both). Llama-layout float32 runs already in
-bench/results/dtype.json (bench/dtype_bench.py, identical command apart from -o) are reused instead of re-run.
+is therefore a realistic model with fused projections. Three runs per keep ratio, same weights, same calibration
+windows, same defaults (whiten, --alloc auto, propagation), same targeted parameter count, hence the same
+parameter budget (the targeted parameters after compression are recorded for each):
+  phi3         the Phi-3 layout with `--fused whole`: each fused matrix factorized whole, one rank (the only
+               behaviour before per-slice factorization existed; the runs recorded then had no --fused option)
+  phi3-slices  the Phi-3 layout with the defaults, i.e. per slice under the Fisher allocation: SlicedLowRankLinear
+               (under --alloc uniform, `--fused slices` is passed, since auto keeps the matrix whole there)
+  llama        the Llama layout: each slice a separate layer, what per-slice factorization should reproduce.
+Llama-layout float32 runs already in bench/results/dtype.json (bench/dtype_bench.py, identical command apart
+from -o) are reused instead of re-run.
 """
 
 import argparse
@@ -91,6 +94,10 @@ def compress(model_dir, layout, ratio, alloc):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     args = ["compress", model_dir, "--ratio", str(ratio), "-o", out, "--overwrite", *common.calib_args()]
     args += [] if alloc == "auto" else ["--alloc", alloc]
+    if layout == "phi3":
+        args += ["--fused", "whole"]
+    elif layout == "phi3-slices" and alloc == "uniform":
+        args += ["--fused", "slices"]
     return out, *common.run_lowrank(args)
 
 
@@ -108,12 +115,20 @@ def reused_llama_run(ratio, alloc):
 def run_entry(layout, ratio, command, report, wall, evaluation):
     layers = report["layers"]["list"]
     ranks, dense = {}, {}
+    # a fused layer factorized per slice: each slice is a kind of its own ("qkv_proj:k"), also where every slice
+    # stayed dense (reports written before such layers listed their slices are read through report["fused"])
+    sliced = {entry["layer"].rsplit(".", 1)[-1]: [s["name"] for s in entry["slices"]]
+              for entry in report.get("fused") or [] if entry["factorized"].startswith("per slice")}
     for layer in layers:  # mean rank over the factorized matrices of each kind; those kept dense are counted
         kind = layer["name"].rsplit(".", 1)[-1]
-        if layer["rank"] is None:
-            dense[kind] = dense.get(kind, 0) + 1
-        else:
-            ranks.setdefault(kind, []).append(layer["rank"])
+        parts = [(f"{kind}:{p['name']}", p["rank"]) for p in layer.get("info", {}).get("slices", [])]
+        if not parts and layer["rank"] is None and kind in sliced:
+            parts = [(f"{kind}:{name}", None) for name in sliced[kind]]
+        for kind, rank in parts or [(kind, layer["rank"])]:
+            if rank is None:
+                dense[kind] = dense.get(kind, 0) + 1
+            else:
+                ranks.setdefault(kind, []).append(rank)
     return {"layout": layout, "ratio": ratio, "command": command, "perplexity": evaluation["perplexity"],
             "tokens_scored": evaluation["tokens_scored"], "compress_wall_s": wall, "timings_s": report["timings_s"],
             "compress_peak_rss_bytes": report["peak_rss_bytes"],
@@ -144,7 +159,7 @@ def main():
             results.update(runs=earlier["runs"])
     done = {(run["layout"], run["ratio"], run.get("alloc", "auto")) for run in results["runs"]}
     for ratio in [float(r) for r in args.ratios.split(",")]:
-        for layout, model_dir in (("phi3", PHI3_DIR), ("llama", common.MODEL_DIR)):
+        for layout, model_dir in (("phi3", PHI3_DIR), ("phi3-slices", PHI3_DIR), ("llama", common.MODEL_DIR)):
             if (layout, ratio, args.alloc) in done:
                 continue
             reused = reused_llama_run(ratio, args.alloc) if layout == "llama" else None
@@ -186,8 +201,12 @@ def markdown(results):
 
         if run["layout"] == "phi3":
             how, attn, mlp = "whole (one rank)", rank("qkv_proj"), rank("gate_up_proj")
+        elif run["layout"] == "phi3-slices":
+            how = "per slice (Phi-3 layout, SlicedLowRankLinear)"
+            attn = " / ".join(rank(f"qkv_proj:{k}") for k in ("q", "k", "v"))
+            mlp = " / ".join(rank(f"gate_up_proj:{k}") for k in ("gate", "up"))
         else:
-            how = "per slice (Llama layout)"
+            how = "per slice (Llama layout: separate layers)"
             attn = " / ".join(rank(k) for k in ("q_proj", "k_proj", "v_proj"))
             mlp = " / ".join(rank(k) for k in ("gate_proj", "up_proj"))
         lines.append(f"| {run['ratio']} | {run.get('alloc', 'auto')} | {how} | {run['perplexity']:.2f} | {run['target_params_after']:,} | "

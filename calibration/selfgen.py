@@ -12,6 +12,7 @@ import time
 import torch
 
 from lowrank.errors import UsageError
+from lowrank.heads import attention_sizes
 from lowrank.progress import SILENT, ticker
 
 KV_CACHE_BUDGET = 2 << 30  # bytes of keys and values per generation batch (fixed: the batches decide the samples)
@@ -20,9 +21,7 @@ KV_CACHE_BUDGET = 2 << 30  # bytes of keys and values per generation batch (fixe
 def batch_size_for(config, num_samples, seq_len):
     """Sequences per generation batch: all of them, unless their KV cache would exceed KV_CACHE_BUDGET (float32)."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = getattr(config, "num_attention_heads", None) or 1
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads) or 1
+    _, kv_heads, head_dim = attention_sizes(config)
     layers = getattr(config, "num_hidden_layers", None) or 1
     per_sequence = 2 * layers * seq_len * kv_heads * head_dim * 4
     return max(1, min(num_samples, KV_CACHE_BUDGET // per_sequence))

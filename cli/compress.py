@@ -62,6 +62,10 @@ Alloc = Annotated[str, typer.Option(help="Rank allocation under the same paramet
                   "loss reduction per parameter. fisher: the same greedy rule, each component's loss weighted by "
                   "the LM loss's output Fisher (a backward pass over a quarter of the windows). sensitivity: ASVD's "
                   "measured-loss search (slow).")]
+Fused = Annotated[str, typer.Option(help="Fused projections (Phi-3 qkv_proj / gate_up_proj, GPT-NeoX / Falcon / "
+                  "Bloom query_key_value, GPT-2 c_attn): slices = each output slice (q, k, v / gate, up) its own rank, "
+                  "whole = one rank for the matrix. auto (default): slices when the ranks are allocated (global, "
+                  "fisher), whole under uniform and sensitivity: what measured best (BENCHMARKS.md).")]
 MinRankFraction = Annotated[float, typer.Option(help="global/fisher: every matrix keeps at least this fraction of "
                             "its break-even rank.")]
 Anchor = Annotated[bool, typer.Option("--anchor/--no-anchor", help="Fit each layer to the ORIGINAL model's outputs "
@@ -108,6 +112,7 @@ Verify = Annotated[bool, typer.Option("--verify/--no-verify", help="End with a v
 def compress(
     model: Model, ratio: Ratio = D["ratio"], output: Output = None, method: Method = D["method"],
     targets: Targets = None, ignore: Ignore = None, blocks: Blocks = D["blocks"], propagate: Propagate = D["propagate"], alloc: Alloc = D["alloc"],
+    fused: Fused = D["fused"],
     min_rank_fraction: MinRankFraction = D["min_rank_fraction"], anchor: Anchor = D["anchor"],
     refit: Refit = D["refit"], refine_steps: RefineSteps = D["refine_steps"], refine_lr: RefineLr = D["refine_lr"],
     damp: Damp = D["damp"], alpha: Alpha = D["alpha"], calib: Calib = D["calib"],

@@ -12,7 +12,7 @@ import torch
 from ..core import decompose
 from ..core.fisher import output_importance
 from ..core.ranks import allocate_global, component_losses, dropped_loss
-from ..io.modeling_lowrank import linear_shape
+from .fused import slice_key
 from ..methods.whiten import whiten_weighting
 from ..progress import SILENT
 from .sensitivity import sensitivity_ranks
@@ -34,9 +34,11 @@ class LossCurve:
         return dropped_loss(self.losses, ranks)
 
 
-def allocate_ranks(model, input_ids, targets, blocks_name, config, progress=SILENT, source=None, dist=None):
+def allocate_ranks(model, input_ids, targets, blocks_name, config, progress=SILENT, source=None, dist=None,
+                   sliced=None):
     """({module name: rank, or None for dense}, LossCurve or None) for config.alloc in global, fisher,
-    sensitivity."""
+    sensitivity. `sliced` ({name: FusedLayout}): fused layers whose slices are candidates of their own, named
+    LAYER:SLICE (fused.py); sensitivity ranks whole layers only."""
     if config.alloc == "sensitivity":
         return sensitivity_ranks(model, input_ids, targets, blocks_name, config, progress)[0], None
     output_fisher, profile_ids = None, input_ids
@@ -50,11 +52,10 @@ def allocate_ranks(model, input_ids, targets, blocks_name, config, progress=SILE
         progress.start("fisher", profile_ids.shape[0])
         output_fisher = output_importance(model, profile_ids, names, 1, config.device,
                                           progress=lambda: progress.advance("fisher", "output gradients"))
-    spectra, weights = profile_spectra(model, profile_ids, targets, blocks_name, config, progress, source, dist,
-                                       output_fisher)
+    spectra, weights, shapes = profile_spectra(model, profile_ids, targets, blocks_name, config, progress, source,
+                                               dist, output_fisher, sliced)
     ranks, curve = None, None
     if dist is None or dist.main:
-        shapes = {name: tuple(linear_shape(model.get_submodule(name))[:2]) for name in spectra}
         notes = []
         ranks = allocate_global(spectra, shapes, config.ratio, config.min_rank_fraction, weights, notes)
         for note in notes:
@@ -65,12 +66,14 @@ def allocate_ranks(model, input_ids, targets, blocks_name, config, progress=SILE
 
 @torch.no_grad()
 def profile_spectra(model, input_ids, targets, blocks_name, config, progress=SILENT, source=None, dist=None,
-                    output_fisher=None):
+                    output_fisher=None, sliced=None):
     """Whitened singular values of every target on the original model's own inputs (no change to the model):
     sigma_i^2 is exactly what dropping component i costs, which is what rank allocation needs.
-    With `output_fisher` ({name: D}), also each component's loss weight D^T u_i^2 (u_i its output direction):
-    returns (spectra, weights), else (spectra, None)."""
-    spectra, weights = {}, {}
+    With `output_fisher` ({name: D}), also each component's loss weight D^T u_i^2 (u_i its output direction).
+    A layer in `sliced` contributes one candidate per slice (its rows, the same whitening, D's rows).
+    Returns (spectra, weights or None, shapes {candidate: (rows, columns)})."""
+    spectra, weights, shapes = {}, {}, {}
+    sliced = sliced or {}
 
     def visit(index, block, names, collector):
         whitenings = {}
@@ -83,9 +86,15 @@ def profile_spectra(model, input_ids, targets, blocks_name, config, progress=SIL
             if id(stats) not in whitenings:
                 whitenings[id(stats)] = whiten_weighting(stats, config.damp, consume=True)
             weight = dense_weight(block.get_submodule(rel))
-            spectra[name], u = decompose.spectrum(weight, whitenings[id(stats)], output_fisher is not None)
-            if output_fisher is not None:
-                weights[name] = output_fisher[name].to(u.device) @ u.square()
+            rows = sliced[name].slice_rows() if name in sliced else {None: None}
+            for part, index in rows.items():
+                key = name if part is None else slice_key(name, part)
+                matrix = weight if index is None else weight[index.to(weight.device)]
+                spectra[key], u = decompose.spectrum(matrix, whitenings[id(stats)], output_fisher is not None)
+                shapes[key] = tuple(matrix.shape)
+                if output_fisher is not None:
+                    fisher = output_fisher[name] if index is None else output_fisher[name][index]
+                    weights[key] = fisher.to(u.device) @ u.square()
         return []
 
     options = WalkOptions(batch_size=config.batch_size, device=config.device, propagate=False,
@@ -93,9 +102,10 @@ def profile_spectra(model, input_ids, targets, blocks_name, config, progress=SIL
     walk_blocks(model, input_ids, targets, blocks_name, visit, options, source=source, progress=progress,
                 stage="profile", dist=dist)
     if dist is not None:
-        merged, merged_weights = {}, {}
-        for part, part_weights in dist.gather_objects((spectra, weights)) or []:
+        merged, merged_weights, merged_shapes = {}, {}, {}
+        for part, part_weights, part_shapes in dist.gather_objects((spectra, weights, shapes)) or []:
             merged.update(part)
             merged_weights.update(part_weights)
-        spectra, weights = merged, merged_weights
-    return spectra, (weights if output_fisher is not None else None)
+            merged_shapes.update(part_shapes)
+        spectra, weights, shapes = merged, merged_weights, merged_shapes
+    return spectra, (weights if output_fisher is not None else None), shapes

@@ -28,7 +28,7 @@ from ..io.loading import (
     round_weights,
     torch_dtype,
 )
-from ..io.modeling_lowrank import LowRankLinear, linear_shape
+from ..io.modeling_lowrank import linear_shape
 from ..io.publish import check_output, staging_dir
 from ..progress import SILENT, Progress
 from ..report.card import model_card
@@ -38,8 +38,8 @@ from .config import CompressConfig
 from .coverage import measure_coverage
 from .distributed import from_environment
 from .experts import check_streamable
-from .fused import fused_projections
-from .layers import LayerResult
+from .fused import fused_projections, slice_ranks, sliced_layers
+from .layers import LayerResult, stored_layer, stored_ranks
 from .model import compress_model, prepare_targets
 from .plan import choose_streaming, compute_dtype, output_dtype, resolve
 from .sequential import Resume, returnable_large_allocations
@@ -159,7 +159,8 @@ class _Job:
         self.config = self.config.resolved(dtype=self.dtype)
         self.element_size = torch_dtype(self.dtype).itemsize
         self.params_before = sum(t.numel() for name, t in self.net.state_dict().items() if name not in self.tied)
-        self.fused = fused_projections(self.net, [name for names in targets.values() for name in names])
+        names = [name for block_names in targets.values() for name in block_names]
+        self.fused = fused_projections(self.net, names, sliced_layers(self.net, names, self.config))
         warning = self.coverage.warning(self.config.ratio)
         if warning and self.main:
             progress.log("warning: " + warning)
@@ -328,20 +329,22 @@ class _Job:
             if layer.name.startswith(prefix) and layer.rank is not None:
                 rel = layer.name[len(prefix):]
                 m, n, has_bias = linear_shape(block.get_submodule(rel))
-                replace_module(block, rel, LowRankLinear(n, m, layer.rank, bias=has_bias, dtype=dtype))
+                replace_module(block, rel, stored_layer(layer, m, n, has_bias, dtype))
         block.load_state_dict({name: staged.get(prefix + name) for name in block.state_dict()}, assign=True)
 
     def write(self, result):
         """The report, the model card and the rest of the checkpoint; then publish."""
         result.layers = self.layers
         config, requested = result.config, self.requested
+        ranks, sliced = stored_ranks(self.layers)
         block = {
-            "format_version": 1,
+            "format_version": 2 if sliced else 1,  # an older lowrank refuses what it cannot rebuild
             "tool_version": __version__,
             "method": config.method,
             "ratio": config.ratio,
             "ratio_definition": RATIO_DEFINITION,
-            "ranks": {layer.name: layer.rank for layer in self.layers if layer.rank is not None},
+            "ranks": ranks,
+            **({"sliced": sliced} if sliced else {}),  # per-slice fused layers (modeling_lowrank.py)
             "dense": [layer.name for layer in self.layers if layer.rank is None],
             **({"experts": self.experts} if self.experts else {}),  # unpacked MoE experts (modeling_lowrank.py)
             "base_model": self.source.spec,
@@ -363,7 +366,7 @@ class _Job:
                 dtype=self.dtype, command=self.command or invocation(),
                 timings={**self.timings, **result.timings, **self.verify_timing(), "write_weights": seconds}, run=run,
                 input_bytes=self.input_bytes(), verify=self.verification, coverage=self.coverage,
-                fused=self.fused,
+                fused=slice_ranks(self.fused, self.layers),
             )
             extra = {
                 "compression_report.json": json.dumps(self.report, indent=2) + "\n",

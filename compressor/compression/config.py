@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..methods import METHODS, Method, get_method
 from ..units import parse_size
 from ..validation import check_calibration, check_int, check_number
+from .fused import FUSED_MODES
 
 ALLOCATIONS = ("auto", "uniform", "global", "fisher", "sensitivity")
 STREAM_MODES = ("auto", "on", "off")
@@ -47,6 +48,8 @@ class CompressConfig:
     # the decomposition and what surrounds it
     propagate: bool = True  # calibrate each block on the outputs of the compressed blocks before it
     alloc: str = "auto"  # see ALLOCATIONS and compression/plan.py
+    fused: str = "auto"  # fused projections (qkv_proj, ...): whole, per slice, or auto (fused.py: per slice for
+    # global/fisher ranks, whole under uniform and sensitivity, as measured)
     min_rank_fraction: float = 0.1  # global/fisher: every matrix keeps this share of its break-even rank
     anchor: bool = False  # fit W' x' to the ORIGINAL model's outputs W x (needs propagation)
     refit: bool = False  # after truncation, refit `up` by least squares to the original outputs
@@ -59,7 +62,7 @@ class CompressConfig:
     batch_size: int = 8
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # the checkpoint's, or float32 | bfloat16 | float16
-    compute_dtype: str = "auto"  # auto: the output dtype (a GGUF: float32) | float32 (see api._Job.load)
+    compute_dtype: str = "auto"  # auto: the output dtype (a GGUF: float32) | float32 (see plan.compute_dtype)
     stream: str = "auto"  # on | off | auto (when the weights exceed a quarter of this machine's memory)
     offload_budget: int | str | None = "auto"  # bytes of hidden states in memory per stream; None: never spill
     offload_dir: str | None = None
@@ -79,6 +82,11 @@ class CompressConfig:
         method = get_method(self.method)
         if self.alloc not in ALLOCATIONS:
             raise UsageError(f"unknown allocation {self.alloc!r}; choose {', '.join(ALLOCATIONS)}")
+        if self.fused not in FUSED_MODES:
+            raise UsageError(f"--fused must be one of {', '.join(FUSED_MODES)}, got {self.fused!r}")
+        if self.fused == "slices" and self.alloc == "sensitivity":
+            raise UsageError("--alloc sensitivity measures whole layers, so it cannot rank the slices of a fused "
+                             "projection: use --fused whole (or auto), or --alloc fisher, global or uniform")
         if self.stream not in STREAM_MODES:
             raise UsageError(f"--stream must be auto, on or off, got {self.stream!r}")
         if (self.anchor or self.refit) and not method.whitened:
@@ -142,7 +150,8 @@ class CompressConfig:
         """The settings block of the checkpoint's config.json (names and order are part of the format)."""
         return {"propagate": self.propagate, "alloc": self.alloc, "anchor": self.anchor, "refit": self.refit,
                 "refine_steps": self.refine_steps, "damp": self.damp, "alpha": self.alpha, "targets": self.targets,
-                "ignore": self.ignore}
+                "ignore": self.ignore,
+                "fused": self.fused}
 
     def resolved(self, **values) -> "CompressConfig":
         """A copy with request fields replaced by what they resolved to (alloc, device, ranks, ...)."""

@@ -54,7 +54,8 @@ class Distributed:
         return owner
 
     def broadcast_layer(self, layer, src):
-        for tensor in (layer.down.weight, layer.up.weight):
+        # every factor and bias (a per-slice layer has one up per slice); the biases are equal already
+        for tensor in layer.parameters():
             torch_dist.broadcast(tensor.data, src=src)
 
     def gather_objects(self, value):

@@ -16,6 +16,7 @@ from ..progress import SILENT, Progress
 from .allocation import allocate_ranks
 from .config import CompressConfig
 from .experts import check_supported, repack_untargeted, unpack_model_experts
+from .fused import sliced_layers
 from .layers import decompose_block, decompose_block_distributed
 from .plan import resolve
 from .sequential import Resume, WalkOptions, walk_blocks
@@ -76,18 +77,21 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
                                   progress=lambda: progress.advance("fisher", "gradients of the LM loss"))
         timings["fisher"] = time.perf_counter() - begin
 
+    all_names = [name for block_names in targets.values() for name in block_names]
     if config.alloc != "uniform" and not config.ranks:
         begin = time.perf_counter()
-        ranks, curve = allocate_ranks(model, input_ids, targets, blocks_name, config, progress, source, dist)
+        ranks, curve = allocate_ranks(model, input_ids, targets, blocks_name, config, progress, source, dist,
+                                      sliced_layers(model, all_names, config))
         config = config.resolved(ranks=ranks)
         timings["allocation"] = time.perf_counter() - begin
+    sliced = sliced_layers(model, all_names, config)  # fused layers factorized per slice (fused.py)
     if on_planned is not None:
         on_planned(config, curve)
 
     def visit(index, block, names, collector):
         if dist is not None:
-            return decompose_block_distributed(block, names, collector, config, fisher, dist)
-        results = decompose_block(block, names, collector, config, fisher)
+            return decompose_block_distributed(block, names, collector, config, fisher, dist, sliced)
+        results = decompose_block(block, names, collector, config, fisher, sliced)
         tokens = getattr(collector, "expert_tokens", {})  # (paired collectors: no MoE, refused above)
         for layer in results:  # MoE: the tokens the router sent to each expert, and what was pooled in
             if layer.name in tokens:

@@ -25,7 +25,7 @@ import torch
 
 from ..core.stats import InputsSeen, PairedCollector, StatsCollector
 from ..errors import UsageError
-from ..io.modeling_lowrank import LowRankLinear
+from ..io.modeling_lowrank import LowRankLinear, SlicedLowRankLinear
 from ..progress import SILENT
 from .capture import capture_block_inputs
 from .experts import pool_sparse_experts
@@ -160,7 +160,8 @@ def collect_paired_statistics(block, names, original, shifted, extras, device, n
 def refine_block(block, states, targets, extras, steps, lr, device, seed=0):
     """A few Adam steps on the block's factors so that, fed `states`, it reproduces `targets` (the original
     block's outputs): AA-SVD's block refinement. Only factor weights move; batches are drawn in a seeded order."""
-    factors = [p for m in block.modules() if isinstance(m, LowRankLinear) for p in (m.down.weight, m.up.weight)]
+    factors = [p for m in block.modules() if isinstance(m, (LowRankLinear, SlicedLowRankLinear))
+               for p in m.parameters() if p.dim() == 2]  # the factors' weights, not the biases
     if not factors or steps <= 0:
         return None
     flags = {p: p.requires_grad for p in block.parameters()}

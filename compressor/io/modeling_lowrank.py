@@ -11,6 +11,10 @@ A factorized linear `X` keeps its name and holds two children, `X.down` (r x in)
 the bias), so y = up(down(x)). The model classes are made on demand for any architecture: the checkpoint's
 `auto_map` names e.g. `modeling_lowrank.LowRankLlamaForCausalLM`, which this module builds as a subclass of
 transformers' `LlamaForCausalLM` that swaps the modules listed in `config.lowrank["ranks"]` after __init__.
+A fused layer factorized per output slice (`config.lowrank["sliced"]`: slice names, rows, ranks) becomes a
+SlicedLowRankLinear: one stacked `X.down`, and `X.up.q`, `X.up.k`, ... per slice.
+
+long: every checkpoint gets this one file alone (no lowrank beside it), so it cannot be split into modules.
 """
 
 import os
@@ -21,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: lowrank["sliced"] (per-slice fused layers); a checkpoint without them is written as 1
 # transformers 5 renamed PretrainedConfig; the older name keeps this file loadable by transformers 4.x consumers
 CONFIG_BASE = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
 MODEL_TYPE_PREFIX = "lowrank_"
@@ -104,6 +108,95 @@ class LowRankLinear(nn.Linear):
         )
 
 
+class SliceBias(nn.Module):
+    """The bias of a slice kept dense inside a SlicedLowRankLinear (its rows are rows of the shared `down`)."""
+
+    def __init__(self, out_features, device=None, dtype=None):
+        super().__init__()
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+
+    def forward(self, x):
+        return x + self.bias
+
+
+def interleave(parts, groups, dim=-1):
+    """Concatenate the slices' outputs (or weights, dim=0) back into the fused layer's row order: contiguous
+    slices one after the other, or, with `groups` > 1 (GPT-NeoX, Bloom: head after head, each head's q, k, v
+    rows side by side), group by group. Views and one concatenation: no index tensor to store or to move."""
+    if groups == 1:
+        return torch.cat(parts, dim)
+    dim = dim % parts[0].dim()
+    return torch.cat([p.unflatten(dim, (groups, -1)) for p in parts], dim + 1).flatten(dim, dim + 1)
+
+
+class SlicedLowRankLinear(nn.Linear):
+    """A fused linear layer (q, k, v or gate, up as rows of one matrix) stored per output slice, each with its
+    own rank: why is in lowrank's compression/fused.py (measured: the allocation keeps the small k and v nearly
+    dense and cuts q, which one rank per fused matrix cannot express).
+
+    One `down` [sum of widths, in] holds the slices' down factors stacked (one GEMM, one read of the input); a
+    slice kept dense contributes its weight rows there directly (width = its rows). `up[name]` is the slice's
+    up factor [rows, rank] with its bias, or, for a dense slice, only its bias. The output is the slices'
+    outputs in the fused layer's row order. Like LowRankLinear it is ONE linear to PEFT: `.weight` is the
+    read-only dense product, `.bias` the fused bias.
+    """
+
+    def __init__(self, in_features: int, out_features: int, slices, sizes, ranks, groups: int = 1,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.groups = in_features, out_features, int(groups)
+        self.slices, self.sizes = tuple(slices), tuple(int(s) for s in sizes)
+        self.ranks = tuple(None if r is None else int(r) for r in ranks)
+        if self.groups * sum(self.sizes) != out_features or not len(self.slices) == len(self.sizes) == len(self.ranks):
+            raise ValueError(f"slices {self.slices} of {self.sizes} rows x {groups} groups do not make "
+                             f"{out_features} rows")
+        self.widths = tuple(self.groups * size if rank is None else rank for size, rank in zip(self.sizes, self.ranks))
+        self.rank = sum(self.widths)
+        self.down = Projection(in_features, self.rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.ModuleDict()
+        for name, size, rank in zip(self.slices, self.sizes, self.ranks):
+            if rank is not None:
+                self.up[name] = Projection(rank, self.groups * size, bias=bias, device=device, dtype=dtype)
+            elif bias:
+                self.up[name] = SliceBias(self.groups * size, device=device, dtype=dtype)
+        self.has_bias = bias
+
+    def slice_weights(self):
+        """Each slice's (rows x in) weight, in slice order (a dense slice's are its rows of `down`)."""
+        out = []
+        for name, part in zip(self.slices, self.down.weight.split(self.widths)):
+            up = self.up[name] if name in self.up else None
+            out.append(up.weight @ part if isinstance(up, Projection) else part)
+        return out
+
+    @property
+    def weight(self):
+        with torch.no_grad():
+            dense = interleave(self.slice_weights(), self.groups, dim=0)
+        return dense.as_subclass(FactorizedWeight)
+
+    @property
+    def bias(self):
+        if not self.has_bias:
+            return None
+        return interleave([self.up[name].bias for name in self.slices], self.groups)
+
+    def forward(self, x):
+        parts = self.down(x).split(self.widths, -1)
+        outs = [self.up[name](part) if name in self.up else part for name, part in zip(self.slices, parts)]
+        return interleave(outs, self.groups)
+
+    def spec(self):
+        """What config.json records in lowrank["sliced"] for this layer, from which it is rebuilt."""
+        return {"slices": list(self.slices), "sizes": list(self.sizes), "groups": self.groups,
+                "ranks": list(self.ranks)}
+
+    def extra_repr(self):
+        parts = ", ".join(f"{name}={'dense' if rank is None else rank}" for name, rank in zip(self.slices, self.ranks))
+        return (f"in_features={self.in_features}, out_features={self.out_features}, ranks=({parts}), "
+                f"groups={self.groups}, bias={self.has_bias}")
+
+
 def linear_shape(module):
     """(out_features, in_features, has_bias) of an nn.Linear or a GPT-2 style Conv1D (weight stored in x out)."""
     if isinstance(module, nn.Linear):
@@ -145,6 +238,24 @@ def factorize_modules(model, ranks):
         ref = next(old.parameters())
         new = LowRankLinear(in_features, out_features, int(rank), bias=has_bias, device=ref.device, dtype=ref.dtype)
         setattr(parent, child_name, new)
+
+
+def slice_modules(model, sliced):
+    """Replace each named fused linear by an empty SlicedLowRankLinear built from its config.lowrank["sliced"] entry."""
+    for name, spec in sliced.items():
+        target = resolve_module_name(model, name)
+        if target is None:
+            continue
+        parent_name, _, child_name = target.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child_name)
+        if isinstance(old, SlicedLowRankLinear):
+            continue
+        out_features, in_features, has_bias = linear_shape(old)
+        ref = next(old.parameters())
+        setattr(parent, child_name, SlicedLowRankLinear(in_features, out_features, spec["slices"], spec["sizes"],
+                                                        spec["ranks"], spec.get("groups", 1), bias=has_bias,
+                                                        device=ref.device, dtype=ref.dtype))
 
 
 # ---- mixture-of-experts ------------------------------------------------------------------------------------------
@@ -247,9 +358,11 @@ def _init_factors(model, module):
 
     std = getattr(model.config, "initializer_range", None) or 0.02
     init.normal_(module.down.weight, mean=0.0, std=std)
-    init.normal_(module.up.weight, mean=0.0, std=std)
-    if module.up.bias is not None:
-        init.zeros_(module.up.bias)
+    for up in (module.up.values() if isinstance(module, SlicedLowRankLinear) else [module.up]):
+        if isinstance(up, Projection):
+            init.normal_(up.weight, mean=0.0, std=std)
+        if up.bias is not None:
+            init.zeros_(up.bias)
 
 
 _classes: dict = {}  # name -> generated class, so that each is made once
@@ -266,11 +379,12 @@ def _make_model_class(base, config_class):
         block = getattr(config, "lowrank", None) or {}
         unpack_named_experts(self, block.get("experts", []))
         factorize_modules(self, block.get("ranks", {}))
+        slice_modules(self, block.get("sliced", {}))
 
     def _init_weights(self, module):
-        if isinstance(module, LowRankLinear):
+        if isinstance(module, (LowRankLinear, SlicedLowRankLinear)):
             _init_factors(self, module)
-        elif not isinstance(module, (Projection, UnpackedExperts)):  # an unpacked module's linears init themselves
+        elif not isinstance(module, (Projection, SliceBias, UnpackedExperts)):  # an unpacked module's linears init themselves
             base._init_weights(self, module)
 
     def save_pretrained(self, save_directory, *args, **kwargs):

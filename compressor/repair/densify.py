@@ -78,12 +78,94 @@ def _meta_model(config, block):
         return architecture(architecture.config_class.from_dict(base_config))
 
 
+def _write_weights(weight_map, tensor, writer, factor_keys, sliced_keys, sliced, conv, tick):
+    """Every tensor of the checkpoint to `writer`, factorized layers multiplied out; returns the parameters
+    written. Sorted by name: the same input always gives the same bytes."""
+    import torch
+
+    params = 0
+    for key in sorted(weight_map):
+        layer = factor_keys.get(key)
+        if key in sliced_keys:  # a per-slice layer: written whole when its down (sorted first) comes
+            if key.endswith(".down.weight"):
+                name = sliced_keys[key]
+                for suffix, value in _sliced_dense(name, sliced[name], tensor, name in conv, sliced_keys).items():
+                    writer.add(f"{name}.{suffix}", value)
+                    params += value.numel()
+                tick()
+        elif layer is None:
+            value = tensor(key)
+            writer.add(key, value)
+            params += value.numel()
+        elif key.endswith("down.weight"):
+            down, up = tensor(key), tensor(f"{layer}.up.weight")
+            weight = (up.to(torch.float32) @ down.to(torch.float32)).to(down.dtype)
+            if layer in conv:
+                weight = weight.T.contiguous()
+            writer.add(f"{layer}.weight", weight)
+            params += weight.numel()
+            tick()
+        elif key.endswith("up.bias"):
+            value = tensor(key)
+            writer.add(f"{layer}.bias", value)
+            params += value.numel()
+    return params
+
+
+def _factor_keys(checkpoint, ranks, sliced, weight_map):
+    """({tensor name: layer} of the whole factorized layers, the same of the per-slice ones), every tensor the
+    config promises checked to be there."""
+    for name in ranks:
+        for part in ("down.weight", "up.weight"):
+            if f"{name}.{part}" not in weight_map:
+                raise LowrankError(f"{checkpoint} lists {name} as factorized but has no tensor {name}.{part}")
+    factor_keys = {f"{name}.{part}": name for name in ranks for part in ("down.weight", "up.weight", "up.bias")}
+    sliced_keys = {key: name for name in sliced for key in _sliced_keys(name, sliced[name], weight_map, checkpoint)}
+    return factor_keys, sliced_keys
+
+
+def _sliced_keys(name, spec, weight_map, checkpoint):
+    """The tensor names of per-slice layer `name` (lowrank.sliced entry `spec`), each checked to be present."""
+    keys = [f"{name}.down.weight"]
+    for part, rank in zip(spec["slices"], spec["ranks"]):
+        if rank is not None:
+            keys.append(f"{name}.up.{part}.weight")
+        if f"{name}.up.{part}.bias" in weight_map:
+            keys.append(f"{name}.up.{part}.bias")
+    for key in keys:
+        if key not in weight_map:
+            raise LowrankError(f"{checkpoint} lists {name} as factorized per slice but has no tensor {key}")
+    return keys
+
+
+def _sliced_dense(name, spec, tensor, conv1d, keys):
+    """{"weight": ..., "bias": ...} of a per-slice layer: each slice's up @ down rows (a dense slice's rows as
+    stored) in float32, cast to the checkpoint's dtype, in the fused layer's row order."""
+    import torch
+
+    from ..io.modeling_lowrank import interleave
+
+    down = tensor(f"{name}.down.weight")
+    widths = [spec["groups"] * size if rank is None else rank for size, rank in zip(spec["sizes"], spec["ranks"])]
+    weights, biases = [], []
+    for part, rank, rows in zip(spec["slices"], spec["ranks"], down.split(widths)):
+        weights.append(rows if rank is None else
+                       (tensor(f"{name}.up.{part}.weight").to(torch.float32) @ rows.to(torch.float32)).to(down.dtype))
+        if f"{name}.up.{part}.bias" in keys:
+            biases.append(tensor(f"{name}.up.{part}.bias"))
+    weight = interleave(weights, spec["groups"], dim=0)
+    out = {"weight": weight.T.contiguous() if conv1d else weight.contiguous()}
+    if biases:
+        out["bias"] = interleave(biases, spec["groups"])
+    return out
+
+
 def _conv1d_layers(model, block):
     """Names of the factorized layers that were GPT-2 style Conv1D (weight stored in x out)."""
     from ..io.modeling_lowrank import resolve_module_name
 
     conv = set()
-    for name in block["ranks"]:
+    for name in [*block["ranks"], *(block.get("sliced") or {})]:
         target = resolve_module_name(model, name)
         if target is not None and type(model.get_submodule(target)).__name__ == "Conv1D":
             conv.add(name)
@@ -103,8 +185,6 @@ def dense_config(config, marker):
 def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", overwrite: bool = False,
             progress: Progress = SILENT) -> dict:
     """Write the dense equivalent of the factorized `checkpoint` to `output`. Returns a summary dict."""
-    import torch
-
     max_shard_bytes = parse_size(max_shard_size)
     if max_shard_bytes < 1:
         raise UsageError(f"--max-shard-size must be at least one byte, got {max_shard_size!r}")
@@ -115,16 +195,13 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
     check_output(output, checkpoint, overwrite)
     check_checkpoint_files(checkpoint)
     weight_map = _weight_map(checkpoint)
-    ranks = block.get("ranks") or {}
-    for name in ranks:
-        for part in ("down.weight", "up.weight"):
-            if f"{name}.{part}" not in weight_map:
-                raise LowrankError(f"{checkpoint} lists {name} as factorized but has no tensor {name}.{part}")
+    ranks, sliced = block.get("ranks") or {}, block.get("sliced") or {}
+    factor_keys, sliced_keys = _factor_keys(checkpoint, ranks, sliced, weight_map)
     from ..compression.experts import ExpertStacker  # torch and transformers: imported when used
 
     meta = _meta_model(config, block)
     conv = _conv1d_layers(meta, block)
-    factor_keys = {f"{name}.{part}": name for name in ranks for part in ("down.weight", "up.weight", "up.bias")}
+    layers = len(ranks) + len(sliced)
 
     handles = {}  # the input's shards, opened as needed; closed at the end even on a failure
     try:
@@ -137,34 +214,16 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
                 return _safetensors_call(path, handles[shard].get_tensor, key)
 
             writer = ExpertStacker(ShardWriter(staging, max_shard_bytes), meta, block.get("experts", []))
-            tick = ticker(progress, "layers", max(len(ranks), 1), lambda done: f"{done}/{len(ranks)} layers multiplied")
-            params = 0
-            for key in sorted(weight_map):  # sorted: the same input always gives the same bytes
-                layer = factor_keys.get(key)
-                if layer is None:
-                    value = tensor(key)
-                    writer.add(key, value)
-                    params += value.numel()
-                elif key.endswith("down.weight"):
-                    down, up = tensor(key), tensor(f"{layer}.up.weight")
-                    weight = (up.to(torch.float32) @ down.to(torch.float32)).to(down.dtype)
-                    if layer in conv:
-                        weight = weight.T.contiguous()
-                    writer.add(f"{layer}.weight", weight)
-                    params += weight.numel()
-                    tick()
-                elif key.endswith("up.bias"):
-                    value = tensor(key)
-                    writer.add(f"{layer}.bias", value)
-                    params += value.numel()
+            tick = ticker(progress, "layers", max(layers, 1), lambda done: f"{done}/{layers} layers multiplied")
+            params = _write_weights(weight_map, tensor, writer, factor_keys, sliced_keys, sliced, conv, tick)
             files = writer.finish()
             weight_bytes = sum(os.path.getsize(os.path.join(staging, name)) for name in files)
             marker = {"format_version": FORMAT_VERSION, "tool_version": __version__,
                       "source": os.path.abspath(checkpoint), "base_model": block.get("base_model"),
                       "method": block.get("method"), "ratio": block.get("ratio"),
-                      "ratio_definition": block.get("ratio_definition"), "densified_layers": len(ranks),
-                      "ranks": ranks, "architectures": list(block["base_architectures"]), "params": params,
-                      "bytes": weight_bytes}
+                      "ratio_definition": block.get("ratio_definition"), "densified_layers": layers,
+                      "ranks": ranks, **({"sliced": sliced} if sliced else {}),
+                      "architectures": list(block["base_architectures"]), "params": params, "bytes": weight_bytes}
             for name in sorted(os.listdir(checkpoint)):
                 path = os.path.join(checkpoint, name)
                 if os.path.isfile(path) and name not in NOT_COPIED and not name.endswith(WEIGHT_SUFFIXES):
@@ -176,7 +235,7 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
                 f.write(model_card(output, marker))
     finally:
         handles.clear()
-    return {"source": checkpoint, "output": output, "densified_layers": len(ranks), "params": params,
+    return {"source": checkpoint, "output": output, "densified_layers": layers, "params": params,
             "bytes": weight_bytes, "files": files, "architectures": marker["architectures"]}
 
 

@@ -27,7 +27,7 @@ from ..environment import invocation
 from ..errors import UsageError
 from ..io.checkpoint import MODEL_TYPE_PREFIX, load_pretrained, write_checkpoint
 from ..io.loading import load_model, read_config, resolve_model
-from ..io.modeling_lowrank import LowRankLinear, linear_shape
+from ..io.modeling_lowrank import LowRankLinear, SlicedLowRankLinear, linear_shape
 from ..io.publish import check_output, publish, staging_dir
 from ..io.shards import ShardWriter
 from ..methods.whiten import whiten_weighting
@@ -178,6 +178,9 @@ def merge_corrections(model, corrections):
     """Fold B A into the compressed model: factorized layers grow rank by k, dense layers add B A to W."""
     for name, correction in corrections.items():
         module = model.get_submodule(name)
+        if isinstance(module, SlicedLowRankLinear):
+            raise UsageError(f"{name} is a fused projection factorized per slice: --merge cannot fold a correction "
+                             "into its factors yet; write the correction as an adapter (without --merge)")
         if isinstance(module, LowRankLinear):
             module.up.weight = torch.nn.Parameter(torch.cat([module.up.weight, correction.up], dim=1))
             module.down.weight = torch.nn.Parameter(torch.cat([module.down.weight, correction.down], dim=0))

@@ -51,6 +51,11 @@ def check_servable(config):
     positive integer ranks.
     """
     family = family_of(config)
+    sliced = sorted((config.get("lowrank") or {}).get("sliced") or {})
+    if sliced:  # fused projections (Phi-3, GPT-NeoX, ...): no served family has them, but never guess a layout
+        raise UnservableCheckpoint(
+            f"lowrank's vLLM plugin cannot serve {sliced[0]}, a fused projection factorized per slice "
+            f"(SlicedLowRankLinear): it serves separate q/k/v and gate/up projections only; {ALTERNATIVE}")
     ranks = (config.get("lowrank") or {}).get("ranks") or {}
     others = sorted(name for name in ranks if not LAYER.match(name))
     if others:
