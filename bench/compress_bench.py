@@ -5,8 +5,8 @@
         --ratios 0.8,0.6 --speed-ratio 0 --out ablation.json
 
 A method may carry `+` options (the rank-allocation and refitting ablation): global = --alloc global,
-fisher = --alloc fisher, anchor = --anchor, refit = --refit, refineN = --refine-steps N, sensitivity = --alloc sensitivity,
-alphaX = --alpha X (asvd).
+fisher = --alloc fisher, anchor = --anchor, refit = --refit, refineN = --refine-steps N, lrX = --refine-lr X,
+sensitivity = --alloc sensitivity, alphaX = --alpha X (asvd).
 
 Every compression is a real `lowrank compress` process (its wall time and peak RSS are the command's own);
 the dense baseline (one plain forward pass over the same calibration windows, perplexity, decode speed) runs in
@@ -32,6 +32,8 @@ def option_flags(spec):
     for option in options:
         if option.startswith("refine"):
             flags += ["--refine-steps", option[len("refine"):]]
+        elif option.startswith("lr"):
+            flags += ["--refine-lr", option[len("lr"):]]
         elif option.startswith("alpha"):
             flags += ["--alpha", option[len("alpha"):]]
         else:

@@ -15,6 +15,7 @@ them from disk.
 """
 
 import ctypes
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -157,14 +158,20 @@ def collect_paired_statistics(block, names, original, shifted, extras, device, n
     return collector, outputs
 
 
-def refine_block(block, states, targets, extras, steps, lr, device, seed=0):
+def refine_block(block, states, targets, extras, steps, lr, device, seed=0, monitor=None):
     """A few Adam steps on the block's factors so that, fed `states`, it reproduces `targets` (the original
-    block's outputs): AA-SVD's block refinement. Only factor weights move; batches are drawn in a seeded order."""
+    block's outputs): AA-SVD's block refinement. Only factor weights move; batches are drawn in a seeded order,
+    one batch per step. The loss is the relative squared error of the block's output, measured over the whole
+    calibration set before and after: should the steps have made it worse (a learning rate too high for this
+    block), the closed-form factors are put back, so refinement never leaves a block worse on what it fitted.
+    Returns {"loss_before", "loss_after", "loss_first", "loss_last", "kept"} or None (nothing to refine)."""
     factors = [p for m in block.modules() if isinstance(m, (LowRankLinear, SlicedLowRankLinear))
                for p in m.parameters() if p.dim() == 2]  # the factors' weights, not the biases
     if not factors or steps <= 0:
         return None
     flags = {p: p.requires_grad for p in block.parameters()}
+    closed_form = [p.detach().clone() for p in factors]
+    before = block_loss(block, states, targets, extras, device)
     for p in block.parameters():
         p.requires_grad_(False)
     for p in factors:
@@ -185,10 +192,33 @@ def refine_block(block, states, targets, extras, steps, lr, device, seed=0):
                 optimizer.step()
                 first = loss.item() if first is None else first
                 last = loss.item()
+                if monitor is not None:  # (benchmarks: a held-out curve)
+                    monitor(step + 1, last)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return {"loss_first": first, "loss_last": last}
+    del optimizer
+    after = block_loss(block, states, targets, extras, device)
+    kept = after < before and math.isfinite(after)
+    if not kept:
+        with torch.no_grad():
+            for p, saved in zip(factors, closed_form):
+                p.copy_(saved)
+    return {"loss_before": before, "loss_after": after if kept else before, "loss_first": first, "loss_last": last,
+            "kept": kept}
+
+
+def block_loss(block, states, targets, extras, device):
+    """sum ||B(x) - y||^2 / sum ||y||^2 over every batch, in float64: the refinement's loss on all its data."""
+    error = energy = 0.0
+    with torch.no_grad():
+        for index in range(len(states)):
+            args, kwargs = extras.of(index, states[index].shape[0], device)
+            out = hidden_states(block(states[index].to(device), *args, **kwargs)).double()
+            target = targets[index].to(device).double()
+            error += float((out - target).square().sum())
+            energy += float(target.square().sum())
+    return error / energy if energy > 0 else 0.0
 
 
 def walk_blocks(model, input_ids, targets, blocks_name, visit, options=WalkOptions(), *, source=None,
