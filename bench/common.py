@@ -13,6 +13,7 @@ tokens, non-overlapping windows of EVAL_SEQ_LEN tokens over the first EVAL_MAX_T
 the first of a window scored).
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -189,3 +190,31 @@ def measure(path, adapter=None, forward=False, decode=False, samples=CALIB_SAMPL
     checkpoint, in a fresh process."""
     code = MEASURE.format(bench=HERE, path=path, adapter=adapter, forward=forward, decode=decode, samples=samples)
     return run_python(code)
+
+
+def bench_parser(doc, out, ratios):
+    """The options of every benchmark that keeps a results file and renders it as a table."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratios", default=ratios)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in --out (same protocol)")
+    parser.add_argument("--render", action="store_true", help="only print the markdown table of --out")
+    return parser
+
+
+def rendered(args, markdown):
+    """With --render, print --out's table and say so (the caller then stops)."""
+    if args.render:
+        with open(os.path.join(RESULTS, args.out)) as f:
+            print(markdown(json.load(f)))
+    return args.render
+
+
+def earlier_results(args, protocol):
+    """With --resume, what --out already holds when it was made under the same `protocol`; else None."""
+    path = os.path.join(RESULTS, args.out)
+    if not (args.resume and os.path.exists(path)):
+        return None
+    with open(path) as f:
+        earlier = json.load(f)
+    return earlier if earlier.get("protocol") == protocol else None

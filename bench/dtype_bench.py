@@ -17,8 +17,6 @@ also scores each compressed output in its own dtype. The acceptance check: the b
 2% of the float32 output's at the same ratio. Runs are resumable (`--resume` keeps those in the results file).
 """
 
-import argparse
-import json
 import os
 import sys
 
@@ -98,31 +96,24 @@ def file_bytes(path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ratios", default="0.8,0.6")
+    parser = common.bench_parser(__doc__, "dtype.json", "0.8,0.6")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="checkpoints to compress; CHECKPOINT@float32 "
                         "(bfloat16@float32) computes in float32 on it (--compute-dtype float32)")
-    parser.add_argument("--out", default="dtype.json")
     parser.add_argument("--dense-dtypes", default="float32,bfloat16,bfloat16:float32", help="dense checkpoints to "
                         "score, in their own dtype or as CHECKPOINT:ARITHMETIC (bfloat16:float32: the bf16 weights "
                         "upcast, the baseline of the compressed outputs' evaluation)")
     parser.add_argument("--own-dtype", action="store_true", help="also score bf16 outputs in bf16 arithmetic")
     parser.add_argument("--alloc", default="auto", help="auto (the default, Fisher-weighted global ranks) or "
                         "uniform: the Fisher pass is a backward pass, 16x slower in bf16 than float32 on this CPU")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--render", action="store_true", help="only print the markdown table of --out")
     args = parser.parse_args()
-    path = os.path.join(common.RESULTS, args.out)
-    if args.render:
-        print(markdown(json.load(open(path))))
+    if common.rendered(args, markdown):
         return
     common.prepare()
     prepare_bf16()
     results = {"protocol": protocol(), "machine": common.machine(), "dense": {}, "runs": []}
-    if args.resume and os.path.exists(path):
-        earlier = json.load(open(path))
-        if earlier.get("protocol") == results["protocol"]:
-            results.update(dense=earlier["dense"], runs=earlier["runs"])
+    earlier = common.earlier_results(args, results["protocol"])
+    if earlier:
+        results.update(dense=earlier["dense"], runs=earlier["runs"])
     dtypes = args.dtypes.split(",")
     for key in [d for d in args.dense_dtypes.split(",") if d]:  # CHECKPOINT or CHECKPOINT:ARITHMETIC dtypes
         dtype, _, arithmetic = key.partition(":")

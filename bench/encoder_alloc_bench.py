@@ -1,6 +1,6 @@
 """Loss-aware ranks for encoders (issue 19): `--alloc fisher` against `--alloc uniform` on a model with no LM head.
 
-    OMP_NUM_THREADS=1 python bench/encoder_alloc_bench.py --ratios 0.8
+    OMP_NUM_THREADS=1 python bench/encoder_alloc_bench.py --ratios 0.8 [--resume]
     python bench/encoder_alloc_bench.py --render
 
 No real encoder is available offline, so the stand-in is SmolLM2-135M's transformer without its head
@@ -13,8 +13,6 @@ hidden states per token and of each window's mean-pooled embedding (what a sente
 Calibration and evaluation: bench/common.py (16 x 512 tokens, seed 0; the first 8,192 held-out tokens).
 """
 
-import argparse
-import json
 import os
 import sys
 
@@ -22,6 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 BASE_DIR = os.path.join(common.WORK, "smollm2-135m-base")
+PROTOCOL = {"model": "SmolLM2-135M's transformer without its head (LlamaModel), float32",
+            "calibration": f"bench/common.py: {common.CALIB_SAMPLES} x {common.CALIB_SEQ_LEN} tokens, seed 0",
+            "evaluation": f"the first {common.EVAL_MAX_TOKENS} held-out tokens in {common.EVAL_SEQ_LEN}-token windows: "
+                          "perplexity through the original head, cosine to the dense final hidden states"}
 
 MEASURE = r"""
 import json, sys
@@ -87,19 +89,14 @@ def markdown(results):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ratios", default="0.8")
+    parser = common.bench_parser(__doc__, "encoder-alloc.json", "0.8")
     parser.add_argument("--allocs", default="uniform,fisher")
-    parser.add_argument("--out", default="encoder-alloc.json")
-    parser.add_argument("--render", action="store_true", help="only print the markdown table of --out")
     args = parser.parse_args()
-    path = os.path.join(common.RESULTS, args.out)
-    if args.render:
-        print(markdown(json.load(open(path))))
+    if common.rendered(args, markdown):
         return
     common.prepare()
     prepare_base()
-    results = json.load(open(path)) if os.path.exists(path) else {"machine": common.machine(), "runs": []}
+    results = common.earlier_results(args, PROTOCOL) or {"protocol": PROTOCOL, "machine": common.machine(), "runs": []}
     if "dense" not in results:
         results["dense"] = measure("")
         common.save(args.out, results)

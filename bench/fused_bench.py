@@ -19,7 +19,6 @@ Llama-layout float32 runs already in bench/results/dtype.json (bench/dtype_bench
 from -o) are reused instead of re-run.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -139,24 +138,17 @@ def run_entry(layout, ratio, command, report, wall, evaluation):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ratios", default="0.8,0.6")
-    parser.add_argument("--out", default="fused.json")
+    parser = common.bench_parser(__doc__, "fused.json", "0.8,0.6")
     parser.add_argument("--alloc", default="auto", help="auto (the default) or uniform (one keep ratio for every "
                         "matrix: a fused one keeps `ratio` of its parameters, each slice of the Llama layout too)")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--render", action="store_true", help="only print the markdown table of --out")
     args = parser.parse_args()
-    path = os.path.join(common.RESULTS, args.out)
-    if args.render:
-        print(markdown(json.load(open(path))))
+    if common.rendered(args, markdown):
         return
     common.prepare()
     results = {"protocol": protocol(), "machine": common.machine(), "conversion": convert(), "runs": []}
-    if args.resume and os.path.exists(path):
-        earlier = json.load(open(path))
-        if earlier.get("protocol") == results["protocol"]:
-            results.update(runs=earlier["runs"])
+    earlier = common.earlier_results(args, results["protocol"])
+    if earlier:
+        results.update(runs=earlier["runs"])
     done = {(run["layout"], run["ratio"], run.get("alloc", "auto")) for run in results["runs"]}
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for layout, model_dir in (("phi3", PHI3_DIR), ("phi3-slices", PHI3_DIR), ("llama", common.MODEL_DIR)):

@@ -198,3 +198,19 @@ def save_random_adapter(directory):
                 param.copy_(torch.randn(param.shape, generator=g))
     model.save_pretrained(directory)
     return str(directory)
+
+
+@pytest.fixture(scope="session")
+def deep_llama(tmp_path_factory, tokenizer):
+    """A 16-block Llama checkpoint, so that a run can be stopped halfway (streaming, resume, refinement)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=16, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
+    directory = tmp_path_factory.mktemp("deep")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

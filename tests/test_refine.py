@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 
-import pytest
 import torch
 from conftest import build_model
 from test_streaming import compress_command, every_file, journal_blocks, run_until
@@ -51,21 +50,6 @@ def test_refinement_is_seeded():
         outputs.append({n: t.clone() for n, t in model.state_dict().items()})
     assert outputs[0].keys() == outputs[1].keys()
     assert all(torch.equal(outputs[0][n], outputs[1][n]) for n in outputs[0])
-
-
-@pytest.fixture(scope="module")
-def deep_llama(tmp_path_factory, tokenizer):
-    """16 blocks, so that a run can be stopped halfway."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=16, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
-    directory = tmp_path_factory.mktemp("deep-refine")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
 
 
 def test_refined_output_is_the_same_on_a_rerun_and_after_sigkill_and_resume(deep_llama, calib_file, tmp_path):

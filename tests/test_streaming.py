@@ -87,22 +87,6 @@ def test_streaming_refuses_what_needs_the_whole_model(llama_dir, calib_file, tmp
         lowrank.compress(llama_dir, str(tmp_path / "x"), calib="self", stream="on", **FAST)
 
 
-@pytest.fixture(scope="module")
-def deep_llama(tmp_path_factory, tokenizer):
-    """16 blocks, so that a run can be stopped halfway."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=16, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
-    directory = tmp_path_factory.mktemp("deep")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
-
-
 def compress_command(source, out, calib_file, *extra):
     return [sys.executable, "-m", "lowrank", "compress", source, "-o", out, "--ratio", "0.5", "--calib", calib_file,
             "--num-samples", "48", "--seq-len", "64", "--batch-size", "4", "--max-shard-size", "200KB", "-q",

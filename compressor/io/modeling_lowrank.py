@@ -223,39 +223,33 @@ def resolve_module_name(model, name):
     return None
 
 
+def _replace_linear(model, name, kind, build):
+    """Swap the linear layer `name` (resolved on `model`) for build(in, out, has_bias, like=a parameter of it),
+    unless it is already a `kind`; the one place that rewrites the model's modules."""
+    target = resolve_module_name(model, name)
+    if target is None:
+        return  # e.g. the LM head of a causal LM, when loading only its base model
+    parent_name, _, child_name = target.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child_name)
+    if not isinstance(old, kind):
+        out_features, in_features, has_bias = linear_shape(old)
+        setattr(parent, child_name, build(in_features, out_features, has_bias, next(old.parameters())))
+
+
 def factorize_modules(model, ranks):
     """Replace each named linear by an empty LowRankLinear of the given rank (weights are loaded afterwards)."""
     for name, rank in ranks.items():
-        target = resolve_module_name(model, name)
-        if target is None:
-            continue  # e.g. the LM head of a causal LM, when loading only its base model
-        parent_name, _, child_name = target.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child_name)
-        if isinstance(old, LowRankLinear):
-            continue
-        out_features, in_features, has_bias = linear_shape(old)
-        ref = next(old.parameters())
-        new = LowRankLinear(in_features, out_features, int(rank), bias=has_bias, device=ref.device, dtype=ref.dtype)
-        setattr(parent, child_name, new)
+        _replace_linear(model, name, LowRankLinear, lambda i, o, bias, like, rank=rank: LowRankLinear(
+            i, o, int(rank), bias=bias, device=like.device, dtype=like.dtype))
 
 
 def slice_modules(model, sliced):
     """Replace each named fused linear by an empty SlicedLowRankLinear built from its config.lowrank["sliced"] entry."""
     for name, spec in sliced.items():
-        target = resolve_module_name(model, name)
-        if target is None:
-            continue
-        parent_name, _, child_name = target.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child_name)
-        if isinstance(old, SlicedLowRankLinear):
-            continue
-        out_features, in_features, has_bias = linear_shape(old)
-        ref = next(old.parameters())
-        setattr(parent, child_name, SlicedLowRankLinear(in_features, out_features, spec["slices"], spec["sizes"],
-                                                        spec["ranks"], spec.get("groups", 1), bias=has_bias,
-                                                        device=ref.device, dtype=ref.dtype))
+        _replace_linear(model, name, SlicedLowRankLinear, lambda i, o, bias, like, spec=spec: SlicedLowRankLinear(
+            i, o, spec["slices"], spec["sizes"], spec["ranks"], spec.get("groups", 1), bias=bias, device=like.device,
+            dtype=like.dtype))
 
 
 # ---- mixture-of-experts ------------------------------------------------------------------------------------------
