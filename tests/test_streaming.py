@@ -77,7 +77,8 @@ def test_auto_allocation_is_fisher_where_it_applies(llama_dir, bert_dir, calib_f
     assert alloc == "fisher" and len(ranks) > 3  # heterogeneous
     assert chosen(llama_dir, stream="on")[0] == "uniform"
     assert chosen(llama_dir, stream="off", method="svd")[0] == "uniform"
-    assert chosen(bert_dir, stream="off")[0] == "uniform"  # no LM head
+    assert chosen(bert_dir, stream="off")[0] == "fisher"  # an encoder: the Fisher of its final hidden states
+    assert chosen(bert_dir, stream="on")[0] == "uniform"
 
 
 def test_streaming_refuses_what_needs_the_whole_model(llama_dir, calib_file, tmp_path):

@@ -11,19 +11,20 @@ from .config import CompressConfig, memory_bytes
 
 
 def resolve_alloc(config: CompressConfig, model, *, streaming: bool, distributed: bool) -> tuple[str, str | None]:
-    """--alloc auto: the measured best (fisher, see BENCHMARKS.md) where it applies, else uniform.
+    """--alloc auto: the measured best (fisher, see BENCHMARKS.md; for an encoder the Fisher of its final hidden
+    states, measured too) where it applies, else uniform.
     Returns (allocation, why it is not fisher or None)."""
     if config.alloc != "auto":
         return config.alloc, None
-    from ..core.fisher import has_lm_head
+    from ..core.fisher import has_lm_head, is_encoder
 
     if not config.method_spec.whitened:
         return "uniform", f"the Fisher-weighted allocation was measured with --method whiten, not {config.method}"
     if streaming or distributed:
         return "uniform", "the Fisher-weighted allocation needs the whole model in one process"
-    if not has_lm_head(model):
-        return "uniform", "the Fisher-weighted allocation needs a language-model head"
-    return "fisher", None
+    if not has_lm_head(model) and not is_encoder(model):
+        return "uniform", "the Fisher-weighted allocation needs a language-model head, or an encoder"
+    return "fisher", None  # an encoder's: of its final hidden states (BENCHMARKS.md, "Encoders")
 
 
 def resolve(config: CompressConfig, model, *, streaming: bool = False, distributed: bool = False):
