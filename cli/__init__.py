@@ -12,11 +12,25 @@ import sys
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 
+# SIGINTs received: a Ctrl-C that lands inside a C extension's import (numpy, under torch) can come back as another
+# error ("ImportError: cannot load module more than once per process"); it is still an interruption (exit 130)
+_SIGNALLED = []
+
+
+def _note_sigint(signum, frame):
+    _SIGNALLED.append(signum)
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     """Console entry point: run the app, turn errors into one line and an exit code. The commands are imported
     here, inside the handler, so that a Ctrl-C even while they load is one line too."""
     entry_point, argv = argv is None, sys.argv[1:] if argv is None else list(argv)
     before = _output_identity(argv)
+    if entry_point:
+        import signal
+
+        signal.signal(signal.SIGINT, _note_sigint)
     try:
         _run(argv, before)
     except KeyboardInterrupt:
@@ -73,6 +87,8 @@ def _run(argv, before):
         _say("out of memory; try fewer --num-samples, a shorter --seq-len or a smaller --batch-size")
         sys.exit(1)
     except Exception as error:  # a bug or an environment problem: say what, offer the traceback
+        if _SIGNALLED:  # a library turned the Ctrl-C into this error
+            _interrupted(argv, before)
         if debug:
             raise
         if isinstance(error, OSError) and error.errno in DISK_FULL:

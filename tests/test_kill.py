@@ -18,7 +18,7 @@ import sys
 import time
 
 import pytest
-from conftest import tree_digest
+from conftest import run, tree_digest
 
 peft = pytest.importorskip("peft")
 
@@ -202,3 +202,24 @@ def test_compensate_says_what_ctrl_c_interrupted(llama_dir, tokenizer, calib_fil
     command = [sys.executable, "-m", "lowrank", "compensate", llama_dir, pruned, "--rank", "4", "--calib", calib_file,
                "--num-samples", "8", "--seq-len", "64", "--batch-size", "4", "-o", output]
     interrupt_and_check(command, output, [llama_dir, pruned, calib_file], "compensate")
+
+
+def test_a_ctrl_c_a_library_turned_into_another_error_is_still_an_interruption(monkeypatch, tmp_path, capsys):
+    """A SIGINT that lands inside a C extension's import (numpy, under torch) came back once as "ImportError: cannot
+    load module more than once per process", printed as a failure with exit 1 (seen in CI). A SIGINT noted by the
+    entry point's handler makes any error that follows an interruption: exit 130 and the interrupted line."""
+    import lowrank.cli as cli
+    import lowrank.compression.api as api
+
+    def interrupted_import(*args, **kwargs):
+        cli._SIGNALLED.append(signal.SIGINT)
+        raise ImportError("cannot load module more than once per process")
+
+    monkeypatch.setattr(cli, "_SIGNALLED", [])
+    monkeypatch.setattr(api, "compress", interrupted_import)
+    output = str(tmp_path / "out")
+    code, _, err = run(["compress", str(tmp_path), "-o", output], capsys)
+    assert code == 130, err
+    assert err.strip().splitlines()[-1] == ("error: lowrank compress interrupted; nothing was written (an output "
+                                            "appears only when it is complete)")
+    assert not os.path.exists(output)

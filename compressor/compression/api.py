@@ -40,9 +40,10 @@ from .distributed import from_environment
 from .experts import check_streamable
 from .fused import fused_projections, slice_ranks, sliced_layers
 from .layers import LayerResult, stored_layer, stored_ranks
+from .malloc import returnable_large_allocations
 from .model import compress_model, prepare_targets
 from .plan import choose_streaming, compute_dtype, output_dtype, resolve
-from .sequential import Resume, returnable_large_allocations
+from .sequential import Resume
 from .targets import block_prefixes, is_encoder_decoder, replace_module, stack_names
 
 

@@ -14,12 +14,9 @@ weights come from is a block source: `InMemoryBlocks` hands out the model's own 
 them from disk.
 """
 
-import ctypes
 import math
-import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +27,7 @@ from ..io.modeling_lowrank import LowRankLinear, SlicedLowRankLinear
 from ..progress import SILENT
 from .capture import capture_block_inputs
 from .experts import pool_sparse_experts
+from .malloc import return_freed_memory
 from .offload import release_batch, states_factory
 from .targets import block_prefixes, find_blocks, is_encoder_decoder, stack_names
 
@@ -361,45 +359,3 @@ def _replay_block(block, index, replay, streams, extras, device, options, new_st
         if options.propagate else reference
     if options.anchored:
         streams.original = reference
-
-
-@contextmanager
-def returnable_large_allocations():
-    """Within the block, fix glibc's mmap threshold at 1 MiB. By default it rises (up to 32 MiB) each time a large
-    block is freed, after which tensors of a few MiB come from the heap, fragment it and are never given back:
-    resident memory then creeps up block after block. Measured on a streamed 2-block model: peak RSS 1.63 ->
-    1.38 GiB. The price: every activation above 1 MiB is a fresh mapping, page-faulted in on each use: the block
-    passes of SmolLM2 take ~30% longer (20 -> 26 s over 16 x 512 tokens), so `compress` sets it for streaming
-    only, where memory is the point.
-
-    On leaving, the threshold goes back to glibc's initial 128 KiB. glibc has no call that re-enables its dynamic
-    threshold once a value was set, so the process keeps a fixed threshold at glibc's own starting value (what
-    a fresh process has until its first large free)."""
-    libc = _libc()
-    if libc is None:
-        yield
-        return
-    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    try:
-        yield
-    finally:
-        libc.mallopt(-3, 128 * 1024)
-
-
-def return_freed_memory():
-    """Give memory freed during a block back to the system (glibc keeps big freed chunks otherwise), so that
-    resident memory stays at one block's worth."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018  (musl and others lack them)
-        return libc
-    except (OSError, AttributeError):
-        return None
