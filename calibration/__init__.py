@@ -26,7 +26,7 @@ HELD_OUT_TOKENS = 2048  # held-out text for compress's verdict: a few thousand t
 
 @dataclass
 class Calibration:
-    input_ids: torch.Tensor  # [num_samples, seq_len], int64
+    input_ids: torch.Tensor  # [num_samples, seq_len], int64 (audio.AudioWindows for a speech model)
     provenance: dict = field(default_factory=dict)
     held_out: torch.Tensor | None = None  # [k, seq_len] windows the calibration does not use (compress's verdict)
 
@@ -62,9 +62,20 @@ def draw_windows(stream, num_samples, seq_len, seed, source, held_out=0):
 
 
 def load_calibration(spec, model, tokenizer, num_samples, seq_len=None, seed=0, split="train", text_column="text",
-                     progress=SILENT, device=None):
+                     progress=SILENT, device=None, source=None, trust_remote_code=False):
     """[num_samples, seq_len] token ids on the CPU and their provenance. `device`: where `self` samples (default:
-    where the model is)."""
+    where the model is). A speech model gets audio windows instead (audio.py), read with the feature extractor
+    saved with it in `source` (the model's directory or hub id)."""
+    from .audio import audio_files, load_audio_calibration, load_feature_extractor, reads_audio
+
+    if reads_audio(model):
+        extractor = load_feature_extractor(source, trust_remote_code)
+        windows, provenance = load_audio_calibration(spec, model, extractor, num_samples, seq_len, seed, progress,
+                                                     device)
+        return Calibration(windows, provenance)
+    if audio_files(spec):
+        raise UsageError(f"--calib {spec} is audio, and this model reads text: give it text (a file, a folder or a "
+                         "dataset)")
     limit = getattr(model.config, "max_position_embeddings", None)
     if seq_len is None:  # the papers' length, or the model's maximum when that is shorter
         seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)

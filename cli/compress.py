@@ -188,10 +188,12 @@ def next_steps(report, output):
     import shlex
 
     model, out = shlex.quote(report["model"]["source"]), shlex.quote(output)
+    load = (f"load:    lowrank.load_pretrained({output!r}), or the model's Auto class with trust_remote_code=True "
+            "(README, \"Load it\")")
+    if "not a causal language model" in str(report.get("verify", {}).get("skipped", "")):
+        return [load]  # an encoder-decoder or a speech model: no perplexity to compare, no wikitext task
     lines = [(f"compare: lowrank eval {out} --baseline {model} --data TEXT_FILE   (without --data: WikiText-2 "
-              "from the hub)"),
-             (f"load:    lowrank.load_pretrained({output!r}), or the model's Auto class with "
-              "trust_remote_code=True (README, \"Load it\")")]
+              "from the hub)"), load]
     if importlib.util.find_spec("lm_eval") is not None:
         lines.append(f"lm_eval: lm_eval --model hf --model_args pretrained={out},trust_remote_code=True --tasks "
                      "wikitext   (downloads WikiText-2 from the hub)")

@@ -59,23 +59,26 @@ TYPES = {
                   encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=VOCAB, max_position_embeddings=128,
                   bos_token_id=0, eos_token_id=1, pad_token_id=3, decoder_start_token_id=1),
              "AutoModelForSeq2SeqLM", True),
+    # speech: the encoder reads log-mel features of audio (calibrated on speech_calibration's clips), 100 frames
+    # (1 s with SPEECH_FEATURES); the decoder reads the model's own transcription
+    "whisper": (dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=VOCAB,
+                     num_mel_bins=16, max_source_positions=50, max_target_positions=64, pad_token_id=3,
+                     bos_token_id=0, eos_token_id=1, decoder_start_token_id=0),
+                "AutoModelForSpeechSeq2Seq", True),
 }
+# the tiny Whisper's feature extractor: 16 mel bins, 1 s windows at 16 kHz (100 frames of 10 ms)
+SPEECH_FEATURES = dict(feature_size=16, sampling_rate=16000, hop_length=160, chunk_length=1, n_fft=400)
 
 
 VISION = dict(hidden_size=64, intermediate_size=96, image_size=32, patch_size=8, num_hidden_layers=2,
               num_attention_heads=4)
 TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
 # Model types refused with one line (several stacks of blocks, or no token-id input), and what the line says.
-# Whisper reads audio features: text calibration cannot drive its encoder (README "Supported architectures").
 REFUSED = {
     "clip": (dict(text_config=dict(TEXT), vision_config=dict(VISION), projection_dim=32), "AutoModel",
              "2 stacks of blocks"),
     "siglip": (dict(text_config=dict(TEXT), vision_config=dict(VISION)), "AutoModel", "2 stacks of blocks"),
-    "whisper": (dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                     decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=VOCAB,
-                     num_mel_bins=16, max_source_positions=32, max_target_positions=64, pad_token_id=3,
-                     bos_token_id=0, eos_token_id=1, decoder_start_token_id=0),
-                "AutoModelForSpeechSeq2Seq", "reads input_features"),
     "vit": (dict(VISION), "AutoModelForImageClassification", "reads pixel_values"),
 }
 
@@ -138,6 +141,44 @@ def probe_ids(seed=1, batch=2, length=12):
     return torch.randint(5, VOCAB, (batch, length), generator=generator)
 
 
+def probe_inputs(model_type):
+    """What every check feeds a model of `model_type`: probe_ids, or for a speech model a dict of its inputs
+    (random log-mel features, probe_ids as the decoder's tokens)."""
+    ids = probe_ids()
+    if not speech(model_type):
+        return ids
+    features = torch.randn((ids.shape[0], SPEECH_FEATURES["feature_size"], 100), generator=torch.Generator().manual_seed(1))
+    return {"input_features": features, "decoder_input_ids": ids}
+
+
+def speech(model_type):
+    return TYPES.get(model_type, (None, None))[1] == "AutoModelForSpeechSeq2Seq"
+
+
+def speech_calibration(directory, clips=4, seconds=3.3, rate=8000):
+    """A folder of seeded speech-like .wav clips (16-bit, 8 kHz: the calibration resamples them to 16 kHz): a
+    voice whose pitch glides around 120 Hz with seven harmonics, syllable-rate loudness, and a little noise."""
+    import os
+    import wave
+
+    import numpy as np
+
+    os.makedirs(directory, exist_ok=True)
+    generator = np.random.default_rng(0)
+    t = np.arange(int(rate * seconds)) / rate
+    for k in range(clips):
+        pitch = 120 + 60 * np.sin(2 * np.pi * 0.7 * t + k)
+        phase = 2 * np.pi * np.cumsum(pitch) / rate
+        voice = sum(np.sin(h * phase) / h for h in range(1, 8)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+        x = voice + 0.05 * generator.standard_normal(len(t))
+        with wave.open(os.path.join(directory, f"clip{k}.wav"), "wb") as f:
+            f.setnchannels(1)
+            f.setsampwidth(2)
+            f.setframerate(rate)
+            f.writeframes((x / np.abs(x).max() * 0.8 * 32767).astype(np.int16).tobytes())
+    return directory
+
+
 def decoder_inputs(model, ids):
     """For an encoder-decoder, the decoder's teacher-forced input for `ids` (the model's own right shift); {}
     for any other model."""
@@ -146,18 +187,29 @@ def decoder_inputs(model, ids):
     return {"decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=ids)}
 
 
+def model_kwargs(model, ids):
+    """Forward arguments for `ids`: token ids (with an encoder-decoder's decoder input), a speech model's dict of
+    inputs as it is, or calibration windows of audio (calibration.audio.AudioWindows)."""
+    if isinstance(ids, dict):
+        return ids
+    if hasattr(ids, "inputs"):
+        return ids.inputs(model.dtype)
+    return {"input_ids": ids, **decoder_inputs(model, ids)}
+
+
 def logits(model, ids):
     with torch.no_grad():
-        return model(input_ids=ids, **decoder_inputs(model, ids)).logits.float()
+        return model(**model_kwargs(model, ids)).logits.float()
 
 
 def greedy(model, ids, use_cache, steps=6):
     """Greedy continuation of `ids`, with or without the KV cache: (new tokens, the logits of every step). A tiny
     random model often repeats one token, so the step logits are compared too, not the tokens alone."""
+    inputs = {"input_features": ids["input_features"]} if isinstance(ids, dict) else \
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
-                             min_new_tokens=steps, do_sample=False, use_cache=use_cache, pad_token_id=3,
-                             return_dict_in_generate=True, output_logits=True)
+        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             use_cache=use_cache, pad_token_id=3, return_dict_in_generate=True, output_logits=True)
     prompt = 0 if model.config.is_encoder_decoder else ids.shape[1]  # a decoder starts from its start token
     return out.sequences[:, prompt:], torch.stack(out.logits).float()
 
@@ -176,10 +228,14 @@ import torch, transformers
 for path, auto, ids_file, out_file in json.loads(sys.argv[1]):
     model = getattr(transformers, auto).from_pretrained(path, trust_remote_code=True).eval()
     ids = torch.load(ids_file)
-    extra = {"decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=ids)} \
-        if model.config.is_encoder_decoder else {}
+    if isinstance(ids, dict):  # a speech model's inputs
+        inputs = ids
+    else:
+        inputs = {"input_ids": ids}
+        if model.config.is_encoder_decoder:
+            inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=ids)
     with torch.no_grad():
-        torch.save(model(input_ids=ids, **extra).logits.float(), out_file)
+        torch.save(model(**inputs).logits.float(), out_file)
     print(path, type(model).__name__, flush=True)
 """
 
@@ -217,10 +273,15 @@ def max_error(a, b):
 
 
 def save_source(model_type, directory, tokenizer):
-    """Build the tiny model of `model_type` and save it, with the tokenizer, as a checkpoint directory."""
+    """Build the tiny model of `model_type` and save it, with the tokenizer (and a speech model's feature
+    extractor), as a checkpoint directory."""
     model = build(model_type)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    if speech(model_type):
+        from transformers import WhisperFeatureExtractor
+
+        WhisperFeatureExtractor(**SPEECH_FEATURES).save_pretrained(directory)
     return model
 
 
@@ -238,9 +299,16 @@ def compress_keep(source_dir, output, calib_file, ratio=0.8):
     return lowrank.compress(source_dir, output, **dict(COMPRESS, calib=calib_file), ratio=ratio)
 
 
-def calibration_ids(seed=2, samples=8, length=32):
-    """Calibration-shaped token ids, longer than the sliding windows of TYPES (16) so that masks matter."""
-    return torch.randint(5, VOCAB, (samples, length), generator=torch.Generator().manual_seed(seed))
+def calibration_ids(seed=2, samples=8, length=32, model_type=None):
+    """Calibration-shaped token ids, longer than the sliding windows of TYPES (16) so that masks matter; for a
+    speech model, audio windows (random features, those ids as the decoder's tokens)."""
+    ids = torch.randint(5, VOCAB, (samples, length), generator=torch.Generator().manual_seed(seed))
+    if not speech(model_type):
+        return ids
+    from lowrank.calibration.audio import AudioWindows
+
+    features = torch.randn((samples, SPEECH_FEATURES["feature_size"], 100), generator=torch.Generator().manual_seed(seed))
+    return AudioWindows(features, ids)
 
 
 def statistics_error(model, ids, batch_size=4):
@@ -272,7 +340,7 @@ def statistics_error(model, ids, batch_size=4):
     try:
         with torch.no_grad():
             for batch in ids.split(batch_size):
-                model(input_ids=batch, use_cache=False, **decoder_inputs(model, batch))
+                model(**model_kwargs(model, batch), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -343,10 +411,12 @@ def run_type(model_type, workdir, tokenizer, calib_file):
     import lowrank
 
     _, auto, generative = TYPES[model_type]
-    ids = probe_ids()
+    ids = probe_inputs(model_type)
     torch.save(ids, os.path.join(workdir, "ids.pt"))
     source = os.path.join(workdir, "source")
     dense = save_source(model_type, source, tokenizer)
+    if speech(model_type):
+        calib_file = speech_calibration(os.path.join(workdir, "speech"))
     row = {"type": model_type, "auto": auto, "class": type(dense).__name__}
 
     begin = time.perf_counter()
@@ -356,7 +426,7 @@ def run_type(model_type, workdir, tokenizer, calib_file):
     full = lowrank.load_pretrained(os.path.join(workdir, "full")).eval()
     row["full_rank_error"] = max_error(logits(full, ids), logits(dense, ids))
     row["logit_scale"] = float(logits(dense, ids).abs().max())
-    row["statistics_error"] = statistics_error(dense, calibration_ids())
+    row["statistics_error"] = statistics_error(dense, calibration_ids(model_type=model_type))
 
     begin = time.perf_counter()
     keep = os.path.join(workdir, "keep")

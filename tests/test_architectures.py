@@ -4,9 +4,9 @@ block walker's statistics equal those of plain forward passes (each block replay
 tables); (b) at keep 0.8 it loads in a fresh process where lowrank cannot be imported, with the model's own Auto
 class and remote code, and gives lowrank.load_pretrained's logits; (c) greedy generate() with the KV cache equals
 generate() without it; (d) a PEFT LoRA attaches to the factorized layers and changes the output; (e) densify
-round-trips. Model types lowrank cannot compress are refused with one line. Encoder-decoders (T5, BART) are in
-the matrix with both stacks compressed; the tests below check that the decoder is calibrated on the compressed
-encoder's output of each batch. Select with `-m architectures`.
+round-trips. Model types lowrank cannot compress are refused with one line. Encoder-decoders (T5, BART, and
+Whisper, calibrated from audio: test_speech.py) are in the matrix with both stacks compressed; the tests below
+check that the decoder is calibrated on the compressed encoder's output of each batch. Select with `-m architectures`.
 """
 
 import os
@@ -178,7 +178,7 @@ def test_what_an_encoder_decoder_cannot_do_is_one_line(options, says, tmp_path, 
     assert not os.path.exists(output)
 
 
-@pytest.mark.parametrize("model_type", ["bart", "t5"])
+@pytest.mark.parametrize("model_type", ["bart", "t5", "whisper"])
 def test_the_decoder_is_calibrated_on_the_changed_encoders_output(model_type):
     """The walk changes the encoder's blocks (here: their MLP output layer scaled by 0.5, standing for a
     compression); the statistics the walk then collects for the decoder's cross-attention keys and values are
@@ -187,7 +187,7 @@ def test_the_decoder_is_calibrated_on_the_changed_encoders_output(model_type):
     from lowrank.compression.targets import select_targets
 
     model = archs.build(model_type)
-    ids = archs.calibration_ids()
+    ids = archs.calibration_ids(model_type=model_type)
     blocks_name, _, targets = select_targets(model)
     encoder_blocks = len(model.get_submodule(blocks_name.split(",")[0]))
     cross = [name for names in targets.values() for name in names
@@ -229,7 +229,7 @@ def _forward_grams(model, names, ids, batch_size=4):
     try:
         with torch.no_grad():
             for batch in ids.split(batch_size):
-                model(input_ids=batch, use_cache=False, **archs.decoder_inputs(model, batch))
+                model(**archs.model_kwargs(model, batch), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -296,6 +296,21 @@ def test_fused_modes(tmp_path, tokenizer, calib_file):
     assert sliced["model.layers.0.mlp.gate_up_proj"]["ranks"] == [19, 19]
 
 
+def test_merging_a_correction_into_sliced_layers_is_refused_before_the_work(phi3_sliced, calib_file, capsys):
+    """compensate --merge on per-slice layers: one line, no output, and no correction computed first."""
+    import os
+
+    from conftest import run
+
+    root = phi3_sliced[0]
+    output = str(root / "merged")
+    code, out, err = run(["compensate", str(root / "src"), str(root / "out"), "--rank", "2", "--merge", "-o", output,
+                          "--calib", calib_file, "--num-samples", "4", "--seq-len", "32"], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "factorized per slice: --merge cannot fold" in errors[0], err
+    assert "blocks:" not in out + err and not os.path.exists(output)  # refused before the block walk
+
+
 def test_vllm_plugin_refuses_sliced_layers():
     from lowrank.serve.support import UnservableCheckpoint, check_servable
 

@@ -20,7 +20,6 @@ from ..environment import invocation
 from ..errors import Interrupted, UsageError
 from ..io.checkpoint import CheckpointWriter, partition_keys, tied_names
 from ..io.loading import (
-    checkpoint_dtype,
     load_model,
     load_tokenizer,
     read_config,
@@ -129,7 +128,7 @@ class _Job:
             self.net, self.tokenizer = load_model(self.source, dtype=compute,
                                                   trust_remote_code=config.trust_remote_code)
             output = output_dtype(config, self.source, self.net)
-            if compute != config.dtype and output not in (compute, checkpoint_dtype(self.source)):
+            if compute != config.dtype and output not in (compute, self.source.stored_dtype):
                 round_weights(self.net, output)
         self.timings["load"] = time.perf_counter() - start
         self.computed_in = str(next(self.net.parameters()).dtype).removeprefix("torch.")
@@ -169,11 +168,11 @@ class _Job:
     def calibrate(self):
         from lowrank.calibration import load_calibration
 
-        start = time.perf_counter()
-        c = self.config
+        start, c = time.perf_counter(), self.config
         self.calibration = load_calibration(c.calib, self.net, self.tokenizer, c.num_samples, c.seq_len, seed=c.seed,
                                             split=c.calib_split, text_column=c.text_column, progress=self.progress,
-                                            device=c.device)
+                                            device=c.device, source=self.source.path,
+                                            trust_remote_code=c.trust_remote_code)
         self.timings["calibration_data"] = time.perf_counter() - start
 
     def score_original(self):

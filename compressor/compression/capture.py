@@ -62,7 +62,10 @@ def model_inputs(model, input_ids):
     the same windows as teacher-forced decoder input, shifted right behind the decoder start token by the model's
     own rule (prepare_decoder_input_ids_from_labels: T5's _shift_right, BART's shift_tokens_right). The decoder
     then reads text of the kind it writes, while cross-attending to the encoder's reading of the same text, as in
-    the denoising pre-training of T5 and BART with the noise left out."""
+    the denoising pre-training of T5 and BART with the noise left out. A speech model's batch
+    (calibration.audio.AudioWindows) carries its own features and decoder input."""
+    if hasattr(input_ids, "inputs"):
+        return {**input_ids.inputs(model.dtype), "use_cache": False}
     inputs = {"input_ids": input_ids, "use_cache": False}
     if is_encoder_decoder(model):
         prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)

@@ -39,9 +39,12 @@ def prepare_targets(model: Any, config: CompressConfig, distributed: bool = Fals
     packed back. Safe to call twice on the same model (compress calls it early, to fail before calibrating)."""
     check_supported(model, distributed, config.anchor or config.refit)
     reads = getattr(model, "main_input_name", "input_ids")
-    if reads != "input_ids":  # Whisper's input_features: audio (log-mel spectra), which text cannot stand for
-        raise UsageError(f"this model reads {reads}, not token ids: lowrank calibrates with text only, so it "
-                         "cannot compress this model")
+    if reads not in ("input_ids", "input_features"):  # ViT's pixel_values: calibration is text or speech
+        raise UsageError(f"this model reads {reads}, not token ids or audio features: lowrank calibrates with text "
+                         "or speech only, so it cannot compress this model")
+    if reads == "input_features" and config.calib in ("auto", "self"):  # Whisper: log-mel spectra of speech
+        raise UsageError("this model reads audio (input_features): pass --calib with a folder of speech "
+                         "recordings (.wav; .flac/.ogg/.mp3 with soundfile installed)")
     unpack_model_experts(model)  # MoE: 3-D expert tensors become per-expert linears (experts.py)
     blocks_name, _, targets = select_targets(model, config.targets, config.ignore, config.blocks)
     return blocks_name, targets, repack_untargeted(model, targets)

@@ -6,7 +6,6 @@ import os
 from ..device import resolve_device
 from ..errors import UsageError
 from ..io.gguf import output_dtype as gguf_output_dtype
-from ..io.loading import checkpoint_dtype
 from .config import CompressConfig, memory_bytes
 
 
@@ -61,7 +60,7 @@ def output_dtype(config: CompressConfig, source, model, streaming=False) -> str:
     if source.kind == "gguf":
         return gguf_output_dtype(os.path.join(source.path, source.gguf_file))
     if config.compute_dtype == "float32" and not streaming:
-        return checkpoint_dtype(source) or "float32"
+        return source.stored_dtype or "float32"
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
@@ -80,7 +79,7 @@ def choose_streaming(config: CompressConfig, source, progress=None) -> bool:
     memory = memory_bytes()
     why_not = None
     if size and config.compute_dtype == "float32":
-        size = size * 4 // _element_size(checkpoint_dtype(source))  # the bytes the model takes in float32
+        size = size * 4 // _element_size(source.stored_dtype)  # the bytes the model takes in float32
     if not size:
         why_not = "only local safetensors checkpoints can be streamed"
     elif config.compute_dtype == "float32":

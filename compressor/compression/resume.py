@@ -28,6 +28,8 @@ def fingerprint(**parts):
 
 
 def tensor_digest(tensor):
+    if hasattr(tensor, "digest"):  # calibration.audio.AudioWindows
+        return tensor.digest()
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
 
 

@@ -206,7 +206,9 @@ def output_error(weight, approx, gram):
     w = weight.to(torch.float32)
     delta = w - approx.to(torch.float32)
     gram = gram.to(torch.float32)
-    return float(((delta @ gram) * delta).sum(dtype=torch.float64)), float(((w @ gram) * w).sum(dtype=torch.float64))
+    # a sum of squares: clamped at 0, as rounding can take a near-zero error (a layer kept almost whole) below it
+    error = max(0.0, float(((delta @ gram) * delta).sum(dtype=torch.float64)))
+    return error, max(0.0, float(((w @ gram) * w).sum(dtype=torch.float64)))
 
 
 # --- anchored fitting: the compressed block sees shifted inputs x' but should reproduce W x -----------------------

@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..errors import LowrankError, UsageError
 from .modeling_lowrank import MODEL_TYPE_PREFIX
@@ -26,6 +27,11 @@ class ModelSource:
     @property
     def local_dir(self):
         return None if self.kind == "hub" else self.path
+
+    @cached_property
+    def stored_dtype(self):
+        """checkpoint_dtype, read once per run (streaming, rounding and the output dtype all ask)."""
+        return checkpoint_dtype(self)
 
 
 # What transformers looks for in a checkpoint directory; a variant (model.fp16.safetensors) or shard counts too.

@@ -173,14 +173,20 @@ def write_adapter(corrections, output, config, report):
         raise
 
 
+def check_mergeable(model, names):
+    """--merge folds a correction B A into a layer's factors; a per-slice fused layer has no single pair."""
+    for name in names:
+        if isinstance(model.get_submodule(name), SlicedLowRankLinear):
+            raise UsageError(f"{name} is a fused projection factorized per slice: --merge cannot fold a correction "
+                             "into its factors yet; write the correction as an adapter (without --merge)")
+
+
 @torch.no_grad()
 def merge_corrections(model, corrections):
     """Fold B A into the compressed model: factorized layers grow rank by k, dense layers add B A to W."""
+    check_mergeable(model, list(corrections))
     for name, correction in corrections.items():
         module = model.get_submodule(name)
-        if isinstance(module, SlicedLowRankLinear):
-            raise UsageError(f"{name} is a fused projection factorized per slice: --merge cannot fold a correction "
-                             "into its factors yet; write the correction as an adapter (without --merge)")
         if isinstance(module, LowRankLinear):
             module.up.weight = torch.nn.Parameter(torch.cat([module.up.weight, correction.up], dim=1))
             module.down.weight = torch.nn.Parameter(torch.cat([module.down.weight, correction.down], dim=0))
@@ -337,11 +343,15 @@ def _repair(original_source, compressed_source, output, *, original, compressed,
                          "correction can only be written as a PEFT adapter")
     timings["load"] = time.perf_counter() - start
     _, _, selected = select_targets(reference, targets, ignore)
-    check_match(reference, repaired, [n for names in selected.values() for n in names], rank)
+    names = [n for names in selected.values() for n in names]
+    check_match(reference, repaired, names, rank)
+    if merge:  # refused before the calibration and the corrections, not after them
+        check_mergeable(repaired, names)
 
     start = time.perf_counter()
     calibration = load_calibration(calib, reference, tokenizer, num_samples, seq_len, seed=seed, split=calib_split,
-                                   text_column=text_column, progress=progress, device=device)
+                                   text_column=text_column, progress=progress, device=device,
+                                   source=original_source.path, trust_remote_code=trust_remote_code)
     timings["calibration_data"] = time.perf_counter() - start
 
     start = time.perf_counter()

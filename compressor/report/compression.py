@@ -252,6 +252,10 @@ def verify_rows(verify):
 def compression_calibration(calibration):
     """The calibration row of a compression report: "source (N x L tokens, seed S)". Strict, as compress always
     records all three; summary.describe_calibration is the tolerant line for any report kind."""
+    if calibration.get("kind") == "audio":  # calibration/audio.py: windows of speech, the decoder's own text
+        return (f"{calibration['source']} (audio: {calibration['num_samples']} windows of "
+                f"{calibration['window_seconds']:g} s, the decoder reading {calibration['seq_len']} tokens of its "
+                f"own transcription of each, seed {calibration['seed']})")
     tokens = f"{calibration['num_samples']} x {calibration['seq_len']} tokens, seed {calibration['seed']}"
     return f"{calibration['source']} ({tokens})"
 

@@ -24,7 +24,8 @@ Every report is one JSON object with at least:
 - `evaluations`: a list, oldest first, of evaluation entries (schema `lowrank.evaluation`, their own
   `schema_version`, at most EVALUATION_VERSION; described in README "Evaluate"), appended by `lowrank eval`.
 
-Most kinds also record `calibration` (source, num_samples, seq_len, seed, sha256_text), `timings_s`,
+Most kinds also record `calibration` (source, num_samples, seq_len, seed, sha256_text; a speech model's has `kind:
+"audio"`, sha256_audio, window_seconds and end_of_text_suppressed instead of the text hash), `timings_s`,
 `peak_rss_bytes` and a size (`size` or squeeze's `totals`); readers use them when present and never require them.
 A `lowrank squeeze --analyze` result has the common fields but no `layers`: nothing was squeezed.
 
