@@ -342,8 +342,26 @@ def test_sliced_run_resumes(phi3_sliced, tmp_path, monkeypatch):
     monkeypatch.setattr(api._Job, "block_done", block_done)
     report = lowrank.compress(str(root / "src"), str(tmp_path / "out"), **options, ratio=0.8, resume=True)
     assert report["resumed_at_block"] == 1
-    for name in ("model.safetensors", "config.json"):
+    for name in ("model.safetensors", "config.json", "lowrank_spectra.safetensors"):  # block 0's from the journal
         assert (tmp_path / "out" / name).read_bytes() == (root / "out" / name).read_bytes(), name
+
+
+def test_sliced_layers_have_a_spectrum_per_slice(phi3_sliced):
+    """The spectra file (report --plot) holds each slice of a per-slice layer as LAYER:SLICE: the singular values
+    of that slice's weighted rows, so min(rows, in) of them, descending, and its rank cuts inside them."""
+    from safetensors.torch import load_file
+
+    root, _, report, _ = phi3_sliced
+    spectra = load_file(str(root / "out" / "lowrank_spectra.safetensors"))
+    sliced = [layer for layer in report["layers"]["list"] if "slices" in layer.get("info", {})]
+    assert sliced
+    for layer in sliced:
+        assert layer["name"] not in spectra
+        for part in layer["info"]["slices"]:
+            sigma = spectra[f"{layer['name']}:{part['name']}"]
+            assert sigma.shape == (min(part["rows"], layer["shape"][1]),)
+            assert bool((sigma[:-1] >= sigma[1:]).all()) and float(sigma[-1]) >= 0
+            assert part["rank"] is None or part["rank"] <= sigma.numel()
 
 
 def test_slices_all_kept_dense_are_reported_dense(tmp_path, tokenizer, calib_file):

@@ -32,7 +32,18 @@ class LayerResult:
     rel_error: float  # ||(W - W')X|| / ||W X||
     dense_reason: str | None = None
     info: dict = field(default_factory=dict)
-    sigma: torch.Tensor | None = None
+    sigma: torch.Tensor | dict | None = None  # a per-slice layer's: {slice: its spectrum}
+
+    def spectra(self):
+        """{name: spectrum} for the spectra file: the layer's, or each slice's as LAYER:SLICE."""
+        if isinstance(self.sigma, dict):
+            return {f"{self.name}:{part}": sigma.contiguous() for part, sigma in self.sigma.items()}
+        return {} if self.sigma is None else {self.name: self.sigma.contiguous()}
+
+    def take_spectra(self, spectra):
+        """The reverse of spectra(): this layer's spectrum (or its slices') from a file's {name: spectrum}."""
+        mine = {key.rpartition(":")[2]: value for key, value in spectra.items() if key.startswith(self.name + ":")}
+        self.sigma = mine or spectra.get(self.name)
 
 
 def rank_for(config, name, m, n):
@@ -153,11 +164,12 @@ def decompose_sliced(name, module, weight, layout, stats, weighting, config, sto
     target = decompose.anchored_target(weight, stats, weighted) if config.anchor else weight
     layer = SlicedLowRankLinear(n, m, layout.names, layout.sizes, [chosen[p][0] for p in layout.names],
                                 layout.groups, bias=has_bias, device=weight.device, dtype=weight.dtype)
-    downs, parts, kept, total, err_sum, ref_sum = [], [], 0.0, 0.0, 0.0, 0.0
+    downs, parts, kept, total, err_sum, ref_sum, sigmas = [], [], 0.0, 0.0, 0.0, 0.0, {}
     for part, index in rows.items():
         rank, index = chosen[part][0], index.to(weight.device)
         w_part = weight[index]
         sigma = decompose.spectrum(target[index], weighted)[0]
+        sigmas[part] = sigma.float().cpu()
         if rank is None:
             down = approx = _cast(w_part, stored, weight.dtype)
         else:
@@ -187,7 +199,7 @@ def decompose_sliced(name, module, weight, layout, stats, weighting, config, sto
     rel_error = (err_sum / ref_sum) ** 0.5 if ref_sum > 0 else 0.0
     info = {**weighted.info, "slices": parts, "sliced": layer.spec()}
     return LayerResult(name, m, n, layer.rank, m * n, sum(p["params_after"] for p in parts), 1.0 - rel_error**2,
-                       kept / total if total > 0 else 1.0, rel_error, info=info), layer
+                       kept / total if total > 0 else 1.0, rel_error, info=info, sigma=sigmas), layer
 
 
 def empty_layer(name, module, config, layout=None):

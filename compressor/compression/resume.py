@@ -102,7 +102,7 @@ def save_spectra(staging, index, layers):
     """The singular values of block `index`'s factorized layers, durable before the journal names the block."""
     from safetensors.torch import save
 
-    spectra = {layer.name: layer.sigma.contiguous() for layer in layers if layer.sigma is not None}
+    spectra = {name: sigma for layer in layers for name, sigma in layer.spectra().items()}
     if not spectra:
         return
     with open(_spectra_path(staging, index), "wb") as f:
@@ -120,7 +120,7 @@ def load_spectra(staging, blocks_done, layers):
         if os.path.exists(_spectra_path(staging, index)):
             sigma.update(load_file(_spectra_path(staging, index)))
     for layer in layers:
-        layer.sigma = sigma.get(layer.name)
+        layer.take_spectra(sigma)
 
 
 LOSS_CURVE = ".loss-curve.safetensors"  # a dot file: finish() drops it

@@ -106,13 +106,13 @@ def build_report(*, result, settings, calibration, source, model_params_before, 
 
 
 def spectra_bytes(layers):
-    """The spectra file's content: per factorized layer (keyed by name) the singular values of the matrix its
-    method decomposed (the weighted W), descending, float32. None when no layer carries a spectrum."""
+    """The spectra file's content: per factorized layer (keyed by name; a per-slice layer's slices by
+    LAYER:SLICE) the singular values of the matrix its method decomposed (the weighted W), descending, float32.
+    None when no layer carries a spectrum."""
     import torch
     from safetensors.torch import save
 
-    tensors = {layer.name: layer.sigma.to(torch.float32).contiguous()
-               for layer in layers if getattr(layer, "sigma", None) is not None}
+    tensors = {name: sigma.to(torch.float32).contiguous() for layer in layers for name, sigma in layer.spectra().items()}
     # One metadata key: safetensors keeps metadata in a hash map, so with two keys their order in the header (and
     # so the file's bytes) changed from one process to the next.
     return save(tensors, metadata={"format": "pt"}) if tensors else None

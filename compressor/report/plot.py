@@ -59,8 +59,11 @@ def plot(runs, path, spectra):
     if spectra:
         ax = axes[1][0]
         ranks_by_name = {layer["name"]: layer["rank"] for layer in order}
+        for layer in order:  # a per-slice layer's spectra are its slices', LAYER:SLICE, each at its own rank
+            for part in (layer.get("info") or {}).get("slices") or []:
+                ranks_by_name[f"{layer['name']}:{part['name']}"] = part["rank"]
         colors = plt.get_cmap("viridis")
-        names = [name for name in (layer["name"] for layer in order) if name in spectra]
+        names = [name for name in ranks_by_name if name in spectra]
         for index, name in enumerate(names):
             sigma = spectra[name].double()
             if sigma.numel() == 0 or float(sigma[0]) <= 0:
