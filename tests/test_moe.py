@@ -32,9 +32,14 @@ MOE = {
     "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, intermediate_size=96,
                      n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1, head_dim=16),
     "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48),
+    # experts read E router-scaled copies of the tokens ([E, in, out] tensors), a linear router, a shared expert
+    "llama4_text": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, intermediate_size_mlp=96,
+                        head_dim=16, interleave_moe_layer_step=1),
 }
+# where each layer's experts module sits (the others: mlp.experts)
+EXPERTS_AT = {"llama4_text": "feed_forward.experts"}
 # the whole cycle (compress, load without lowrank, generate, densify) on these; full-rank exactness on all of MOE
-CYCLE = ["deepseek_v3", "gpt_oss", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+CYCLE = ["deepseek_v3", "gpt_oss", "llama4_text", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
 
 
 def build_moe(kind, seed=0):
@@ -200,7 +205,7 @@ def test_half_loads_without_lowrank_and_says_what_it_kept(half, tmp_path):
         ids = torch.randint(5, 320, (2, 24), generator=torch.Generator().manual_seed(7))
         with torch.no_grad():
             torch.save(model(input_ids=ids).logits, {str(tmp_path / "logits.pt")!r})
-        experts = model.get_submodule("model.layers.1.mlp.experts")
+        experts = model.get_submodule("model.layers.1.{EXPERTS_AT.get(kind, 'mlp.experts')}")
         print(type(experts).__name__, type(experts.down_proj[3]).__name__, "lowrank" in sys.modules)
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
@@ -212,7 +217,8 @@ def test_half_loads_without_lowrank_and_says_what_it_kept(half, tmp_path):
     assert torch.equal(torch.load(tmp_path / "logits.pt", weights_only=True), logits(model, ids))
 
     config = json.load(open(f"{out}/config.json"))["lowrank"]
-    assert config["experts"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    at = EXPERTS_AT.get(kind, "mlp.experts")
+    assert config["experts"] == [f"model.layers.0.{at}", f"model.layers.1.{at}"]
     assert report["ratio"]["model"]["params_after"] == params_in(out)
     assert sum(t.numel() for t in unique_state_dict(model).values()) == params_in(out)  # buffers included
     assert report["ratio"]["targets"]["kept"] <= 0.5
@@ -272,6 +278,40 @@ def test_an_expert_no_token_reaches_borrows_pooled_statistics(tmp_path):
     report = {"layers": {"list": [layer_entry(layer) for layer in result.layers]}}
     assert "fewest 0" in expert_rows(report)[0][1]
     assert "| model.layers.0.mlp.experts.gate_up_proj.7 | 0 | 64 |" in expert_tokens_markdown(report)
+
+
+def test_llama4_experts_see_the_tokens_their_router_sends():
+    """Llama 4's experts read E router-scaled copies of every token. Unpacked, each expert's statistics count the
+    tokens its own router's top-k sent it, nothing else (the report's tokens per expert), and the router, a linear
+    layer, is not a target."""
+    from lowrank import CompressConfig, compress_model
+
+    model = build_moe("llama4_text")
+    ids = calibration_ids()
+    routed = {}
+
+    def count(index):
+        def hook(module, args, output):
+            top = output[1].topk(module.top_k, dim=-1).indices  # its logits' top-k: where the model routes
+            routed[index] = torch.bincount(top.reshape(-1), minlength=module.num_experts)
+        return hook
+
+    handles = [layer.feed_forward.router.register_forward_hook(count(i)) for i, layer in enumerate(model.model.layers)]
+    sent = torch.zeros(2, 8, dtype=torch.long)
+    with torch.no_grad():
+        for batch in ids.split(4):
+            model(input_ids=batch)
+            sent += torch.stack([routed[0], routed[1]])
+    for handle in handles:
+        handle.remove()
+    result = compress_model(model, ids, CompressConfig(alloc="uniform", ratio=0.5, batch_size=4))
+    info = {layer.name: layer.info for layer in result.layers}
+    for e in range(8):  # layer 0 reads the model's own stream (layer 1, the compressed layer 0's: other routes)
+        for tensor in ("gate_up_proj", "down_proj"):
+            assert info[f"model.layers.0.feed_forward.experts.{tensor}.{e}"]["tokens"] == sent[0, e]
+    assert sum(info[f"model.layers.1.feed_forward.experts.down_proj.{e}"]["tokens"] for e in range(8)) == \
+        2 * ids.numel()  # top-2 of every token
+    assert not any(".router" in name for name in info)
 
 
 def test_gradient_methods_work_through_the_router():

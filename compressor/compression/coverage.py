@@ -10,7 +10,7 @@ the summary and the report say so, with numbers.
 
 from dataclasses import dataclass, field
 
-from .targets import block_lists, is_linear, stack_names
+from .targets import block_lists, is_linear, is_router, stack_names
 
 # why each kind of parameter stays dense (the report's wording)
 REASONS = {
@@ -64,15 +64,14 @@ class Coverage:
 def _kind(param_name, param, module_name, module, inside, block_linears, other_stacks):
     if not param_name.startswith(inside):
         return "stacks" if any(param_name.startswith(stack + ".") for stack in other_stacks) else "outside"
+    if param.dim() >= 2 and is_router(module_name, module):
+        return "router"
     if module_name in block_linears:
         return "excluded" if param.dim() >= 2 else "vectors"
     if param.dim() >= 3:
         return "experts"
     if param.dim() <= 1:
         return "vectors"
-    leaf = module_name.rpartition(".")[2]
-    if "router" in leaf or leaf == "gate" or "Router" in type(module).__name__:
-        return "router"
     return "matrices"
 
 

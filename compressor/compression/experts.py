@@ -14,7 +14,8 @@ import re
 import torch
 
 from ..errors import LowrankError
-from ..io.modeling_lowrank import EXPERT_TENSORS, UnpackedExperts, is_packed_experts, pack_experts, unpack_experts
+from ..io.modeling_lowrank import (EXPERT_TENSORS, UnpackedExperts, experts_transposed, is_packed_experts, pack_experts,
+                                   unpack_experts)
 
 EXPERT_INDEX = re.compile(r"\.\d+(?=\.|$)")
 
@@ -115,7 +116,7 @@ class ExpertStacker:
             module = meta.get_submodule(resolve_module_name(meta, name))
             for tensor in EXPERT_TENSORS:
                 shape = getattr(module, tensor).shape
-                self.layout[f"{name}.{tensor}"] = (shape[0], module.is_transposed,
+                self.layout[f"{name}.{tensor}"] = (shape[0], experts_transposed(module),
                                                    getattr(module, tensor + "_bias", None) is not None)
 
     def add(self, name, value):

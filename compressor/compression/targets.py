@@ -13,6 +13,13 @@ def is_linear(module):
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def is_router(name, module):
+    """A mixture-of-experts router (`router`, `gate`, a *Router class): it decides the routing, so it stays dense
+    even where it is a linear layer (Llama 4's Llama4Router subclasses nn.Linear)."""
+    leaf = name.rpartition(".")[2]
+    return "router" in leaf or leaf == "gate" or "Router" in type(module).__name__
+
+
 def dense_weight(module):
     """The (out x in) weight of a linear layer: nn.Linear, Conv1D (transposed), or LowRankLinear (up @ down)."""
     weight = module.weight.detach()  # for LowRankLinear a plain tensor: detach() leaves the read-only view
@@ -148,7 +155,7 @@ def select_targets(model, targets=None, ignore=None, blocks=None):
     inside = tuple(name + "." for name in stack_names(blocks_name))
     for index, (prefix, block) in enumerate(zip(block_prefixes(model, blocks_name), blocks)):
         for rel, module in block.named_modules():
-            if not rel or not is_linear(module):
+            if not rel or not is_linear(module) or is_router(rel, module):
                 continue
             full = prefix + rel
             if targets:

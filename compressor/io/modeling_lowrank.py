@@ -266,11 +266,24 @@ _unpacked_classes: dict = {}
 
 
 def is_packed_experts(module):
-    """A transformers experts module with a gate (3-D gate_up_proj and down_proj) that this forward reproduces."""
+    """A transformers experts module with a gate (3-D gate_up_proj and down_proj) that a forward here reproduces:
+    the top-k interface of `use_experts_implementation`, or Llama 4's routed copies (_routes_copies)."""
     params = getattr(module, "_parameters", {})
-    return (hasattr(module, "is_transposed") and getattr(module, "has_gate", False)
-            and not getattr(module, "has_post_expert_norm", False) and hasattr(module, "_apply_gate")
-            and all(params.get(t) is not None and params[t].dim() == 3 for t in EXPERT_TENSORS))
+    known = _routes_copies(module) or (
+        hasattr(module, "is_transposed") and getattr(module, "has_gate", False)
+        and not getattr(module, "has_post_expert_norm", False) and hasattr(module, "_apply_gate"))
+    return known and all(params.get(t) is not None and params[t].dim() == 3 for t in EXPERT_TENSORS)
+
+
+def _routes_copies(module):
+    """Llama 4's experts: forward(x) reads E copies of the tokens, each scaled by its router score (0 where not
+    routed), and stores its tensors as [E, in, out] (gate_up [E, H, 2I], gate first)."""
+    return hasattr(module, "expert_dim") and hasattr(module, "act_fn") and not hasattr(module, "is_transposed")
+
+
+def experts_transposed(module):
+    """Whether the 3-D expert tensors are stored [E, in, out], the transpose of a linear layer's weight."""
+    return getattr(module, "is_transposed", True)  # Llama 4 has no flag: its tensors are [E, in, out]
 
 
 class UnpackedExperts:
@@ -296,9 +309,27 @@ class UnpackedExperts:
         return out
 
 
-def unpacked_class(cls):
+class UnpackedRoutedCopies(UnpackedExperts):
+    """Llama 4's experts unpacked. Its forward is handed E copies of the tokens, each already multiplied by its
+    router score, which is 0 for the experts a token is not routed to; each expert runs on its routed tokens
+    only (an unrouted one gives exactly 0 through the bias-free gate/up and down), so its statistics count the
+    tokens its router sent, weighted as the model weighs them."""
+
+    def forward(self, hidden_states):
+        x = hidden_states.view(len(self.down_proj), -1, hidden_states.shape[-1])
+        out = x.new_zeros(*x.shape[:2], self.down_proj[0].out_features)
+        for e in range(x.shape[0]):
+            with torch.no_grad():
+                tokens = torch.where(x[e].abs().amax(-1) > 0)[0]
+            gate, up = self.gate_up_proj[e](x[e, tokens]).chunk(2, dim=-1)
+            out[e, tokens] = self.down_proj[e](up * self.act_fn(gate))
+        return out.view(-1, out.shape[-1])
+
+
+def unpacked_class(cls, copies=False):
     if cls not in _unpacked_classes:
-        _unpacked_classes[cls] = type("Unpacked" + cls.__name__, (UnpackedExperts, cls), {"__module__": __name__})
+        mixin = UnpackedRoutedCopies if copies else UnpackedExperts
+        _unpacked_classes[cls] = type("Unpacked" + cls.__name__, (mixin, cls), {"__module__": __name__})
     return _unpacked_classes[cls]
 
 
@@ -310,7 +341,7 @@ def unpack_experts(module):
         bias = module._parameters.pop(name + "_bias", None)
         linears = nn.ModuleList()
         for e in range(param.shape[0]):
-            weight = param[e].T if module.is_transposed else param[e]
+            weight = param[e].T if experts_transposed(module) else param[e]
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=param.device,
                                dtype=param.dtype)
             if param.device.type != "meta":
@@ -320,17 +351,17 @@ def unpack_experts(module):
                         linear.bias.copy_(bias[e])
             linears.append(linear)
         setattr(module, name, linears)
-    module.__class__ = unpacked_class(type(module))
+    module.__class__ = unpacked_class(type(module), _routes_copies(module))
     return module
 
 
 def pack_experts(module):
     """The inverse of unpack_experts, factorized experts multiplied out: the module the original class expects."""
-    base = type(module).__mro__[2]
+    base = next(cls for cls in type(module).__mro__[1:] if not issubclass(cls, UnpackedExperts))
     for name in EXPERT_TENSORS:
         linears = module._modules.pop(name)
         weights = torch.stack([linear.weight.detach().clone() for linear in linears])
-        module.register_parameter(name, nn.Parameter(weights.transpose(1, 2) if module.is_transposed else weights))
+        module.register_parameter(name, nn.Parameter(weights.transpose(1, 2) if experts_transposed(module) else weights))
         if linears[0].bias is not None:
             module.register_parameter(name + "_bias",
                                       nn.Parameter(torch.stack([linear.bias.detach() for linear in linears])))

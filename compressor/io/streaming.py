@@ -138,7 +138,7 @@ class Skeleton:
         """A tensor of an unpacked MoE experts module (modeling_lowrank.unpack_experts): `...experts.down_proj.3.weight`
         is row 3 of the checkpoint's stacked `...experts.down_proj` (transposed back where the layout is), its
         bias row 3 of `...experts.down_proj_bias`. None for any other name."""
-        from .modeling_lowrank import EXPERT_TENSORS, UnpackedExperts
+        from .modeling_lowrank import EXPERT_TENSORS, UnpackedExperts, experts_transposed
 
         stem, _, leaf = name.rpartition(".")
         parent, _, row = stem.rpartition(".")
@@ -153,7 +153,7 @@ class Skeleton:
         if not isinstance(module, UnpackedExperts) or key is None:
             return None
         value = self.index.get_row(key, int(row), self.dtype)
-        return value.T.contiguous() if leaf == "weight" and module.is_transposed else value
+        return value.T.contiguous() if leaf == "weight" and experts_transposed(module) else value
 
     def fill(self, module, prefix):
         """Load every parameter and persistent buffer of `module` (named `prefix` in the model)."""
