@@ -109,6 +109,14 @@ def render(result):
     lines.append(f"Vision-language models, the language model's blocks by default (tests/test_multimodal.py: the "
                  f"output loads with AutoModelForImageTextToText where lowrank is not installed, with the logits of "
                  f"`lowrank.load_pretrained`; LLaVA generates from an image): {', '.join(archs.VLM)}.")
+    from test_moe import CYCLE, MOE  # the mixture-of-experts families (issue 17), tested on their own
+
+    full_rank_only = [kind for kind in MOE if kind not in CYCLE]
+    lines.append("")
+    lines.append(f"Mixture-of-experts models, routed experts unpacked and factorized per expert (tests/test_moe.py: "
+                 f"full-rank logits equal the dense model's, the keep-0.5 output loads where lowrank is not "
+                 f"installed, cache equality, densify back to the stacked layout): {', '.join(CYCLE)}; full-rank "
+                 f"exactness only: {', '.join(full_rank_only)}.")
     lines.append("")
     lines.append(f"Refused with one line (tests/test_architectures.py): {refused}. A model with several stacks "
                  "of blocks compresses one of them with `--blocks PATH`; the others stay dense and the run says so.")
