@@ -58,8 +58,9 @@ def plot(runs, path, spectra):
     ax.set_title(f"lowrank {run['kind']}: per-layer rank and energy kept")
     if spectra:
         ax = axes[1][0]
-        ranks_by_name = {layer["name"]: layer["rank"] for layer in order}
-        for layer in order:  # a per-slice layer's spectra are its slices', LAYER:SLICE, each at its own rank
+        ranks_by_name = {}  # in layer order (the colours); a per-slice layer's spectra are its slices', LAYER:SLICE
+        for layer in order:
+            ranks_by_name[layer["name"]] = layer["rank"]
             for part in (layer.get("info") or {}).get("slices") or []:
                 ranks_by_name[f"{layer['name']}:{part['name']}"] = part["rank"]
         colors = plt.get_cmap("viridis")
