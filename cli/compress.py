@@ -66,6 +66,10 @@ Fused = Annotated[str, typer.Option(help="Fused projections (Phi-3 qkv_proj / ga
                   "Bloom query_key_value, GPT-2 c_attn): slices = each output slice (q, k, v / gate, up) its own rank, "
                   "whole = one rank for the matrix. auto (default): slices when the ranks are allocated (global, "
                   "fisher), whole under uniform and sensitivity: what measured best (BENCHMARKS.md).")]
+Experts = Annotated[str, typer.Option(help="Mixture-of-experts layers: per-expert = each expert matrix its own "
+                    "factors (default); shared-basis = one basis per layer shared by its experts (gate_up: input "
+                    "basis, down: output basis) plus small per-expert factors, at the same parameter budget "
+                    "(--method whiten, in memory; measured in BENCHMARKS.md).")]
 MinRankFraction = Annotated[float, typer.Option(help="global/fisher: every matrix keeps at least this fraction of "
                             "its break-even rank.")]
 Anchor = Annotated[bool, typer.Option("--anchor/--no-anchor", help="Fit each layer to the ORIGINAL model's outputs "
@@ -112,7 +116,7 @@ Verify = Annotated[bool, typer.Option("--verify/--no-verify", help="End with a v
 def compress(
     model: Model, ratio: Ratio = D["ratio"], output: Output = None, method: Method = D["method"],
     targets: Targets = None, ignore: Ignore = None, blocks: Blocks = D["blocks"], propagate: Propagate = D["propagate"], alloc: Alloc = D["alloc"],
-    fused: Fused = D["fused"],
+    fused: Fused = D["fused"], experts: Experts = D["experts"],
     min_rank_fraction: MinRankFraction = D["min_rank_fraction"], anchor: Anchor = D["anchor"],
     refit: Refit = D["refit"], refine_steps: RefineSteps = D["refine_steps"], refine_lr: RefineLr = D["refine_lr"],
     damp: Damp = D["damp"], alpha: Alpha = D["alpha"], calib: Calib = D["calib"],

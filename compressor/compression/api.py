@@ -134,7 +134,8 @@ class _Job:
         self.computed_in = str(next(self.net.parameters()).dtype).removeprefix("torch.")
         progress.advance("load", f"loaded in {self.timings['load']:.0f}s")
         # an unsupported model, bad patterns and an ambiguous or wrong --blocks fail here, before calibration
-        self.blocks_name, targets, self.experts = prepare_targets(self.net, config, self.dist is not None)
+        self.blocks_name, targets, self.experts = prepare_targets(self.net, config, self.dist is not None,
+                                                                  self.streaming)
         if self.streaming:
             check_streamable(self.skeleton, self.experts)
         stacks = stack_names(self.blocks_name)
@@ -336,15 +337,16 @@ class _Job:
         """The report, the model card and the rest of the checkpoint; then publish."""
         result.layers = self.layers
         config, requested = result.config, self.requested
-        ranks, sliced = stored_ranks(self.layers)
+        ranks, sliced, shared = stored_ranks(self.layers)
         block = {
-            "format_version": 2 if sliced else 1,  # an older lowrank refuses what it cannot rebuild
+            "format_version": 3 if shared else 2 if sliced else 1,  # an older lowrank refuses what it cannot rebuild
             "tool_version": __version__,
             "method": config.method,
             "ratio": config.ratio,
             "ratio_definition": RATIO_DEFINITION,
             "ranks": ranks,
             **({"sliced": sliced} if sliced else {}),  # per-slice fused layers (modeling_lowrank.py)
+            **({"shared": shared} if shared else {}),  # shared-basis experts (compression/shared_basis.py)
             "dense": [layer.name for layer in self.layers if layer.rank is None],
             **({"experts": self.experts} if self.experts else {}),  # unpacked MoE experts (modeling_lowrank.py)
             "base_model": self.source.spec,
@@ -381,7 +383,6 @@ class _Job:
         self.writer.finish(self.net, source=self.source, tokenizer=self.tokenizer, block=block,
                            extra_files=extra_files)
         return self.report
-
 
     def verify_timing(self):
         return {"verify": self.verify_seconds} if getattr(self, "verify_seconds", None) is not None else {}

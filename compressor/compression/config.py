@@ -22,6 +22,7 @@ ALLOCATIONS = ("auto", "uniform", "global", "fisher", "sensitivity")
 STREAM_MODES = ("auto", "on", "off")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPUTE_DTYPES = ("auto", "float32")
+EXPERT_MODES = ("per-expert", "shared-basis")  # MoE expert matrices: own factors, or a basis per layer (shared_basis.py)
 # Options that change how a run is carried out, not what it writes: left out of the resume fingerprint.
 RUN_ONLY = ("device", "offload_budget", "offload_dir", "overwrite", "resume", "trust_remote_code", "verify")
 
@@ -48,6 +49,7 @@ class CompressConfig:
     # the decomposition and what surrounds it
     propagate: bool = True  # calibrate each block on the outputs of the compressed blocks before it
     alloc: str = "auto"  # see ALLOCATIONS and compression/plan.py
+    experts: str = "per-expert"  # MoE: each expert matrix its own factors, or shared-basis (shared_basis.py)
     fused: str = "auto"  # fused projections (qkv_proj, ...): whole, per slice, or auto (fused.py: per slice for
     # global/fisher ranks, whole under uniform and sensitivity, as measured)
     min_rank_fraction: float = 0.1  # global/fisher: every matrix keeps this share of its break-even rank
@@ -87,6 +89,7 @@ class CompressConfig:
         if self.fused == "slices" and self.alloc == "sensitivity":
             raise UsageError("--alloc sensitivity measures whole layers, so it cannot rank the slices of a fused "
                              "projection: use --fused whole (or auto), or --alloc fisher, global or uniform")
+        self._validate_experts(method)
         if self.stream not in STREAM_MODES:
             raise UsageError(f"--stream must be auto, on or off, got {self.stream!r}")
         if (self.anchor or self.refit) and not method.whitened:
@@ -112,6 +115,18 @@ class CompressConfig:
         if self.max_shard_bytes < 1:
             raise UsageError(f"--max-shard-size must be at least one byte, got {self.max_shard_size!r}")
         self.offload_bytes  # noqa: B018  (parses, or raises UsageError)
+
+    def _validate_experts(self, method) -> None:
+        if self.experts not in EXPERT_MODES:
+            raise UsageError(f"--experts must be one of {', '.join(EXPERT_MODES)}, got {self.experts!r}")
+        if self.experts == "per-expert":
+            return
+        unsupported = [flag for flag, on in (("--method " + self.method, self.method != "whiten"),
+                                             ("--stream on", self.stream == "on"), ("--resume", self.resume),
+                                             ("--refine-steps", self.refine_steps > 0)) if on]
+        if unsupported:
+            raise UsageError(f"--experts shared-basis is not supported with {unsupported[0]} (it takes --method "
+                             "whiten, in memory, without --resume or --refine-steps)")
 
     @property
     def method_spec(self) -> Method:
@@ -151,7 +166,7 @@ class CompressConfig:
         return {"propagate": self.propagate, "alloc": self.alloc, "anchor": self.anchor, "refit": self.refit,
                 "refine_steps": self.refine_steps, "damp": self.damp, "alpha": self.alpha, "targets": self.targets,
                 "ignore": self.ignore,
-                "fused": self.fused}
+                "fused": self.fused, **({"experts": self.experts} if self.experts != "per-expert" else {})}
 
     def resolved(self, **values) -> "CompressConfig":
         """A copy with request fields replaced by what they resolved to (alloc, device, ranks, ...)."""

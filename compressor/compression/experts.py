@@ -154,12 +154,16 @@ def check_streamable(skeleton, names):
                                  "use --stream off")
 
 
-def check_supported(model, distributed, paired):
+def check_supported(model, distributed, paired, experts="per-expert", streaming=False):
     """MoE features this version does not have yet, said before any work is done."""
     from ..errors import UsageError
 
     if not any(isinstance(m, UnpackedExperts) or is_packed_experts(m) for m in model.modules()):
+        if experts != "per-expert":
+            raise UsageError(f"--experts {experts} is for mixture-of-experts models; this model has no experts")
         return
+    if experts != "per-expert" and streaming:
+        raise UsageError(f"--experts {experts} runs with the model in memory: pass --stream off")
     if distributed:
         raise UsageError("torchrun does not support mixture-of-experts models yet; run one process")
     if paired:

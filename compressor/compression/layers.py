@@ -63,7 +63,9 @@ def decompose_block(block, names, collector, config, fisher=None, sliced=None):
     method = config.method_spec
     stored = torch_dtype(config.dtype)
     stored = None if stored == "auto" else stored  # "auto": the model's own
-    results, weightings = [], {}
+    order = list(names)
+    results, names = _shared_first(block, names, collector, config, stored)
+    weightings = {}
     remaining = {}  # layers still to do per input group: a group's statistics are freed after its last layer
     for name in names:
         remaining[id(collector.stats_of(name))] = remaining.get(id(collector.stats_of(name)), 0) + 1
@@ -132,7 +134,17 @@ def decompose_block(block, names, collector, config, fisher=None, sliced=None):
         if method.per_layer:
             weightings.pop(key)
         _release_if_done(collector, name, stats, remaining, weightings)
-    return results
+    return sorted(results, key=lambda layer: order.index(layer.name))
+
+
+def _shared_first(block, names, collector, config, stored):
+    """--experts shared-basis: whole layers of experts first, each with one basis (shared_basis.py). Returns (their
+    results, the names left)."""
+    if config.experts != "shared-basis":
+        return [], names
+    from .shared_basis import decompose_shared
+
+    return decompose_shared(block, names, collector, config, rank_for, stored, LayerResult)
 
 
 def _cast(tensor, stored, dtype):
@@ -229,9 +241,13 @@ def empty_layer(name, module, config, layout=None):
 
 def stored_ranks(layers):
     """What config.json's lowrank block lists: ({name: rank} of the layers factorized whole, {name: slice spec}
-    of the fused layers factorized per slice)."""
-    ranks = {layer.name: layer.rank for layer in layers if layer.rank is not None and "sliced" not in layer.info}
-    return ranks, {layer.name: layer.info["sliced"] for layer in layers if "sliced" in layer.info}
+    of the fused layers factorized per slice, {experts module: {tensor: spec}} of the shared-basis experts)."""
+    from .shared_basis import stored_shared
+
+    ranks = {layer.name: layer.rank for layer in layers
+             if layer.rank is not None and "sliced" not in layer.info and "shared" not in layer.info}
+    return ranks, {layer.name: layer.info["sliced"] for layer in layers if "sliced" in layer.info}, \
+        stored_shared(layers)
 
 
 def stored_layer(layer, m, n, has_bias, dtype):

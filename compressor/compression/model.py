@@ -32,12 +32,13 @@ class Result:
     config: CompressConfig  # as resolved: the allocation used and the ranks it chose
 
 
-def prepare_targets(model: Any, config: CompressConfig, distributed: bool = False) -> tuple[str, dict, list]:
+def prepare_targets(model: Any, config: CompressConfig, distributed: bool = False,
+                    streaming: bool = False) -> tuple[str, dict, list]:
     """Check that `model` can be compressed with `config` and make its targets plain modules: (blocks name,
     {block index: target names}, the expert tensors left stacked). Refusals come first (one line each); then MoE
     expert tensors are unpacked into per-expert linears, the targets chosen, and the experts no target names
     packed back. Safe to call twice on the same model (compress calls it early, to fail before calibrating)."""
-    check_supported(model, distributed, config.anchor or config.refit)
+    check_supported(model, distributed, config.anchor or config.refit, config.experts, streaming)
     reads = getattr(model, "main_input_name", "input_ids")
     if reads not in ("input_ids", "input_features"):  # ViT's pixel_values: calibration is text or speech
         raise UsageError(f"this model reads {reads}, not token ids or audio features: lowrank calibrates with text "
@@ -67,7 +68,7 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
     if is_encoder_decoder(model) and (config.method_spec.gradients or config.alloc in ("fisher", "sensitivity")):
         raise UsageError("the gradients of --method fwsvd and --alloc fisher/sensitivity are taken from a causal "
                          "language model's loss; for an encoder-decoder use --alloc uniform or global")
-    blocks_name, targets, _ = prepare_targets(model, config, dist is not None)
+    blocks_name, targets, _ = prepare_targets(model, config, dist is not None, source is not None)
     timings = {}
     fisher, curve = None, None
     if config.method_spec.gradients:

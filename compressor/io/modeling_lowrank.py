@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 
-FORMAT_VERSION = 2  # 2: lowrank["sliced"] (per-slice fused layers); a checkpoint without them is written as 1
+FORMAT_VERSION = 3  # 2: lowrank["sliced"] (per-slice fused layers); 3: lowrank["shared"] (shared-basis experts)
 # transformers 5 renamed PretrainedConfig; the older name keeps this file loadable by transformers 4.x consumers
 CONFIG_BASE = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
 MODEL_TYPE_PREFIX = "lowrank_"
@@ -299,9 +299,12 @@ class UnpackedExperts:
         experts = len(self.down_proj)
         with torch.no_grad():
             hit = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < experts]
+        basis = getattr(self, "gate_up_proj_basis", None)  # a shared input basis: one GEMM for every token
+        source = hidden_states if basis is None else basis(hidden_states)
         for e in hit:
             tokens, position = torch.where(top_k_index == e)
-            h = self._apply_gate(self.gate_up_proj[e](hidden_states[tokens]))
+            gate_up = self.gate_up_proj[e]
+            h = self._apply_gate(gate_up(source[tokens]) if basis is None else gate_up.from_basis(source[tokens]))
             weight = top_k_weights[tokens, position, None]
             down = self.down_proj[e]
             y = down((h * weight).to(h.dtype)) if down.bias is None else down(h) * weight
@@ -324,6 +327,68 @@ class UnpackedRoutedCopies(UnpackedExperts):
             gate, up = self.gate_up_proj[e](x[e, tokens]).chunk(2, dim=-1)
             out[e, tokens] = self.down_proj[e](up * self.act_fn(gate))
         return out.view(-1, out.shape[-1])
+
+
+class SharedBasisLinear(nn.Linear):
+    """One expert's matrix as a product with a factor that every expert of its layer shares (`--experts
+    shared-basis`, config.lowrank["shared"]): side "in" W_e = up_e @ basis (basis [r, in]), side "out" W_e =
+    basis @ down_e (basis [out, r]). The basis is a Projection registered once on the experts module, as
+    `<tensor>_basis`, and only referenced here: the checkpoint stores it once, and no tied-weights machinery
+    is involved (a missing tensor would be silently re-initialized). The bias is the expert's own."""
+
+    def __init__(self, basis, side, in_features, out_features, bias=False, device=None, dtype=None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.side = in_features, out_features, side
+        self.rank = basis.out_features if side == "in" else basis.in_features
+        object.__setattr__(self, "basis", basis)  # not a child module: stored under the experts module only
+        if side == "in":
+            self.up = Projection(self.rank, out_features, device=device, dtype=dtype)
+        else:
+            self.down = Projection(in_features, self.rank, device=device, dtype=dtype)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    def factors(self):
+        return (self.up, self.basis) if self.side == "in" else (self.basis, self.down)
+
+    @property
+    def weight(self):
+        up, down = self.factors()
+        with torch.no_grad():
+            return (up.weight @ down.weight).as_subclass(FactorizedWeight)
+
+    def from_basis(self, z):
+        """The output from the basis' output z = basis(x) (side "in"), computed once for all the experts."""
+        y = self.up(z)
+        return y if self.bias is None else y + self.bias
+
+    def forward(self, x):
+        up, down = self.factors()
+        return self.from_basis(down(x)) if self.side == "in" else (
+            up(down(x)) if self.bias is None else up(down(x)) + self.bias)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
+               f"shared={self.side}, bias={self.bias is not None}"
+
+
+def share_modules(model, shared):
+    """Rebuild, empty, the shared-basis experts of config.lowrank["shared"] ({experts module: {tensor: {"side",
+    "rank"}}}) on unpacked experts modules; the weights are loaded afterwards."""
+    for name, tensors in shared.items():
+        target = resolve_module_name(model, name)
+        if target is None:
+            continue
+        module = model.get_submodule(target)
+        for tensor, spec in tensors.items():
+            linears, side, rank = getattr(module, tensor), spec["side"], int(spec["rank"])
+            like = next(linears[0].parameters())
+            n, m = linears[0].in_features, linears[0].out_features
+            basis = Projection(n, rank, device=like.device, dtype=like.dtype) if side == "in" else \
+                Projection(rank, m, device=like.device, dtype=like.dtype)
+            setattr(module, tensor + "_basis", basis)
+            for e, old in enumerate(linears):
+                linears[e] = SharedBasisLinear(basis, side, n, m, bias=old.bias is not None, device=like.device,
+                                               dtype=like.dtype)
 
 
 def unpacked_class(cls, copies=False):
@@ -382,6 +447,12 @@ def _init_factors(model, module):
     from transformers import initialization as init
 
     std = getattr(model.config, "initializer_range", None) or 0.02
+    if isinstance(module, SharedBasisLinear):  # the shared basis too, until loaded (init skips loaded tensors)
+        for part in module.factors():
+            init.normal_(part.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+        return
     init.normal_(module.down.weight, mean=0.0, std=std)
     for up in (module.up.values() if isinstance(module, SlicedLowRankLinear) else [module.up]):
         if isinstance(up, Projection):
@@ -405,9 +476,10 @@ def _make_model_class(base, config_class):
         unpack_named_experts(self, block.get("experts", []))
         factorize_modules(self, block.get("ranks", {}))
         slice_modules(self, block.get("sliced", {}))
+        share_modules(self, block.get("shared", {}))
 
     def _init_weights(self, module):
-        if isinstance(module, (LowRankLinear, SlicedLowRankLinear)):
+        if isinstance(module, (LowRankLinear, SlicedLowRankLinear, SharedBasisLinear)):
             _init_factors(self, module)
         elif not isinstance(module, (Projection, SliceBias, UnpackedExperts)):  # an unpacked module's linears init themselves
             base._init_weights(self, module)

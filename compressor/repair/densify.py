@@ -78,15 +78,40 @@ def _meta_model(config, block):
         return architecture(architecture.config_class.from_dict(base_config))
 
 
-def _write_weights(weight_map, tensor, writer, factor_keys, sliced_keys, sliced, conv, tick):
+def _shared_keys(checkpoint, shared, weight_map):
+    """({own factor key: (expert layer, basis key, side)}, {basis keys}) of the shared-basis experts
+    (lowrank["shared"]), every tensor checked to be there."""
+    own, bases = {}, set()
+    for module, tensors in shared.items():
+        for tensor, spec in tensors.items():
+            basis = f"{module}.{tensor}_basis.weight"
+            part = "up" if spec["side"] == "in" else "down"
+            found = {key for key in weight_map if key.startswith(f"{module}.{tensor}.") and key.endswith(f".{part}.weight")}
+            if basis not in weight_map or not found:
+                raise LowrankError(f"{checkpoint} lists {module}.{tensor} as shared-basis experts but lacks its tensors")
+            bases.add(basis)
+            own.update({key: (key[: -len(f".{part}.weight")], basis, spec["side"]) for key in found})
+    return own, bases
+
+
+def _write_weights(weight_map, tensor, writer, factor_keys, sliced_keys, sliced, conv, tick, shared_keys=({}, ())):
     """Every tensor of the checkpoint to `writer`, factorized layers multiplied out; returns the parameters
     written. Sorted by name: the same input always gives the same bytes."""
     import torch
 
-    params = 0
+    params, (own, bases) = 0, shared_keys
     for key in sorted(weight_map):
         layer = factor_keys.get(key)
-        if key in sliced_keys:  # a per-slice layer: written whole when its down (sorted first) comes
+        if key in bases:  # multiplied into each expert's matrix below
+            continue
+        if key in own:  # a shared-basis expert: W_e = up_e @ basis (side in) or basis @ down_e (side out)
+            name, basis_key, side = own[key]
+            mine, basis = tensor(key).to(torch.float32), tensor(basis_key).to(torch.float32)
+            weight = (mine @ basis if side == "in" else basis @ mine).to(tensor(key).dtype)
+            writer.add(f"{name}.weight", weight)
+            params += weight.numel()
+            tick()
+        elif key in sliced_keys:  # a per-slice layer: written whole when its down (sorted first) comes
             if key.endswith(".down.weight"):
                 name = sliced_keys[key]
                 for suffix, value in _sliced_dense(name, sliced[name], tensor, name in conv, sliced_keys).items():
@@ -197,11 +222,12 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
     weight_map = _weight_map(checkpoint)
     ranks, sliced = block.get("ranks") or {}, block.get("sliced") or {}
     factor_keys, sliced_keys = _factor_keys(checkpoint, ranks, sliced, weight_map)
+    shared_keys = _shared_keys(checkpoint, block.get("shared") or {}, weight_map)
     from ..compression.experts import ExpertStacker  # torch and transformers: imported when used
 
     meta = _meta_model(config, block)
     conv = _conv1d_layers(meta, block)
-    layers = len(ranks) + len(sliced)
+    layers = len(ranks) + len(sliced) + len(shared_keys[0])
 
     handles = {}  # the input's shards, opened as needed; closed at the end even on a failure
     try:
@@ -215,7 +241,8 @@ def densify(checkpoint: str, output: str, *, max_shard_size: str | int = "5GB", 
 
             writer = ExpertStacker(ShardWriter(staging, max_shard_bytes), meta, block.get("experts", []))
             tick = ticker(progress, "layers", max(layers, 1), lambda done: f"{done}/{layers} layers multiplied")
-            params = _write_weights(weight_map, tensor, writer, factor_keys, sliced_keys, sliced, conv, tick)
+            params = _write_weights(weight_map, tensor, writer, factor_keys, sliced_keys, sliced, conv, tick,
+                                    shared_keys)
             files = writer.finish()
             weight_bytes = sum(os.path.getsize(os.path.join(staging, name)) for name in files)
             marker = {"format_version": FORMAT_VERSION, "tool_version": __version__,
