@@ -125,6 +125,11 @@ def test_shared_parameters_are_what_the_report_says(shared_half):
     assert 0.45 * before < after <= 0.5 * before
     counted = [layer for layer in listed if layer["info"]["shared"]["basis_counted_here"]]
     assert len(counted) == 4 and all(layer["name"].endswith(".0") for layer in counted)
+    from lowrank.report.compression import compression_rows
+
+    rows = dict(compression_rows(report))
+    basis = sum(layer["info"]["shared"]["basis_params"] for layer in counted)
+    assert rows["shared bases"].startswith(f"4 (one per layer and expert tensor), {basis:,} parameters counted once")
 
 
 def test_shared_generate_with_cache_equals_without(shared_half):

@@ -205,9 +205,15 @@ def expert_rows(report):
         return []
     pooled = [layer for layer in experts if layer["info"]["pooled_tokens"]]
     least = min(layer["info"]["tokens"] for layer in experts)
-    return [("experts", f"{len(experts)} expert matrices, statistics from the tokens the router sent them (fewest "
+    rows = [("experts", f"{len(experts)} expert matrices, statistics from the tokens the router sent them (fewest "
                         f"{least:,}); {len(pooled)} had fewer tokens than their input width and borrowed pooled "
                         "statistics of their layer's experts for the rest")]
+    shared = [layer["info"]["shared"] for layer in experts if layer["info"].get("shared", {}).get("basis_counted_here")]
+    if shared:  # --experts shared-basis: the bases are parameters too, and counted once
+        rows.append(("shared bases", f"{len(shared)} (one per layer and expert tensor), "
+                                     f"{sum(s['basis_params'] for s in shared):,} parameters counted once, in the "
+                                     "first expert of each layer's entry"))
+    return rows
 
 
 def expert_tokens_markdown(report):
