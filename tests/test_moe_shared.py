@@ -196,3 +196,20 @@ def test_a_model_without_experts_refuses_shared_basis(llama_dir, calib_file, tmp
     code, _, err = run(["compress", llama_dir, "--ratio", "0.5", "-o", output, "--calib", calib_file,
                         "--num-samples", "8", "--seq-len", "64", "--no-verify", "--experts", "shared-basis"], capsys)
     assert_clean_failure(code, err, 2, "this model has no experts", output)
+
+
+def test_eora_adapter_repairs_shared_experts_and_merge_is_refused(shared_half, calib_file, tmp_path):
+    """compensate sees each shared-basis expert as the linear layer it is: a PEFT adapter lowers every expert's
+    error; --merge, which would have to change a basis other experts read, is refused with one line."""
+    import lowrank
+    from lowrank.errors import UsageError
+
+    kind, directory, out, _, _ = shared_half
+    if kind != "mixtral":
+        pytest.skip("one layout is enough")
+    options = dict(rank=4, calib=calib_file, num_samples=8, seq_len=64, batch_size=4)
+    report = lowrank.compensate(directory, out, str(tmp_path / "eora"), **options)
+    experts = [layer for layer in report["layers"]["list"] if ".experts." in layer["name"]]
+    assert len(experts) == 32 and all(layer["rel_error"] < layer["error_before"] for layer in experts)
+    with pytest.raises(UsageError, match="shares a basis with its layer's other experts"):
+        lowrank.compensate(directory, out, str(tmp_path / "merged"), merge=True, **options)

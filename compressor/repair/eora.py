@@ -27,7 +27,7 @@ from ..environment import invocation
 from ..errors import UsageError
 from ..io.checkpoint import MODEL_TYPE_PREFIX, load_pretrained, write_checkpoint
 from ..io.loading import load_model, read_config, resolve_model
-from ..io.modeling_lowrank import LowRankLinear, SlicedLowRankLinear, linear_shape
+from ..io.modeling_lowrank import LowRankLinear, SharedBasisLinear, SlicedLowRankLinear, linear_shape
 from ..io.publish import check_output, publish, staging_dir
 from ..io.shards import ShardWriter
 from ..methods.whiten import whiten_weighting
@@ -179,6 +179,9 @@ def check_mergeable(model, names):
         if isinstance(model.get_submodule(name), SlicedLowRankLinear):
             raise UsageError(f"{name} is a fused projection factorized per slice: --merge cannot fold a correction "
                              "into its factors yet; write the correction as an adapter (without --merge)")
+        if isinstance(model.get_submodule(name), SharedBasisLinear):
+            raise UsageError(f"{name} shares a basis with its layer's other experts (--experts shared-basis): "
+                             "--merge cannot fold a correction into it; write the correction as an adapter")
 
 
 @torch.no_grad()
