@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import WITHOUT_LOWRANK
-from test_moe import build_moe, calibration_ids, logits, params_in
+from test_moe import EXPERTS_AT, build_moe, calibration_ids, logits, params_in
 
 KINDS = ["mixtral", "qwen3_moe"]
 
 
-@pytest.mark.parametrize("kind", KINDS + ["gpt_oss"])
+@pytest.mark.parametrize("kind", KINDS + ["gpt_oss", "llama4_text"])
 def test_full_rank_shared_basis_reproduces_the_dense_logits(kind):
     """At full rank the shared input basis is invertible and the output basis orthonormal and square, so the
     closed-form fits are exact: the model computes what it did, through the shared-basis forward."""
@@ -24,6 +24,10 @@ def test_full_rank_shared_basis_reproduces_the_dense_logits(kind):
     from lowrank.io.modeling_lowrank import SharedBasisLinear
 
     model = build_moe(kind)
+    with torch.no_grad():  # gpt-oss's expert biases start at zero: make them count
+        for name, param in model.named_parameters():
+            if name.endswith("_bias"):
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(5)) * 0.1)
     ids = calibration_ids(2, 24, seed=9)
     before = logits(model, ids)
     unpack_model_experts(model)
@@ -33,7 +37,7 @@ def test_full_rank_shared_basis_reproduces_the_dense_logits(kind):
                                                                      experts="shared-basis"))
     shared = [name for name, m in model.named_modules() if isinstance(m, SharedBasisLinear)]
     assert len(shared) == 2 * 2 * 8
-    experts = model.model.layers[0].mlp.experts
+    experts = model.get_submodule(f"model.layers.0.{EXPERTS_AT.get(kind, 'mlp.experts')}")
     hidden = model.config.hidden_size
     assert experts.gate_up_proj_basis.weight.shape == (hidden, hidden)  # [r, H], r capped at H
     assert experts.down_proj_basis.weight.shape == (hidden, hidden)  # [H, r]
