@@ -175,6 +175,7 @@ def main():
                 if any(r["delta"] == delta and r["ratio"] == ratio and r["mode"] == mode for r in results["runs"]):
                     continue
                 out = os.path.join(args.work, "out", f"delta{delta}-{mode}-{ratio}")
+                os.makedirs(os.path.dirname(out), exist_ok=True)
                 report, wall, command = compress(source, out, ratio, mode)
                 evaluation = common.measure(out)
                 results["runs"].append(entry(delta, ratio, mode, report, wall, command, evaluation,
