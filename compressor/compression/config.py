@@ -53,8 +53,11 @@ class CompressConfig:
     min_rank_fraction: float = 0.1  # global/fisher: every matrix keeps this share of its break-even rank
     anchor: bool = False  # fit W' x' to the ORIGINAL model's outputs W x (needs propagation)
     refit: bool = False  # after truncation, refit `up` by least squares to the original outputs
-    refine_steps: int = 0  # Adam steps per block on its factors against its original outputs
-    refine_lr: float = 1e-4
+    refine_steps: int | None = None  # Adam steps per block on its factors against its original outputs; None:
+    # auto (plan.resolve_refine: 8 with --method whiten in one process, as measured in BENCHMARKS.md)
+    refine_lr: float = 3e-4
+    speed_aware: bool = False  # no factorized rank above the measured speed break-even (core/speed.py)
+    speed_profile: str | None = None  # the timings of an earlier --speed-aware run (its report), not new ones
     damp: float = 1e-4  # whiten: damping relative to mean(diag G)
     alpha: float = 0.5  # asvd: exponent of the activation scale
 
@@ -87,6 +90,11 @@ class CompressConfig:
         if self.fused == "slices" and self.alloc == "sensitivity":
             raise UsageError("--alloc sensitivity measures whole layers, so it cannot rank the slices of a fused "
                              "projection: use --fused whole (or auto), or --alloc fisher, global or uniform")
+        if self.speed_profile is not None and not self.speed_aware:
+            raise UsageError("--speed-profile gives --speed-aware its timings: pass --speed-aware too")
+        if self.speed_aware and self.alloc in ("uniform", "sensitivity"):
+            raise UsageError(f"--speed-aware caps the ranks --alloc fisher or global chooses; --alloc {self.alloc} "
+                             "has no such choice: use --alloc auto, fisher or global")
         if self.stream not in STREAM_MODES:
             raise UsageError(f"--stream must be auto, on or off, got {self.stream!r}")
         if (self.anchor or self.refit) and not method.whitened:
@@ -99,7 +107,8 @@ class CompressConfig:
                                             and re.fullmatch(rf"{path}(,{path})*", self.blocks)):
             raise UsageError(f"--blocks must be a dotted module path such as model.layers, got {self.blocks!r}")
         check_calibration(self.num_samples, self.seq_len, self.batch_size)
-        check_int("--refine-steps", self.refine_steps, 0)
+        if self.refine_steps is not None:
+            check_int("--refine-steps", self.refine_steps, 0)
         check_number("--damp", self.damp, 0)
         check_number("--alpha", self.alpha)
         check_number("--refine-lr", self.refine_lr, 0, strict=True)
@@ -151,7 +160,7 @@ class CompressConfig:
         return {"propagate": self.propagate, "alloc": self.alloc, "anchor": self.anchor, "refit": self.refit,
                 "refine_steps": self.refine_steps, "damp": self.damp, "alpha": self.alpha, "targets": self.targets,
                 "ignore": self.ignore,
-                "fused": self.fused}
+                "fused": self.fused, **({"speed_aware": True} if self.speed_aware else {})}
 
     def resolved(self, **values) -> "CompressConfig":
         """A copy with request fields replaced by what they resolved to (alloc, device, ranks, ...)."""

@@ -129,7 +129,7 @@ def dense_reference(dense_dir, tokens, dtype):
 
 @pytest.mark.parametrize("family, dtype, tolerance", [
     ("llama", "float32", 1e-4), ("llama", "bfloat16", 0.03), ("qwen2", "float32", 1e-4), ("qwen3", "float32", 1e-4),
-    ("mistral", "float32", 1e-4)])
+    ("mistral", "float32", 1e-4), ("gemma", "float32", 1e-4), ("gemma", "bfloat16", 0.03)])
 def test_vllm_matches_transformers(checkpoints, family, dtype, tolerance):
     path = checkpoints(family, dtype)
     config = json.load(open(os.path.join(path, "config.json")))
@@ -172,7 +172,7 @@ def test_unsupported_family_is_refused_by_name_before_the_engine_starts(tmp_path
                      batch_size=4, verify=False)
     assert json.load(open(out / "config.json"))["model_type"] == MODEL_TYPE_PREFIX + "gpt2"
     err = refused(str(out))
-    assert "lowrank's vLLM plugin cannot serve a gpt2 checkpoint (it serves llama, mistral, qwen2, qwen3)" in err
+    assert "lowrank's vLLM plugin cannot serve a gpt2 checkpoint (it serves llama, mistral, qwen2, qwen3, gemma)" in err
     assert "lowrank densify" in err
     assert "Initializing a V1 LLM engine" not in err  # refused while reading config.json, no engine was started
 
