@@ -147,7 +147,7 @@ def compress(source, out, ratio, mode):
                   f"shared_basis.SIDES={{'gate_up_proj': 'in'}}, ratio={ratio})"
         return result["report"], result["wall"], command
     args = ["compress", source, "--ratio", str(ratio), "--method", "whiten", "--alloc", "uniform", "--targets",
-            "*experts*", "--experts", mode, "--no-verify", "-o", out, "--overwrite", *common.calib_args()]
+            "*experts*", "--experts", mode, "--refine-steps", "0", "--no-verify", "-o", out, "--overwrite", *common.calib_args()]
     return common.run_lowrank(args)
 
 

@@ -76,9 +76,15 @@ Anchor = Annotated[bool, typer.Option("--anchor/--no-anchor", help="Fit each lay
                    "from the inputs the compressed model gives it (AA-SVD's anchored objective).")]
 Refit = Annotated[bool, typer.Option(help="After truncation, refit each up factor by least squares to the original "
                   "model's outputs.")]
-RefineSteps = Annotated[int, typer.Option(help="Adam steps per block on its factors against the block's original "
-                        "outputs (0: off).")]
+RefineSteps = Annotated[int | None, typer.Option(help="Adam steps per block on its factors against the block's "
+                        "original outputs (0: off). Default: 8 with --method whiten in one process, else 0.",
+                        show_default=False)]
 RefineLr = Annotated[float, typer.Option(help="Learning rate of --refine-steps.")]
+SpeedAware = Annotated[bool, typer.Option("--speed-aware", help="Time each layer shape's batch-1 product here, dense "
+                       "and factorized, and never give a layer a rank slower than dense (it stays dense instead); "
+                       "the report gives the expected speed-up. Needs --alloc fisher or global.")]
+SpeedProfile = Annotated[str | None, typer.Option(help="With --speed-aware: reuse the timings of an earlier run's "
+                         "compression_report.json (same bytes as that run) instead of timing again.")]
 Damp = Annotated[float, typer.Option(help="whiten: damping added to the Gram matrix, relative to its mean "
                  "diagonal.")]
 Alpha = Annotated[float, typer.Option(help="asvd: exponent of the activation scale.")]
@@ -119,6 +125,7 @@ def compress(
     fused: Fused = D["fused"], experts: Experts = D["experts"],
     min_rank_fraction: MinRankFraction = D["min_rank_fraction"], anchor: Anchor = D["anchor"],
     refit: Refit = D["refit"], refine_steps: RefineSteps = D["refine_steps"], refine_lr: RefineLr = D["refine_lr"],
+    speed_aware: SpeedAware = D["speed_aware"], speed_profile: SpeedProfile = None,
     damp: Damp = D["damp"], alpha: Alpha = D["alpha"], calib: Calib = D["calib"],
     num_samples: NumSamples = D["num_samples"], seq_len: SeqLen = D["seq_len"],
     text_column: TextColumn = D["text_column"], calib_split: CalibSplit = D["calib_split"], seed: Seed = D["seed"],

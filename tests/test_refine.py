@@ -5,12 +5,15 @@ import os
 import signal
 import subprocess
 
+import pytest
 import torch
 from conftest import build_model
 from test_streaming import compress_command, every_file, journal_blocks, run_until
 
 from lowrank.compression.config import CompressConfig
 from lowrank.compression.model import compress_model
+from lowrank.compression.plan import AUTO_REFINE_STEPS, resolve_refine
+from lowrank.errors import UsageError
 from lowrank.io.modeling_lowrank import LowRankLinear
 
 
@@ -26,7 +29,7 @@ def factor_free_state(model):
 
 def test_refinement_lowers_each_blocks_loss_and_moves_only_the_factors():
     plain, refined = build_model("llama"), build_model("llama")
-    config = CompressConfig(alloc="uniform", ratio=0.4, batch_size=4)
+    config = CompressConfig(alloc="uniform", ratio=0.4, batch_size=4, refine_steps=0)
     compress_model(plain, ids(), config)
     result = compress_model(refined, ids(), CompressConfig(alloc="uniform", ratio=0.4, batch_size=4, refine_steps=12,
                                                            refine_lr=1e-3))
@@ -60,7 +63,8 @@ def test_refined_output_is_the_same_on_a_rerun_and_after_sigkill_and_resume(deep
         subprocess.run(compress_command(deep_llama, out, calib_file, *refine), check=True, timeout=600)
     assert every_file(straight) == every_file(again)
     plain = str(tmp_path / "plain")
-    subprocess.run(compress_command(deep_llama, plain, calib_file, "--alloc", "uniform"), check=True, timeout=600)
+    subprocess.run(compress_command(deep_llama, plain, calib_file, "--alloc", "uniform", "--refine-steps", "0"),
+                   check=True, timeout=600)
     weights = [name for name in os.listdir(plain) if name.endswith(".safetensors")]
     assert any(open(os.path.join(plain, n), "rb").read() != open(os.path.join(straight, n), "rb").read()
                for n in weights)  # refinement changed the bytes: the comparisons above test it
@@ -73,3 +77,25 @@ def test_refined_output_is_the_same_on_a_rerun_and_after_sigkill_and_resume(deep
     done = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert every_file(out) == every_file(straight)
+
+
+def test_the_default_refines_whitening_in_one_process_and_nothing_else():
+    assert resolve_refine(CompressConfig(), distributed=False) == (AUTO_REFINE_STEPS, None)
+    steps, why = resolve_refine(CompressConfig(), distributed=True)
+    assert steps == 0 and "torchrun" in why  # said, not silent
+    assert resolve_refine(CompressConfig(method="svd"), distributed=False) == (0, None)  # the papers' baselines
+    assert resolve_refine(CompressConfig(refine_steps=0), distributed=False) == (0, None)
+    steps, why = resolve_refine(CompressConfig(experts="shared-basis"), distributed=False)
+    assert steps == 0 and "shared" in why  # it trains per-layer factors, not a basis that experts share
+    with pytest.raises(UsageError, match="--refine-steps"):
+        CompressConfig(experts="shared-basis", refine_steps=4)
+    assert CompressConfig().refine_lr == 3e-4  # the rate the protocol measured (BENCHMARKS.md)
+
+
+def test_the_default_compress_refines_and_records_it():
+    model = build_model("llama")
+    result = compress_model(model, ids(), CompressConfig(alloc="uniform", ratio=0.4, batch_size=4))
+    refined = [layer.info["refine"] for layer in result.layers if "refine" in layer.info]
+    assert len(refined) == len(result.layers)
+    assert all(r["loss_after"] <= r["loss_before"] for r in refined)
+    assert any(r["kept"] and r["loss_after"] < r["loss_before"] for r in refined)

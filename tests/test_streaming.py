@@ -185,7 +185,8 @@ def test_two_gloo_processes_write_what_one_process_writes(llama_dir, calib_file,
     """torchrun with 2 CPU processes (gloo): batches split, statistics gathered exactly, rank 0 writes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every process, as in the single run
     common = ["compress", llama_dir, "--calib", calib_file, "--num-samples", "16", "--seq-len", "64",
-              "--batch-size", "4", "--ratio", "0.5", "-q", *extra]
+              "--batch-size", "4", "--ratio", "0.5", "-q", *extra,
+              "--refine-steps", "0"]  # refinement is single-process only; the default resolves to 0 under torchrun
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     subprocess.run([sys.executable, "-m", "lowrank", *common, "-o", one], check=True, env=env, timeout=600)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lowrank",

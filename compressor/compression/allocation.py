@@ -12,9 +12,11 @@ import torch
 from ..core import decompose
 from ..core.fisher import output_importance
 from ..core.ranks import allocate_global, component_losses, dropped_loss
-from .fused import slice_key
+from ..core.speed import ceilings as speed_ceilings
+from ..errors import UsageError
 from ..methods.whiten import whiten_weighting
 from ..progress import SILENT
+from .fused import slice_key
 from .sensitivity import sensitivity_ranks
 from .sequential import WalkOptions, walk_blocks
 from .targets import dense_weight
@@ -22,16 +24,21 @@ from .targets import dense_weight
 
 class LossCurve:
     """The allocation's loss estimate as a function of --ratio (what `compress`'s verdict scales to suggest a
-    ratio): the ranks allocate_global would give at that ratio, and the summed cost of what they drop."""
+    ratio): the ranks allocate_global would give at that ratio, and the summed cost of what they drop.
+    `speed`: the --speed-aware profile (core/speed.py) whose ceilings the allocation obeyed, or None."""
 
-    def __init__(self, spectra, shapes, weights, min_fraction):
+    def __init__(self, spectra, shapes, weights, min_fraction, speed=None):
         self.shapes, self.min_fraction = shapes, min_fraction
-        self.spectra, self.weights = spectra, weights
+        self.spectra, self.weights, self.speed = spectra, weights, speed
         self.losses = component_losses(spectra, weights)
+        self.ceilings = None if speed is None else speed_ceilings(speed, shapes)
+
+    def allocate(self, ratio, notes=None):
+        return allocate_global(self.spectra, self.shapes, ratio, self.min_fraction, self.weights, notes,
+                               self.ceilings)
 
     def __call__(self, ratio):
-        ranks = allocate_global(self.spectra, self.shapes, ratio, self.min_fraction, self.weights)
-        return dropped_loss(self.losses, ranks)
+        return dropped_loss(self.losses, self.allocate(ratio))
 
 
 def allocate_ranks(model, input_ids, targets, blocks_name, config, progress=SILENT, source=None, dist=None,
@@ -57,11 +64,41 @@ def allocate_ranks(model, input_ids, targets, blocks_name, config, progress=SILE
     ranks, curve = None, None
     if dist is None or dist.main:
         notes = []
-        ranks = allocate_global(spectra, shapes, config.ratio, config.min_rank_fraction, weights, notes)
+        speed = speed_profile(model, shapes, config, progress) if config.speed_aware else None
+        curve = LossCurve(spectra, shapes, weights, config.min_rank_fraction, speed)
+        ranks = curve.allocate(config.ratio, notes)
         for note in notes:
             progress.log(note)
-        curve = LossCurve(spectra, shapes, weights, config.min_rank_fraction)
     return (dist.broadcast_object(ranks), curve) if dist else (ranks, curve)
+
+
+def speed_entry(curve, ranks):
+    """The report's `speed` ({} unless the allocation was --speed-aware): the timings and the speed-up they predict."""
+    if curve is None or curve.speed is None or not ranks:
+        return {}
+    from ..core.speed import summary
+
+    return {"speed": summary(curve.speed, curve.shapes, {name: ranks[name] for name in curve.shapes})}
+
+
+def speed_profile(model, shapes, config, progress=SILENT):
+    """--speed-aware: the profile in --speed-profile FILE, or measured now (core/speed.py) on the device the model
+    runs on, in the dtype the output is written in (what it will be served in); it must cover every shape the
+    allocation ranks."""
+    from ..core import speed
+    from ..io.loading import torch_dtype
+
+    if config.speed_profile is not None:
+        profile = speed.read_profile(config.speed_profile)
+    else:
+        progress.log("--speed-aware: timing batch-1 matrix products of each layer shape (dense and factorized)")
+        dtype = next(model.parameters()).dtype if config.dtype == "auto" else torch_dtype(config.dtype)
+        profile = speed.measure_profile(shapes, config.device, dtype)
+    missing = sorted({speed.shape_key(m, n) for m, n in shapes.values()} - set(profile["shapes"]))
+    if missing:
+        raise UsageError(f"the speed profile {config.speed_profile} has no timings for the shapes {', '.join(missing)}"
+                         " of this model: run --speed-aware without --speed-profile to measure them")
+    return profile
 
 
 @torch.no_grad()

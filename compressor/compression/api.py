@@ -19,20 +19,14 @@ from ..device import resolve_device
 from ..environment import invocation
 from ..errors import Interrupted, UsageError
 from ..io.checkpoint import CheckpointWriter, partition_keys, tied_names
-from ..io.loading import (
-    load_model,
-    load_tokenizer,
-    read_config,
-    resolve_model,
-    round_weights,
-    torch_dtype,
-)
+from ..io.loading import load_model, load_tokenizer, read_config, resolve_model, round_weights, torch_dtype
 from ..io.modeling_lowrank import linear_shape
 from ..io.publish import check_output, staging_dir
 from ..progress import SILENT, Progress
 from ..report.card import model_card
 from ..report.compression import SPECTRA_FILE, build_report, compression_markdown, layer_entry, spectra_bytes
 from . import resume
+from .allocation import speed_entry
 from .config import CompressConfig
 from .coverage import measure_coverage
 from .distributed import from_environment
@@ -150,10 +144,9 @@ class _Job:
         elif len(stacks) > 1:
             progress.log(f"compressing the blocks of {' and '.join(stacks)} (the decoder calibrated with the "
                          "compressed encoder's output)")
-        self.config, why = resolve(config, self.net, streaming=self.streaming, distributed=self.dist is not None)
-        if config.alloc == "auto":
-            progress.log(f"--alloc auto: {self.config.alloc} (" + (why or "Fisher-weighted global ranks; --alloc "
-                                                                    "uniform gives the papers' one rank rule") + ")")
+        self.config, notes = resolve(config, self.net, streaming=self.streaming, distributed=self.dist is not None)
+        for note in notes if self.main else ():
+            progress.log(note)
         self.before, self.after = partition_keys(self.net, stacks, self.tied)
         self.prefixes = block_prefixes(self.net, self.blocks_name)  # block index -> "model.decoder.layers.1."
         self.dtype = output_dtype(config, self.source, self.net, self.streaming)  # factors are rounded to it
@@ -357,7 +350,8 @@ class _Job:
         }
         params_after = self.params_before - sum(layer.params_before - layer.params_after for layer in self.layers)
         run = {"streamed": self.streaming, "compute_dtype": self.computed_in, "offload_budget_bytes": config.offload_budget,
-               "processes": self.dist.world if self.dist else 1, "resumed_at_block": self.resumed_at or None}
+               "processes": self.dist.world if self.dist else 1, "resumed_at_block": self.resumed_at or None,
+               **speed_entry(self.loss_curve, config.ranks)}
 
         def extra_files(bytes_after, files, seconds):
             """Called once the weights are written: the report, whole, and the files that render it."""

@@ -55,8 +55,11 @@ class CompressConfig:
     min_rank_fraction: float = 0.1  # global/fisher: every matrix keeps this share of its break-even rank
     anchor: bool = False  # fit W' x' to the ORIGINAL model's outputs W x (needs propagation)
     refit: bool = False  # after truncation, refit `up` by least squares to the original outputs
-    refine_steps: int = 0  # Adam steps per block on its factors against its original outputs
-    refine_lr: float = 1e-4
+    refine_steps: int | None = None  # Adam steps per block on its factors against its original outputs; None:
+    # auto (plan.resolve_refine: 8 with --method whiten in one process, as measured in BENCHMARKS.md)
+    refine_lr: float = 3e-4
+    speed_aware: bool = False  # no factorized rank above the measured speed break-even (core/speed.py)
+    speed_profile: str | None = None  # the timings of an earlier --speed-aware run (its report), not new ones
     damp: float = 1e-4  # whiten: damping relative to mean(diag G)
     alpha: float = 0.5  # asvd: exponent of the activation scale
 
@@ -90,6 +93,11 @@ class CompressConfig:
             raise UsageError("--alloc sensitivity measures whole layers, so it cannot rank the slices of a fused "
                              "projection: use --fused whole (or auto), or --alloc fisher, global or uniform")
         self._validate_experts(method)
+        if self.speed_profile is not None and not self.speed_aware:
+            raise UsageError("--speed-profile gives --speed-aware its timings: pass --speed-aware too")
+        if self.speed_aware and self.alloc in ("uniform", "sensitivity"):
+            raise UsageError(f"--speed-aware caps the ranks --alloc fisher or global chooses; --alloc {self.alloc} "
+                             "has no such choice: use --alloc auto, fisher or global")
         if self.stream not in STREAM_MODES:
             raise UsageError(f"--stream must be auto, on or off, got {self.stream!r}")
         if (self.anchor or self.refit) and not method.whitened:
@@ -102,7 +110,8 @@ class CompressConfig:
                                             and re.fullmatch(rf"{path}(,{path})*", self.blocks)):
             raise UsageError(f"--blocks must be a dotted module path such as model.layers, got {self.blocks!r}")
         check_calibration(self.num_samples, self.seq_len, self.batch_size)
-        check_int("--refine-steps", self.refine_steps, 0)
+        if self.refine_steps is not None:
+            check_int("--refine-steps", self.refine_steps, 0)
         check_number("--damp", self.damp, 0)
         check_number("--alpha", self.alpha)
         check_number("--refine-lr", self.refine_lr, 0, strict=True)
@@ -123,7 +132,7 @@ class CompressConfig:
             return
         unsupported = [flag for flag, on in (("--method " + self.method, self.method != "whiten"),
                                              ("--stream on", self.stream == "on"), ("--resume", self.resume),
-                                             ("--refine-steps", self.refine_steps > 0)) if on]
+                                             ("--refine-steps", (self.refine_steps or 0) > 0)) if on]
         if unsupported:
             raise UsageError(f"--experts shared-basis is not supported with {unsupported[0]} (it takes --method "
                              "whiten, in memory, without --resume or --refine-steps)")
@@ -166,7 +175,8 @@ class CompressConfig:
         return {"propagate": self.propagate, "alloc": self.alloc, "anchor": self.anchor, "refit": self.refit,
                 "refine_steps": self.refine_steps, "damp": self.damp, "alpha": self.alpha, "targets": self.targets,
                 "ignore": self.ignore,
-                "fused": self.fused, **({"experts": self.experts} if self.experts != "per-expert" else {})}
+                "fused": self.fused, **({"experts": self.experts} if self.experts != "per-expert" else {}),
+                **({"speed_aware": True} if self.speed_aware else {})}
 
     def resolved(self, **values) -> "CompressConfig":
         """A copy with request fields replaced by what they resolved to (alloc, device, ranks, ...)."""

@@ -61,8 +61,12 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
     before it is released; `on_planned(config, loss_curve)` sees the config as resolved, allocated ranks included (and
     the allocation's loss curve, or None), before
     the first block; `resume` skips blocks an earlier run did (see sequential.walk_blocks)."""
-    if config.alloc == "auto" or config.device == "auto" or isinstance(config.offload_budget, str):
+    if (config.alloc == "auto" or config.device == "auto" or isinstance(config.offload_budget, str)
+            or config.refine_steps is None):
         config, _ = resolve(config, model, streaming=source is not None, distributed=dist is not None)
+    if config.speed_aware and config.alloc not in ("fisher", "global"):
+        raise UsageError(f"--speed-aware caps the ranks of --alloc fisher or global, and --alloc auto chose "
+                         f"{config.alloc} here (streaming, torchrun or another method): pass --alloc global")
     if dist is not None and (config.whole_model_reason() or config.refine_steps):
         raise UsageError("fwsvd, --alloc fisher/sensitivity and --refine-steps run in a single process only")
     if is_encoder_decoder(model) and (config.method_spec.gradients or config.alloc in ("fisher", "sensitivity")):

@@ -133,7 +133,8 @@ def save_loss_curve(staging, curve):
 
     tensors = {f"sigma.{name}": sigma.contiguous() for name, sigma in curve.spectra.items()}
     tensors.update({f"weight.{name}": weight.contiguous() for name, weight in (curve.weights or {}).items()})
-    metadata = {"shapes": json.dumps(curve.shapes), "min_fraction": repr(curve.min_fraction)}
+    metadata = {"shapes": json.dumps(curve.shapes), "min_fraction": repr(curve.min_fraction),
+                **({"speed": json.dumps(curve.speed)} if curve.speed is not None else {})}
     with open(os.path.join(staging, LOSS_CURVE), "wb") as f:
         f.write(save(tensors, metadata=metadata))
         f.flush()
@@ -155,4 +156,5 @@ def load_loss_curve(staging):
     spectra = {name[len("sigma."):]: t for name, t in tensors.items() if name.startswith("sigma.")}
     weights = {name[len("weight."):]: t for name, t in tensors.items() if name.startswith("weight.")} or None
     shapes = {name: tuple(shape) for name, shape in json.loads(metadata["shapes"]).items()}
-    return LossCurve(spectra, shapes, weights, float(metadata["min_fraction"]))
+    speed = json.loads(metadata["speed"]) if "speed" in metadata else None  # --speed-aware's timings
+    return LossCurve(spectra, shapes, weights, float(metadata["min_fraction"]), speed)

@@ -76,7 +76,7 @@ def fit_input_basis(weights, grams, rank, damp):
     for w in weights:
         whitened = pooled.times_right(w.to(torch.float64))  # W_e S
         stacked = stacked + whitened.T @ whitened
-    values, vectors = torch.linalg.eigh(stacked)
+    _, vectors = torch.linalg.eigh(stacked)
     top = _fix_signs(vectors.flip(1)[:, :rank])  # top-r right singular vectors of [W_1 S; ...; W_E S]
     basis = pooled.times_right_inv(top.T)  # V_r^T S^-1: the row space those directions read
     basis = basis / basis.norm(dim=1, keepdim=True).clamp_min(1e-30)
@@ -94,7 +94,7 @@ def fit_output_basis(weights, grams, rank, damp):
     for w, gram in zip(weights, grams):
         w = w.to(torch.float64)
         energy = energy + w @ _damped(gram, damp) @ w.T
-    values, vectors = torch.linalg.eigh(energy)
+    _, vectors = torch.linalg.eigh(energy)
     basis = _fix_signs(vectors.flip(1)[:, :rank])
     return basis, [basis.T @ w.to(torch.float64) for w in weights]
 
@@ -120,7 +120,9 @@ def decompose_shared(block, names, collector, config, rank_for, stored, result):
         fit = fit_input_basis if side == "in" else fit_output_basis
         basis_value, owns = fit(weights, grams, rank, config.damp)
         dtype, device = weights[0].dtype, weights[0].device
-        cast = (lambda t: t.to(stored).to(dtype)) if stored is not None else (lambda t: t.to(dtype))
+
+        def cast(t, dtype=dtype):  # through the stored dtype first, so the fit's error is the one written
+            return (t.to(stored) if stored is not None else t).to(dtype)
         basis = Projection(n, rank, device=device, dtype=dtype) if side == "in" else \
             Projection(rank, m, device=device, dtype=dtype)
         basis.weight.copy_(cast(basis_value))

@@ -31,7 +31,7 @@ def factor_params(m, n, rank):
     return m * n if rank is None else rank * (m + n)
 
 
-def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None, notes=None):
+def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None, notes=None, ceilings=None):
     """Heterogeneous ranks under the same parameter budget as the uniform rule at `ratio`.
 
     spectra: {name: whitened singular values, descending}; dropping component i of matrix j costs sigma_ji^2
@@ -45,6 +45,8 @@ def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None, note
     and recovers all the rest). Every matrix keeps at least `min_fraction` of its break-even rank (and at
     least 1), unless those floors alone would overspend the budget: then the floor yields (the largest fraction
     that fits, said in `notes`), and a budget below rank 1 everywhere is refused with the numbers.
+    `ceilings` ({name: rank}, --speed-aware): a matrix never gets a factorized rank above its ceiling (the speed
+    break-even, core/speed.py); its next step is to dense, which costs what remains up to m n.
     Returns {name: rank, or None for dense}.
     """
     import heapq
@@ -52,12 +54,17 @@ def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None, note
     budget = int(exact_ratio(ratio) * sum(m * n for m, n in shapes.values()))
     ranks, heap = {}, []
 
+    def top(name):  # the first rank that is stored dense instead
+        m, n = shapes[name]
+        even = break_even_rank(m, n)
+        return even if ceilings is None else min(even, ceilings[name] + 1)
+
     def push(name):
         m, n = shapes[name]
         rank, loss = ranks[name], losses[name]
         if rank is None or rank >= min(m, n):
             return
-        if rank + 1 < break_even_rank(m, n):
+        if rank + 1 < top(name):
             cost, gain = m + n, float(loss[rank])
         else:  # the step to dense: pay up to m n, recover everything left
             cost, gain = m * n - rank * (m + n), float(loss[rank:].sum())
@@ -68,7 +75,8 @@ def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None, note
     losses = component_losses(spectra, weights)
     for name in spectra:
         m, n = shapes[name]
-        ranks[name] = max(1, int(fraction * break_even_rank(m, n)))
+        floor = int(fraction * break_even_rank(m, n))
+        ranks[name] = max(1, floor if ceilings is None else min(floor, ceilings[name]))  # a floor under a ceiling
         spent += ranks[name] * (m + n)
     for name in ranks:
         push(name)
@@ -77,8 +85,7 @@ def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None, note
         if spent + cost > budget:
             continue  # too big for what is left; a cheaper step elsewhere may still fit
         spent += cost
-        m, n = shapes[name]
-        ranks[name] = None if ranks[name] + 1 >= break_even_rank(m, n) else ranks[name] + 1
+        ranks[name] = None if ranks[name] + 1 >= top(name) else ranks[name] + 1
         push(name)
     return ranks
 

@@ -152,11 +152,23 @@ def compression_rows(report):
         ("layers", f"{report['layers']['factorized']} factorized, {report['layers']['dense']} kept dense"),
         *fused_rows(report),
         *expert_rows(report),
+        *speed_rows(report),
         ("calibration", compression_calibration(report["calibration"])),
         *verify_rows(report.get("verify")),
         ("time", ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())),
         ("peak memory (RSS)", human_bytes(report["peak_rss_bytes"])),
     ]
+
+
+def speed_rows(report):
+    """--speed-aware: the batch-1 time of the targeted layers' products that its timings predict."""
+    speed = report.get("speed")
+    if not speed:
+        return []
+    t, profile = speed["targets_batch1_us"], speed["profile"]
+    return [("expected speed", f"targeted layers' batch-1 products {t['dense'] / 1000:.2f} ms -> "
+                               f"{t['factorized'] / 1000:.2f} ms per token ({t['speedup']:.2f}x), timed in "
+                               f"{profile['dtype']} on {profile['device']} with {profile['threads']} threads")]
 
 
 def coverage_rows(report):

@@ -14,6 +14,7 @@ FAMILIES = {
     "mistral": ("mistral", "MistralForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "gemma": ("gemma", "GemmaForCausalLM"),  # the same layer layout; its own norms, embedding scale and GeLU
 }
 ARCHITECTURES = {base_arch: family for family, (_, base_arch) in FAMILIES.items()}
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)$")

@@ -1,4 +1,5 @@
-"""vLLM model classes for lowrank checkpoints of the Llama family (imported only inside vLLM, by the plugin).
+"""vLLM model classes for lowrank checkpoints of the Llama family and Gemma (imported only inside vLLM, by the
+plugin).
 
 Each class subclasses vLLM's own model for the family (LlamaForCausalLM, ...) so that embeddings, norms,
 attention, rotary, the KV cache, sampling and the LM head are vLLM's, and swaps in factorized modules only where
@@ -120,3 +121,4 @@ LowRankLlamaForCausalLM = _model_class("llama")
 LowRankMistralForCausalLM = _model_class("mistral")
 LowRankQwen2ForCausalLM = _model_class("qwen2")
 LowRankQwen3ForCausalLM = _model_class("qwen3")
+LowRankGemmaForCausalLM = _model_class("gemma")

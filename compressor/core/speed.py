@@ -1,0 +1,122 @@
+"""Speed break-even ranks: above which rank a factor pair is slower than the dense matrix it replaces.
+
+A rank-r pair of an m x n matrix holds r(m + n) numbers, so it saves parameters below r = mn / (m + n). But a
+decode step multiplies one token's vector by each matrix, which costs about the bytes read plus a fixed cost per
+call, and the pair makes two calls: near the parameter break-even it is slower than the dense layer, a waste
+(issue 18). `--speed-aware` measures, for every matrix shape the model has, the batch-1 time of the dense
+product and of the factorized one at a few ranks on the device and dtype the model runs in, fits the factorized
+time as a line in r (bytes grow linearly with r), and takes the largest rank still as fast as dense as the
+matrix's ceiling: the allocation then stores a matrix dense rather than above it (ranks.allocate_global).
+
+Timings differ between runs, so the ceilings of a run are recorded (report, config.json); `--speed-profile`
+reads them back, which makes a rerun byte-identical.
+"""
+
+import statistics
+import time
+
+FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)  # of the parameter break-even rank: where the line is fitted
+CALLS, REPEATS = 64, 7  # calls per timing (one call is microseconds), timings per figure (the median is kept)
+
+
+def shape_key(m, n):
+    return f"{m}x{n}"
+
+
+def _time(fn):
+    fn()  # warm-up: allocations, kernel selection
+    samples = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        for _ in range(CALLS):
+            fn()
+        samples.append((time.perf_counter() - start) / CALLS)
+    return statistics.median(samples)
+
+
+def measure_shape(m, n, device, dtype, seed=0):
+    """{"dense_us", "base_us", "per_rank_us", "ceiling"} of an m x n matrix: the batch-1 dense time, the line
+    base + per_rank * r fitted to the factorized times, and the largest rank whose fitted time is at most the
+    dense one (0: never as fast; capped at the parameter break-even rank)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .ranks import break_even_rank
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, n, generator=generator).to(device=device, dtype=dtype)
+    weight = torch.randn(m, n, generator=generator).to(device=device, dtype=dtype)
+    even = break_even_rank(m, n)
+    with torch.no_grad():
+        dense = _time(lambda: F.linear(x, weight))
+        ranks, times = [], []
+        for fraction in FRACTIONS:
+            r = max(1, int(fraction * even))
+            down, up = weight[:r].contiguous(), weight[:, :r].contiguous()
+            times.append(_time(lambda down=down, up=up: F.linear(F.linear(x, down), up)))
+            ranks.append(r)
+    slope, base = _fit_line(ranks, times)
+    ceiling = even if slope <= 0 else max(0, min(even, int((dense - base) / slope)))
+    return {"dense_us": dense * 1e6, "base_us": base * 1e6, "per_rank_us": slope * 1e6, "ceiling": ceiling}
+
+
+def _fit_line(xs, ys):
+    """Least-squares (slope, intercept)."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    return slope, my - slope * mx
+
+
+def measure_profile(shapes, device, dtype):
+    """The speed profile of a model: every distinct shape of `shapes` ({name: (m, n)}) measured once."""
+    import torch
+
+    profile = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+               "shapes": {}}
+    for m, n in sorted(set(shapes.values())):
+        profile["shapes"][shape_key(m, n)] = measure_shape(m, n, device, dtype)
+    return profile
+
+
+def ceilings(profile, shapes):
+    """{name: speed break-even rank} for the allocation, from a profile that covers every shape."""
+    return {name: profile["shapes"][shape_key(m, n)]["ceiling"] for name, (m, n) in shapes.items()}
+
+
+def expected_times(profile, shapes, ranks):
+    """(dense, factorized) batch-1 microseconds summed over the matrices `ranks` names ({name: rank or None})."""
+    dense = factorized = 0.0
+    for name, rank in ranks.items():
+        entry = profile["shapes"][shape_key(*shapes[name])]
+        dense += entry["dense_us"]
+        factorized += entry["dense_us"] if rank is None else entry["base_us"] + entry["per_rank_us"] * rank
+    return dense, factorized
+
+
+def summary(profile, shapes, ranks):
+    """The report's `speed`: the profile and what it predicts for these ranks (batch-1 products of the targets)."""
+    dense, factorized = expected_times(profile, shapes, ranks)
+    return {"profile": profile, "targets_batch1_us": {"dense": round(dense, 1), "factorized": round(factorized, 1),
+                                                      "speedup": round(dense / factorized, 3) if factorized else None}}
+
+
+def read_profile(path):
+    """A profile from --speed-profile FILE: a compress report (compression_report.json, or `--json` output) of a
+    --speed-aware run, or the profile itself. One-line UsageError otherwise."""
+    import json
+
+    from ..errors import UsageError
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--speed-profile {path}: cannot read it as JSON ({error})") from None
+    profile = data.get("speed", {}).get("profile") if isinstance(data, dict) and "speed" in data else data
+    shapes = profile.get("shapes") if isinstance(profile, dict) else None
+    if not isinstance(shapes, dict) or not all(
+            isinstance(v, dict) and {"dense_us", "base_us", "per_rank_us", "ceiling"} <= set(v) for v in shapes.values()):
+        raise UsageError(f"--speed-profile {path} holds no speed profile: pass the compression_report.json of a "
+                         "--speed-aware run")
+    return profile

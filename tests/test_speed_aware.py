@@ -1,0 +1,118 @@
+"""--speed-aware (issue 18): no factorized rank above the measured speed break-even, the expected speed in the
+report, and byte-identical reruns from a recorded profile (timings themselves differ between runs)."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import assert_clean_failure, run
+
+from lowrank.core import speed
+from lowrank.core.ranks import allocate_global, break_even_rank, factor_params
+from lowrank.errors import UsageError
+
+SHAPES = {"a": (64, 32), "b": (32, 64), "c": (96, 48), "d": (48, 48)}
+
+
+def spectra(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.sort(torch.rand(min(shape), generator=g), descending=True).values
+            for name, shape in SHAPES.items()}
+
+
+def test_ceilings_at_the_parameter_break_even_change_nothing():
+    ceilings = {name: break_even_rank(*shape) for name, shape in SHAPES.items()}
+    for ratio in (0.3, 0.6, 0.9):
+        assert allocate_global(spectra(), SHAPES, ratio, ceilings=ceilings) == allocate_global(spectra(), SHAPES, ratio)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6, 0.9])
+def test_no_rank_above_its_ceiling_and_the_budget_holds(ratio):
+    ceilings = {"a": 4, "b": 9, "c": 0, "d": 30}
+    ranks = allocate_global(spectra(), SHAPES, ratio, min_fraction=0.0, ceilings=ceilings)
+    budget = ratio * sum(m * n for m, n in SHAPES.values())
+    assert sum(factor_params(*SHAPES[name], rank) for name, rank in ranks.items()) <= budget
+    for name, rank in ranks.items():
+        assert rank is None or rank <= max(ceilings[name], 1), (name, rank)  # rank 1 is the floor
+    free = allocate_global(spectra(), SHAPES, ratio, min_fraction=0.0)
+    assert any(rank is not None and rank > max(ceilings[name], 1) for name, rank in free.items())  # caps bind
+
+
+def test_the_fitted_line_and_the_expected_times():
+    slope, base = speed._fit_line([1, 2, 4, 8], [3.0, 5.0, 9.0, 17.0])
+    assert slope == pytest.approx(2.0) and base == pytest.approx(1.0)
+    profile = {"device": "cpu", "dtype": "float32", "threads": 1,
+               "shapes": {"64x32": {"dense_us": 10.0, "base_us": 2.0, "per_rank_us": 0.5, "ceiling": 16},
+                          "32x64": {"dense_us": 12.0, "base_us": 1.0, "per_rank_us": 1.0, "ceiling": 11}}}
+    shapes = {"a": (64, 32), "b": (32, 64)}
+    assert speed.ceilings(profile, shapes) == {"a": 16, "b": 11}
+    assert speed.expected_times(profile, shapes, {"a": 4, "b": None}) == (22.0, 4.0 + 12.0)
+    assert speed.summary(profile, shapes, {"a": 4, "b": 3})["targets_batch1_us"]["speedup"] == round(22 / 8, 3)
+
+
+def test_a_measured_ceiling_is_a_rank_the_matrix_can_have():
+    entry = speed.measure_shape(96, 48, "cpu", torch.float32)
+    assert 0 <= entry["ceiling"] <= break_even_rank(96, 48)
+    assert entry["dense_us"] > 0 and entry["per_rank_us"] == entry["per_rank_us"]  # finite, not NaN
+
+
+def test_unreadable_profiles_are_refused_in_one_line(tmp_path):
+    for name, text in (("bad.json", "{not json"), ("other.json", json.dumps({"kind": "compress", "layers": {}}))):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(UsageError, match="--speed-profile"):
+            speed.read_profile(str(path))
+
+
+def compress_args(llama_dir, calib_file, out, *extra):
+    return ["compress", llama_dir, "-o", str(out), "--ratio", "0.6", "--calib", calib_file, "--num-samples", "8",
+            "--seq-len", "32", "--refine-steps", "0", "--no-verify", "-q", *extra]
+
+
+def weights_and_config(directory):
+    return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))
+            if name.endswith(".safetensors") or name == "config.json"}
+
+
+def test_speed_aware_compress_obeys_its_profile_and_reruns_byte_identical_from_it(llama_dir, calib_file, tmp_path,
+                                                                                   capsys):
+    first, again = tmp_path / "first", tmp_path / "again"
+    code, _, err = run(compress_args(llama_dir, calib_file, first, "--speed-aware"), capsys)
+    assert code == 0, err
+    report = json.loads((first / "compression_report.json").read_text())
+    profile = report["speed"]["profile"]
+    config = json.loads((first / "config.json").read_text())["lowrank"]
+    assert config["settings"]["speed_aware"] is True
+    factorized = [layer for layer in report["layers"]["list"] if layer["rank"] is not None]
+    assert factorized
+    for layer in factorized:
+        assert layer["rank"] <= max(profile["shapes"][speed.shape_key(*layer["shape"])]["ceiling"], 1), layer
+    expected = report["speed"]["targets_batch1_us"]
+    assert expected["speedup"] == pytest.approx(expected["dense"] / expected["factorized"], rel=1e-3)
+
+    code, _, err = run(compress_args(llama_dir, calib_file, again, "--speed-aware", "--speed-profile",
+                                     str(first / "compression_report.json")), capsys)
+    assert code == 0, err
+    assert weights_and_config(first) == weights_and_config(again)
+    assert json.loads((again / "compression_report.json").read_text())["speed"]["profile"] == profile
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--speed-aware", "--alloc", "uniform"], "--speed-aware caps the ranks"),
+    (["--speed-profile", "x.json"], "pass --speed-aware too"),
+])
+def test_speed_aware_refusals(llama_dir, calib_file, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    code, _, err = run(compress_args(llama_dir, calib_file, out, *extra), capsys)
+    assert_clean_failure(code, err, 2, message, str(out))
+
+
+def test_a_profile_without_this_models_shapes_is_refused_before_any_output(llama_dir, calib_file, tmp_path, capsys):
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"device": "cpu", "dtype": "float32", "threads": 1, "shapes": {
+        "7x7": {"dense_us": 1.0, "base_us": 1.0, "per_rank_us": 1.0, "ceiling": 1}}}))
+    out = tmp_path / "out"
+    code, _, err = run(compress_args(llama_dir, calib_file, out, "--speed-aware", "--speed-profile", str(profile)),
+                       capsys)
+    assert_clean_failure(code, err, 2, "has no timings for the shapes", str(out))
