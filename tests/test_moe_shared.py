@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import WITHOUT_LOWRANK
-from test_moe import EXPERTS_AT, build_moe, calibration_ids, logits, params_in
+from test_moe import EXPERTS_AT, assert_cache_changes_nothing, build_moe, calibration_ids, logits, params_in
 
 KINDS = ["mixtral", "qwen3_moe"]
 
@@ -139,12 +139,7 @@ def test_shared_parameters_are_what_the_report_says(shared_half):
 def test_shared_generate_with_cache_equals_without(shared_half):
     import lowrank
 
-    model = lowrank.load_pretrained(shared_half[2])
-    prompt = torch.randint(5, 320, (1, 6), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=3)
-        uncached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=3)
-    assert torch.equal(cached, uncached)
+    assert_cache_changes_nothing(lowrank.load_pretrained(shared_half[2]))
 
 
 def test_shared_densify_round_trips_to_the_original_layout(shared_half, tmp_path):
