@@ -12,7 +12,7 @@ import torch
 from ..core import decompose
 from ..core.fisher import output_importance
 from ..core.ranks import allocate_global, component_losses, dropped_loss
-from ..core.speed import ceilings as speed_ceilings
+from ..core import speed as speed_timings
 from ..errors import UsageError
 from ..methods.whiten import whiten_weighting
 from ..progress import SILENT
@@ -31,7 +31,7 @@ class LossCurve:
         self.shapes, self.min_fraction = shapes, min_fraction
         self.spectra, self.weights, self.speed = spectra, weights, speed
         self.losses = component_losses(spectra, weights)
-        self.ceilings = None if speed is None else speed_ceilings(speed, shapes)
+        self.ceilings = None if speed is None else speed_timings.ceilings(speed, shapes)
 
     def allocate(self, ratio, notes=None):
         return allocate_global(self.spectra, self.shapes, ratio, self.min_fraction, self.weights, notes,
@@ -76,25 +76,22 @@ def speed_entry(curve, ranks):
     """The report's `speed` ({} unless the allocation was --speed-aware): the timings and the speed-up they predict."""
     if curve is None or curve.speed is None or not ranks:
         return {}
-    from ..core.speed import summary
-
-    return {"speed": summary(curve.speed, curve.shapes, {name: ranks[name] for name in curve.shapes})}
+    return {"speed": speed_timings.summary(curve.speed, curve.shapes, {name: ranks[name] for name in curve.shapes})}
 
 
 def speed_profile(model, shapes, config, progress=SILENT):
     """--speed-aware: the profile in --speed-profile FILE, or measured now (core/speed.py) on the device the model
     runs on, in the dtype the output is written in (what it will be served in); it must cover every shape the
     allocation ranks."""
-    from ..core import speed
     from ..io.loading import torch_dtype
 
     if config.speed_profile is not None:
-        profile = speed.read_profile(config.speed_profile)
+        profile = speed_timings.read_profile(config.speed_profile)
     else:
         progress.log("--speed-aware: timing batch-1 matrix products of each layer shape (dense and factorized)")
         dtype = next(model.parameters()).dtype if config.dtype == "auto" else torch_dtype(config.dtype)
-        profile = speed.measure_profile(shapes, config.device, dtype)
-    missing = sorted({speed.shape_key(m, n) for m, n in shapes.values()} - set(profile["shapes"]))
+        profile = speed_timings.measure_profile(shapes, config.device, dtype)
+    missing = sorted({speed_timings.shape_key(m, n) for m, n in shapes.values()} - set(profile["shapes"]))
     if missing:
         raise UsageError(f"the speed profile {config.speed_profile} has no timings for the shapes {', '.join(missing)}"
                          " of this model: run --speed-aware without --speed-profile to measure them")
