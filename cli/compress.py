@@ -103,10 +103,11 @@ Stream = Annotated[str, typer.Option(help="on: hold one block in memory at a tim
                    "(models larger than memory); off: load the whole model; auto: stream when the weights exceed a "
                    "quarter of this machine's memory.", rich_help_panel=PERF)]
 OffloadBudget = Annotated[str, typer.Option(help="Calibration hidden states kept in memory per stream (e.g. 8GB); "
-                          "the rest spill to memory-mapped files. auto: a quarter of this machine's memory; none: "
+                          "the rest spill to memory-mapped files. Also bounds a mixture-of-experts block's statistics "
+                          "(collected in groups of experts past it). auto: a quarter of this machine's memory; none: "
                           "never spill.", rich_help_panel=PERF)]
-OffloadDir = Annotated[str | None, typer.Option(help="Where spilled hidden states go (default: the system's "
-                       "temporary directory, $TMPDIR).", rich_help_panel=PERF)]
+OffloadDir = Annotated[str | None, typer.Option(help="Where spilled hidden states and statistics go (default: the "
+                       "system's temporary directory, $TMPDIR).", rich_help_panel=PERF)]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run into the same output (the same "
                    "command, plus --resume): finished blocks are kept, the output is byte-identical.",
                    rich_help_panel=OUT)]

@@ -39,6 +39,24 @@ def test_streaming_writes_the_same_bytes_as_in_memory(kind, request, calib_file,
     assert tree_digest(source) == digest
 
 
+def test_streamed_tensors_sit_where_the_allocator_would_put_them(tmp_path):
+    """A tensor read from a shard sits at the file's offset (here 24 past a 64-byte boundary) unless copied; matrix
+    products round differently on such operands, so a streamed block computed other last bits than the in-memory
+    one. Every tensor the index hands out is 64-byte aligned, with the stored values."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lowrank.io.streaming import TensorIndex
+
+    tensors = {"a": torch.arange(6.0), "b": torch.randn(3, 4, 5), "c": torch.randn(7, 3)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    index = TensorIndex(str(tmp_path))
+    for name, tensor in tensors.items():
+        value, row = index.get(name), index.get_row(name, 1)
+        assert value.data_ptr() % 64 == 0 and row.data_ptr() % 64 == 0
+        assert torch.equal(value, tensor) and torch.equal(row, tensor[1])
+
+
 def test_streaming_with_anchoring_and_global_allocation(llama_dir, calib_file, tmp_path):
     options = dict(ratio=0.5, calib=calib_file, alloc="global", anchor=True, **FAST)
     lowrank.compress(llama_dir, str(tmp_path / "a"), stream="off", **options)

@@ -16,6 +16,7 @@ from ..core import speed as speed_timings
 from ..errors import UsageError
 from ..methods.whiten import whiten_weighting
 from ..progress import SILENT
+from .experts import fill_unreached
 from .fused import slice_key
 from .sensitivity import sensitivity_ranks
 from .sequential import WalkOptions, walk_blocks
@@ -59,6 +60,7 @@ def allocate_ranks(model, input_ids, targets, blocks_name, config, progress=SILE
         progress.start("fisher", profile_ids.shape[0])
         output_fisher = output_importance(model, profile_ids, names, 1, config.device,
                                           progress=lambda: progress.advance("fisher", "output gradients"))
+        fill_unreached(output_fisher, names)  # MoE: experts the pass routed no token to (experts.py)
     spectra, weights, shapes = profile_spectra(model, profile_ids, targets, blocks_name, config, progress, source,
                                                dist, output_fisher, sliced)
     ranks, curve = None, None
@@ -115,16 +117,21 @@ def profile_spectra(model, input_ids, targets, blocks_name, config, progress=SIL
             owner = dist.reduce_groups(collector.groups)
             owned = {n for i, group in enumerate(collector.groups) if owner[i] == dist.rank for n in group.names}
             names = {name: rel for name, rel in names.items() if name in owned}
+        left = {}  # layers still to profile per input: a whitening goes after its last one (a MoE block has many)
+        for name in names:
+            left[id(collector.stats_of(name))] = left.get(id(collector.stats_of(name)), 0) + 1
         for name, rel in names.items():
             stats = collector.stats_of(name)
             if id(stats) not in whitenings:
                 whitenings[id(stats)] = whiten_weighting(stats, config.damp, consume=True)
+            left[id(stats)] -= 1
+            whitening = whitenings[id(stats)] if left[id(stats)] else whitenings.pop(id(stats))
             weight = dense_weight(block.get_submodule(rel))
             rows = sliced[name].slice_rows() if name in sliced else {None: None}
             for part, index in rows.items():
                 key = name if part is None else slice_key(name, part)
                 matrix = weight if index is None else weight[index.to(weight.device)]
-                spectra[key], u = decompose.spectrum(matrix, whitenings[id(stats)], output_fisher is not None)
+                spectra[key], u = decompose.spectrum(matrix, whitening, output_fisher is not None)
                 shapes[key] = tuple(matrix.shape)
                 if output_fisher is not None:
                     fisher = output_fisher[name] if index is None else output_fisher[name][index]

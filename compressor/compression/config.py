@@ -69,7 +69,7 @@ class CompressConfig:
     dtype: str = "auto"  # the checkpoint's, or float32 | bfloat16 | float16
     compute_dtype: str = "auto"  # auto: the output dtype (a GGUF: float32) | float32 (see plan.compute_dtype)
     stream: str = "auto"  # on | off | auto (when the weights exceed a quarter of this machine's memory)
-    offload_budget: int | str | None = "auto"  # bytes of hidden states in memory per stream; None: never spill
+    offload_budget: int | str | None = "auto"  # bytes of hidden states per stream (and of a MoE block's statistics)
     offload_dir: str | None = None
     max_shard_size: int | str = "5GB"
     overwrite: bool = False

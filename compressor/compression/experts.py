@@ -13,11 +13,13 @@ import re
 
 import torch
 
+from ..core.stats import InputStats
 from ..errors import LowrankError
-from ..io.modeling_lowrank import (EXPERT_TENSORS, UnpackedExperts, experts_transposed, is_packed_experts, pack_experts,
-                                   unpack_experts)
+from ..io.modeling_lowrank import (EXPERT_TENSORS, UnpackedExperts, experts_transposed, is_packed_experts, linear_shape,
+                                   pack_experts, unpack_experts)
 
-EXPERT_INDEX = re.compile(r"\.\d+(?=\.|$)")
+# an expert's number in a layer name: `experts.3.w1`, `gate_up_proj.3`, or Switch Transformers' `experts.expert_3.wi`
+EXPERT_INDEX = re.compile(r"(\.|\.expert_)\d+(?=\.|$)")
 
 
 def unpack_model_experts(model):
@@ -62,7 +64,62 @@ def repack_untargeted(model, targets):
 def peer_key(name):
     """Layers that are the same matrix of different experts share a key: the name with its numeric components
     replaced (`mlp.experts.gate_up_proj.3` and `mlp.experts.7.w1` -> `...gate_up_proj.*`, `...experts.*.w1`)."""
-    return EXPERT_INDEX.sub(".*", name)
+    return EXPERT_INDEX.sub(r"\1*", name)
+
+
+def peer_groups(names):
+    """{peer_key: [names]} in the order given: the same matrix of every expert of a layer together."""
+    groups = {}
+    for name in names:
+        groups.setdefault(peer_key(name), []).append(name)
+    return groups
+
+
+def statistics_passes(modules, budget, abs_sums=True):
+    """The passes in which sequential.collect_statistics collects a block's statistics: (lists of target names,
+    the names that are not experts).
+
+    One pass unless the block's statistics would exceed `budget` bytes (InputStats.bytes_for per target: an upper
+    bound, as layers that share an input share statistics). Then the experts are split into groups, each expert's
+    layers kept together (they may share an input), in order: the first pass also collects every layer that is
+    not an expert, and each group holds what fits beside those, at least one expert."""
+    size = {name: linear_shape(module)[1] for name, module in modules.items()}  # (GPT-2's Conv1D too)
+    peers = peer_groups(modules)
+    experts = {}  # expert (its numeric name components) -> its layers, in the order the block lists them
+    for name in modules:
+        if len(peers[peer_key(name)]) > 1:
+            experts.setdefault(tuple(m.group(0) for m in EXPERT_INDEX.finditer(name)), []).append(name)
+    base = [name for name in modules if len(peers[peer_key(name)]) < 2]
+    need = {name: InputStats.bytes_for(size[name], abs_sums) for name in modules}
+    if budget is None or sum(need.values()) <= budget or not experts:
+        return [list(modules)], set(base)
+    room = budget - sum(need[name] for name in base)
+    passes, current, held = [], list(base), 0
+    for names in experts.values():
+        weight = sum(need[name] for name in names)
+        if held and held + weight > room:
+            passes.append(current)
+            current, held = [], 0
+        current += names
+        held += weight
+    return passes + [current], set(base)
+
+
+def fill_unreached(importance, names):
+    """The gradient passes' rule for experts (fwsvd's input Fisher, --alloc fisher's output Fisher): an expert
+    that no token of the pass was routed to has no gradient at all; it gets the mean of its peers' (the same
+    matrix of the layer's other experts), summed in name order, so that it is ranked like a typical expert of
+    its layer instead of failing or being dropped as worthless. In place; returns the names filled."""
+    groups = peer_groups(names)
+    filled = []
+    for group in groups.values():
+        reached = [importance[name] for name in group if name in importance]
+        missing = [name for name in group if name not in importance]
+        if reached and missing:
+            mean = sum(reached) / len(reached)
+            importance.update({name: mean for name in missing})
+            filled += missing
+    return filled
 
 
 def pool_sparse_experts(collector, modules):
@@ -74,9 +131,7 @@ def pool_sparse_experts(collector, modules):
     tokens it lacks: G_e + (n - t_e) / N * G_pool with n = in_features, then the method's usual damping. An expert
     with enough tokens is untouched. Returns {name: (tokens routed, tokens' worth pooled in)} for every expert
     layer (the report lists them)."""
-    groups = {}
-    for name in modules:
-        groups.setdefault(peer_key(name), []).append(name)
+    groups = peer_groups(modules)
     counts, done = {}, set()
     for key, names in groups.items():
         if len(names) < 2:
@@ -141,17 +196,19 @@ class ExpertStacker:
 
 
 def check_streamable(skeleton, names):
-    """--stream on reads each expert as a row of the checkpoint's stacked tensor (io/streaming.py). Checkpoints
-    that store experts one matrix at a time under older names (transformers 5 saves Mixtral and Qwen-MoE that way
-    and converts them at load) cannot be read like that yet: said before any work is done."""
+    """--stream on reads each expert as a row of the checkpoint's stacked tensor, or, where the checkpoint stores
+    one matrix per expert under older names (transformers 5 saves Mixtral, Qwen-MoE, OLMoE, DeepSeek that way and
+    converts them at load), as the matrices transformers' conversion makes that row of (io/streaming.py). A
+    layout neither reading covers is said before any work is done."""
     from ..errors import UsageError
 
     for name in names:
         for tensor in EXPERT_TENSORS:
-            if skeleton.key(f"{name}.{tensor}") is None:
-                raise UsageError(f"this checkpoint stores the experts of {name} one matrix per expert under older "
-                                 "names, which transformers converts at load; --stream on cannot read them yet: "
-                                 "use --stream off")
+            stacked = f"{name}.{tensor}"
+            if skeleton.key(stacked) is None and skeleton.expert_rows(stacked) is None:
+                raise UsageError(f"this checkpoint stores the experts of {name} in a layout --stream on cannot read "
+                                 f"(no {tensor} tensor, and transformers' conversion does not say which of its "
+                                 "tensors make one); use --stream off")
 
 
 def check_supported(model, distributed, paired, experts="per-expert", streaming=False):

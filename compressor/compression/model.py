@@ -15,7 +15,7 @@ from ..errors import UsageError
 from ..progress import SILENT, Progress
 from .allocation import allocate_ranks
 from .config import CompressConfig
-from .experts import check_supported, repack_untargeted, unpack_model_experts
+from .experts import check_supported, fill_unreached, repack_untargeted, unpack_model_experts
 from .fused import sliced_layers
 from .layers import decompose_block, decompose_block_distributed
 from .plan import resolve
@@ -83,6 +83,7 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
         progress.start("fisher", input_ids.shape[0])
         fisher = input_importance(model, input_ids, names, 1, config.device,
                                   progress=lambda: progress.advance("fisher", "gradients of the LM loss"))
+        fill_unreached(fisher, names)  # MoE: experts the pass routed no token to (experts.py)
         timings["fisher"] = time.perf_counter() - begin
 
     all_names = [name for block_names in targets.values() for name in block_names]
@@ -101,9 +102,12 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
             return decompose_block_distributed(block, names, collector, config, fisher, dist, sliced)
         results = decompose_block(block, names, collector, config, fisher, sliced)
         tokens = getattr(collector, "expert_tokens", {})  # (paired collectors: no MoE, refused above)
+        passes = getattr(collector, "passes", 1)  # > 1: expert statistics over --offload-budget (sequential.py)
         for layer in results:  # MoE: the tokens the router sent to each expert, and what was pooled in
             if layer.name in tokens:
                 layer.info["tokens"], layer.info["pooled_tokens"] = tokens[layer.name]
+                if passes > 1:
+                    layer.info["statistics_passes"] = passes
         return results
 
     layers = walk_blocks(model, input_ids, targets, blocks_name, visit, WalkOptions.of(config), source=source,

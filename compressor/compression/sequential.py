@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -26,9 +27,9 @@ from ..errors import UsageError
 from ..io.modeling_lowrank import LowRankLinear, SlicedLowRankLinear
 from ..progress import SILENT
 from .capture import capture_block_inputs
-from .experts import pool_sparse_experts
+from .experts import pool_sparse_experts, statistics_passes
 from .malloc import return_freed_memory
-from .offload import release_batch, states_factory
+from .offload import SpilledSum, release_batch, spill_dir_for, states_factory
 from .targets import block_prefixes, find_blocks, is_encoder_decoder, stack_names
 
 
@@ -130,12 +131,37 @@ def run_block(block, states, extras, device, collector=None, keep=True, new_stat
     return outputs
 
 
-def collect_statistics(block, names, states, extras, device, keep_outputs, new_states=list, abs_sums=True):
-    """One pass of the original block with hooks. Returns the collector and, if asked, the block's outputs.
-    Without `keep_outputs` each batch stops at the last target's input; `abs_sums`: see InputStats."""
+def collect_statistics(block, names, states, extras, device, keep_outputs, new_states=list, abs_sums=True,
+                       budget=None, spill_dir=None):
+    """A pass of the original block with hooks. Returns the collector and, if asked, the block's outputs.
+    Without `keep_outputs` each batch stops at the last target's input; `abs_sums`: see InputStats.
+
+    A mixture-of-experts block whose statistics would exceed `budget` bytes (--offload-budget) takes several
+    passes, each over every batch of the unchanged block, with hooks on one group of experts (the first pass
+    also on every other target; experts.statistics_passes). Each finished group but the last is parked on disk
+    under `spill_dir` (offload.SpilledSum) and read back one expert at a time. An expert sees the same tokens
+    in any pass, so the statistics, and the bytes written, are those of a single pass; the cost is one extra
+    block forward per group. `collector.passes` says how many there were."""
     modules = {name: block.get_submodule(rel) for name, rel in names.items()}
-    with StatsCollector(modules, abs_sums=abs_sums, stop_early=not keep_outputs) as collector:
-        outputs = run_block(block, states, extras, device, collector, keep=keep_outputs, new_states=new_states)
+    passes, resident = statistics_passes(modules, budget, abs_sums)
+    collector = outputs = spill_to = None
+    for number, part in enumerate(passes):
+        keep = keep_outputs and number == 0
+        with StatsCollector({name: modules[name] for name in part}, abs_sums=abs_sums, stop_early=not keep) as one:
+            out = run_block(block, states, extras, device, one, keep=keep, new_states=new_states)
+        if collector is None:
+            collector, outputs = one, out
+        else:
+            collector.absorb(one)
+        if number < len(passes) - 1:  # park this group's experts (the last group stays, as do the other targets)
+            spill_to = spill_to or spill_dir_for(collector, spill_dir)
+            spilled = {id(collector.stats_of(name)): collector.stats_of(name) for name in part
+                       if name not in resident and name in collector}
+            for stats in spilled.values():
+                stats.spill(partial(SpilledSum, spill_dir=spill_to))
+            del spilled
+            return_freed_memory()
+    collector.passes = len(passes)
     collector.expert_tokens = pool_sparse_experts(collector, modules)  # MoE: experts few tokens reached (experts.py)
     return collector, (outputs if keep_outputs else None)
 
@@ -323,7 +349,7 @@ def _visit_block(block, index, names, visit, streams, extras, device, options, n
     else:
         keep = not options.propagate or options.refine_steps > 0
         collector, reference = collect_statistics(block, names, streams.states, extras, device, keep, new_states,
-                                                  options.abs_sums)
+                                                  options.abs_sums, options.offload_budget, options.offload_dir)
     timings["statistics"] += time.perf_counter() - begin
 
     begin = time.perf_counter()

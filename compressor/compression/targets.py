@@ -14,10 +14,11 @@ def is_linear(module):
 
 
 def is_router(name, module):
-    """A mixture-of-experts router (`router`, `gate`, a *Router class): it decides the routing, so it stays dense
-    even where it is a linear layer (Llama 4's Llama4Router subclasses nn.Linear)."""
-    leaf = name.rpartition(".")[2]
-    return "router" in leaf or leaf == "gate" or "Router" in type(module).__name__
+    """A mixture-of-experts router (`router`, `gate`, a *Router class, or a layer inside a `router` module such as
+    Switch Transformers' `router.classifier`): it decides the routing, so it stays dense even where it is a
+    linear layer (Llama 4's Llama4Router subclasses nn.Linear)."""
+    parts = name.split(".")
+    return any("router" in part for part in parts) or parts[-1] == "gate" or "Router" in type(module).__name__
 
 
 def dense_weight(module):

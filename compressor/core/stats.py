@@ -107,9 +107,19 @@ class InputStats:
         self._abs.merge(other._abs)
         self.tokens += other.tokens
 
+    def spill(self, store):
+        """Move the Gram accumulator out of memory: `store(exact_sum)` returns an object with ExactSum's `add`,
+        `hi`, `lo` and `value` (compression/offload.py's SpilledSum, a file). Every read gives the same bits."""
+        self._gram = store(self._gram)
+
     @property
     def gram_size(self):
         return self.dim * self.dim
+
+    @staticmethod
+    def bytes_for(dim, abs_sums=True):
+        """What InputStats of width `dim` hold: the two float64 halves of the Gram sum (and of the |x| sums)."""
+        return 16 * dim * dim + (16 * dim if abs_sums else 0)
 
     def parts(self):
         """The tensors that make up these statistics (for gathering across processes)."""
@@ -189,8 +199,11 @@ class StatsCollector:
 
     def end_batch(self):
         """Call after each forward of the block: the grouping is fixed after the first batch."""
-        if self._first_batch and self.stop_early and self._order and self._order.count(self._order[-1]) == 1:
-            self._stop_at = self._order[-1]  # (a layer called twice per forward would be cut short: no stop)
+        # Stop only if every target was seen in this batch (an expert the router skipped this time may be reached
+        # later, past any layer this batch ended with) and the last one was called once (else it would be cut short)
+        seen_all = set(self._order) == set(self.modules)
+        if self._first_batch and self.stop_early and seen_all and self._order.count(self._order[-1]) == 1:
+            self._stop_at = self._order[-1]
         self._first_batch = False
         self._last_input.clear()
 
@@ -199,8 +212,8 @@ class StatsCollector:
             x = args[0]
             if self._first_batch:
                 self._order.append(name)
-                if name not in self._group_of:
-                    self._assign(name, x)
+            if name not in self._group_of:  # (after the first batch: an expert the router reached only now)
+                self._assign(name, x)
             group = self._group_of[name]
             if group.names[0] == name:
                 group.stats.add(x)
@@ -233,6 +246,15 @@ class StatsCollector:
             group = InputGroup([name], self.stats_factory(dim, device=device, abs_sums=self.abs_sums))
             self.groups.append(group)
             self._group_of[name] = group
+
+    def __contains__(self, name):
+        """Whether `name` has statistics (an expert the router never reached has none until `ensure`)."""
+        return name in self._group_of
+
+    def absorb(self, other):
+        """Take over the statistics of `other`, a collector that ran over other targets of the same block."""
+        self.groups += other.groups
+        self._group_of.update(other._group_of)
 
     def release(self, name):
         """Drop the statistics of `name`'s input group (once every layer reading that input is done)."""

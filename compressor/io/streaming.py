@@ -45,7 +45,7 @@ class TensorIndex:
         # stay resident; this way a tensor's pages go when the tensor does.
         with safe_open(os.path.join(self.directory, self.files[name]), "pt") as handle:
             tensor = handle.get_tensor(name)
-        return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+        return _aligned(tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype))
 
     def get_row(self, name, row, dtype=None):
         """`name`[row] alone (one expert of a stacked [E, ...] tensor): the other rows are not read."""
@@ -53,7 +53,15 @@ class TensorIndex:
 
         with safe_open(os.path.join(self.directory, self.files[name]), "pt") as handle:
             tensor = handle.get_slice(name)[row]
-        return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+        return _aligned(tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype))
+
+
+def _aligned(tensor, alignment=64):
+    """`tensor`, copied to memory of its own where it sits at an offset of the mapped file that torch's allocator
+    would not give it (64 bytes). Matrix products round differently on unaligned operands (MKL takes other code
+    paths): a streamed block fed a weight at offset 24 mod 64 computed other last bits than the in-memory run,
+    and a refined MoE block's targets, hence its bytes, differed (measured, bench/moe_memory.py)."""
+    return tensor.clone() if tensor.data_ptr() % alignment else tensor
 
 
 def weightless():
@@ -120,16 +128,25 @@ class Skeleton:
         self.model.eval()
         self.index = TensorIndex(source.path)
         self.prefix = getattr(self.model, "base_model_prefix", "") or ""
+        self._rows, self._saved_names = {}, {}  # expert_rows' and _saved_name's answers
 
     def key(self, name):
         """The checkpoint key of model tensor `name`, or None (checkpoints saved from the base model lack its
-        prefix; see resolve_key)."""
-        return resolve_key(name, self.index, self.prefix)
+        prefix; see resolve_key). A name transformers renames at load (Mixtral's `block_sparse_moe.gate` is the
+        model's `mlp.gate`) is looked up under the name its save-time conversion gives it."""
+        found = resolve_key(name, self.index, self.prefix)
+        if found is None and name not in self._saved_names:
+            self._saved_names[name] = _saved_name(self.model, name)
+        if found is None and self._saved_names[name] is not None:
+            found = resolve_key(self._saved_names[name], self.index, self.prefix)
+        return found
 
     def load(self, name):
         key = self.key(name)
         if key is None and (expert := self._expert_tensor(name)) is not None:
             return expert
+        if key is None and (rows := self.expert_rows(name)) is not None:  # a packed experts tensor, older names
+            return torch.stack([self._row(name, rows, e) for e in range(len(rows))])
         if key is None:
             raise LowrankError(f"the checkpoint has no tensor for {name}; compress it with --no-stream")
         return self.index.get(key, self.dtype)
@@ -149,11 +166,30 @@ class Skeleton:
             module = self.model.get_submodule(owner)
         except AttributeError:
             return None
-        key = self.key(f"{parent}_bias" if leaf == "bias" else parent)
-        if not isinstance(module, UnpackedExperts) or key is None:
+        stacked = f"{parent}_bias" if leaf == "bias" else parent
+        key = self.key(stacked)
+        if not isinstance(module, UnpackedExperts):
             return None
-        value = self.index.get_row(key, int(row), self.dtype)
+        if key is not None:
+            value = self.index.get_row(key, int(row), self.dtype)
+        elif (rows := self.expert_rows(stacked)) is not None:
+            value = self._row(stacked, rows, int(row))
+        else:
+            return None
         return value.T.contiguous() if leaf == "weight" and experts_transposed(module) else value
+
+    def _row(self, stacked, rows, expert):
+        parts = [self.index.get(key, self.dtype) for key in rows[expert]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def expert_rows(self, stacked):
+        """For a stacked experts tensor that the checkpoint stores one matrix per expert under older names (which
+        transformers converts at load: Mixtral's `block_sparse_moe.experts.3.w1` and `w3` make row 3 of
+        `mlp.experts.gate_up_proj`): [the checkpoint keys whose matrices, concatenated, make row e, for each e].
+        None when the checkpoint does not hold it that way."""
+        if stacked not in self._rows:
+            self._rows[stacked] = _converted_rows(self.model, stacked, self.key)
+        return self._rows[stacked]
 
     def fill(self, module, prefix):
         """Load every parameter and persistent buffer of `module` (named `prefix` in the model)."""
@@ -167,6 +203,63 @@ class Skeleton:
         """Drop the weights of `module` again (parameters back on the meta device)."""
         for name, param in list(module.named_parameters()):
             set_tensor(module, name, torch.empty_like(param, device="meta"))
+
+
+def _revert(model, tensors):
+    """transformers' save-time conversion of `tensors` ({model name: tensor}) to checkpoint names, or None where
+    this transformers has none or it fails on them."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return None
+    try:
+        return revert_weight_conversion(model, tensors)
+    except Exception:  # a conversion this reading does not cover: the caller says what it cannot read
+        return None
+
+
+def _saved_name(model, name):
+    """The one checkpoint name transformers saves model tensor `name` under, if that is another name."""
+    tag = torch.zeros(1)
+    saved = _revert(model, {name: tag}) or {}
+    if len(saved) != 1:
+        return None
+    other, value = next(iter(saved.items()))
+    return other if other != name and value is tag else None  # a renaming, not a conversion of the values
+
+
+def _converted_rows(model, stacked, key, parts=12):
+    """Skeleton.expert_rows, found by transformers' own save-time conversion (revert_weight_conversion) of a tagged
+    stand-in for `stacked`: [E, parts, 1] holding 0, 1, 2, ... Each tensor the conversion gives back names a
+    checkpoint key and, by its tags, the expert and the slice of that expert's row it is (12 parts: a row may be
+    made of 2 or 3 matrices). Anything that is not such a clean split of rows into whole matrices gives None."""
+    owner, _, tensor = stacked.rpartition(".")
+    try:  # the stacked parameter, or the ModuleList it was unpacked into (modeling_lowrank.unpack_experts)
+        value = getattr(model.get_submodule(owner), tensor.removesuffix("_bias"))
+    except AttributeError:
+        return None
+    experts = value.shape[0] if isinstance(value, torch.Tensor) else len(value)
+    tags = torch.arange(experts * parts, dtype=torch.float64).view(experts, parts, 1)
+    saved = _revert(model, {stacked: tags})
+    if saved is None:
+        return None
+    pieces = {}
+    for name, value in saved.items():
+        value, checkpoint_key = value.reshape(-1), key(name)
+        start = int(value[0]) if value.numel() else -1
+        if checkpoint_key is None or start < 0 or not torch.equal(value, torch.arange(
+                start, start + value.numel(), dtype=torch.float64)):
+            return None
+        expert, offset = divmod(start, parts)
+        pieces.setdefault(expert, []).append((offset, value.numel(), checkpoint_key))
+    rows = []
+    for expert in range(experts):
+        spans = sorted(pieces.get(expert, []))
+        ends = [offset + size for offset, size, _ in spans]
+        if not spans or [offset for offset, _, _ in spans] != [0, *ends[:-1]] or ends[-1] != parts:
+            return None
+        rows.append([checkpoint_key for _, _, checkpoint_key in spans])
+    return rows
 
 
 class StreamingBlocks:

@@ -220,6 +220,11 @@ def expert_rows(report):
     rows = [("experts", f"{len(experts)} expert matrices, statistics from the tokens the router sent them (fewest "
                         f"{least:,}); {len(pooled)} had fewer tokens than their input width and borrowed pooled "
                         "statistics of their layer's experts for the rest")]
+    passes = max(layer["info"].get("statistics_passes", 1) for layer in experts)
+    if passes > 1:  # the statistics of a block's experts outgrew --offload-budget (compression/sequential.py)
+        why = (f"over --offload-budget: collected in up to {passes} passes a block, groups of experts parked on "
+               "disk (same bytes, one more forward per pass)")
+        rows.append(("expert statistics", why))
     shared = [layer["info"]["shared"] for layer in experts if layer["info"].get("shared", {}).get("basis_counted_here")]
     if shared:  # --experts shared-basis: the bases are parameters too, and counted once
         rows.append(("shared bases", f"{len(shared)} (one per layer and expert tensor), "
