@@ -23,7 +23,8 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ["whiten", "svd", "asvd", "corda", "fwsvd"]
-VOLATILE_KEYS = {"timings_s", "created", "command", "versions", "transformers_version", "seconds", "peak_rss_bytes"}
+VOLATILE_KEYS = {"timings_s", "created", "command", "versions", "transformers_version", "seconds", "peak_rss_bytes",
+                 "offload_budget_bytes"}  # (a quarter of the machine's memory by default; never changes the bytes)
 SKIPPED_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
 VOLATILE_LINE = re.compile(r"(lowrank|transformers|torch) \d|`[^`]*(compress|squeeze|compensate|pytest)[^`]*`|"
                            r"\bseconds?\b|\d+(\.\d+)? ?s\b|created|time|memory", re.IGNORECASE)
