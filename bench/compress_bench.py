@@ -6,7 +6,7 @@
 
 A method may carry `+` options (the rank-allocation and refitting ablation): global = --alloc global,
 fisher = --alloc fisher, anchor = --anchor, refit = --refit, refineN = --refine-steps N, lrX = --refine-lr X,
-sensitivity = --alloc sensitivity, alphaX = --alpha X (asvd).
+tmodel = --refine-target model, sensitivity = --alloc sensitivity, alphaX = --alpha X (asvd).
 
 Every compression is a real `lowrank compress` process (its wall time and peak RSS are the command's own);
 the dense baseline (one plain forward pass over the same calibration windows, perplexity, decode speed) runs in
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 OPTIONS = {"global": ["--alloc", "global"], "fisher": ["--alloc", "fisher"], "sensitivity": ["--alloc", "sensitivity"], "anchor": ["--anchor"],
-           "refit": ["--refit"]}
+           "refit": ["--refit"], "tmodel": ["--refine-target", "model"]}
 
 
 def option_flags(spec):

@@ -55,8 +55,9 @@ def test_refinement_is_seeded():
     assert all(torch.equal(outputs[0][n], outputs[1][n]) for n in outputs[0])
 
 
-def test_refined_output_is_the_same_on_a_rerun_and_after_sigkill_and_resume(deep_llama, calib_file, tmp_path):
-    refine = ["--alloc", "uniform", "--refine-steps", "6", "--refine-lr", "1e-3"]
+@pytest.mark.parametrize("target", ["block", "model"])  # model: the resumed run rebuilds the original stream too
+def test_refined_output_is_the_same_on_a_rerun_and_after_sigkill_and_resume(deep_llama, calib_file, tmp_path, target):
+    refine = ["--alloc", "uniform", "--refine-steps", "6", "--refine-lr", "1e-3", "--refine-target", target]
     straight, again = str(tmp_path / "a" / "out"), str(tmp_path / "b" / "out")
     for out in (straight, again):
         os.makedirs(os.path.dirname(out))
@@ -99,3 +100,42 @@ def test_the_default_compress_refines_and_records_it():
     assert len(refined) == len(result.layers)
     assert all(r["loss_after"] <= r["loss_before"] for r in refined)
     assert any(r["kept"] and r["loss_after"] < r["loss_before"] for r in refined)
+
+
+def last_block_output(model, input_ids):
+    """The last decoder block's output over the calibration windows, in float64."""
+    seen = []
+    block = model.model.layers[-1]
+    handle = block.register_forward_hook(lambda module, args, out: seen.append(out[0] if isinstance(out, tuple)
+                                                                               else out))
+    try:
+        with torch.no_grad():
+            model(input_ids)
+    finally:
+        handle.remove()
+    return seen[0].double()
+
+
+@pytest.mark.parametrize("target", ["model", "block"])
+def test_refine_target_is_what_the_loss_measures(target):
+    """--refine-target model fits the original MODEL's outputs: the last block's reported loss is the compressed
+    model's whole error there against the dense model. --refine-target block fits the original block fed the
+    compressed stream, which leaves out what earlier blocks got wrong: its loss is below that whole error."""
+    reference = last_block_output(build_model("llama"), ids())
+    model = build_model("llama")
+    result = compress_model(model, ids(), CompressConfig(alloc="uniform", ratio=0.4, batch_size=4, refine_steps=12,
+                                                         refine_lr=1e-3, refine_target=target))
+    last = next(layer.info["refine"] for layer in result.layers if layer.name.startswith("model.layers.2."))
+    out = last_block_output(model, ids())
+    whole = float((out - reference).square().sum() / reference.square().sum())
+    if target == "model":
+        assert last["loss_after"] == pytest.approx(whole, rel=1e-3)
+        assert last["kept"] and last["loss_after"] < last["loss_before"]
+    else:
+        assert last["loss_after"] < 0.9 * whole
+
+
+def test_refine_target_is_checked():
+    with pytest.raises(UsageError, match="--refine-target"):
+        CompressConfig(refine_target="stream")
+

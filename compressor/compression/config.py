@@ -22,6 +22,8 @@ ALLOCATIONS = ("auto", "uniform", "global", "fisher", "sensitivity")
 STREAM_MODES = ("auto", "on", "off")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPUTE_DTYPES = ("auto", "float32")
+REFINE_TARGETS = ("block", "model")  # refinement fits the original block's outputs on the compressed stream, or the
+# original model's outputs at this depth (sequential.WalkOptions)
 EXPERT_MODES = ("per-expert", "shared-basis")  # MoE expert matrices: own factors, or a basis per layer (shared_basis.py)
 # Options that change how a run is carried out, not what it writes: left out of the resume fingerprint.
 RUN_ONLY = ("device", "offload_budget", "offload_dir", "overwrite", "resume", "trust_remote_code", "verify")
@@ -58,6 +60,7 @@ class CompressConfig:
     refine_steps: int | None = None  # Adam steps per block on its factors against its original outputs; None:
     # auto (plan.resolve_refine: 8 with --method whiten in one process, as measured in BENCHMARKS.md)
     refine_lr: float = 3e-4
+    refine_target: str = "block"  # see REFINE_TARGETS
     speed_aware: bool = False  # no factorized rank above the measured speed break-even (core/speed.py)
     speed_profile: str | None = None  # the timings of an earlier --speed-aware run (its report), not new ones
     damp: float = 1e-4  # whiten: damping relative to mean(diag G)
@@ -115,6 +118,8 @@ class CompressConfig:
         check_number("--damp", self.damp, 0)
         check_number("--alpha", self.alpha)
         check_number("--refine-lr", self.refine_lr, 0, strict=True)
+        if self.refine_target not in REFINE_TARGETS:
+            raise UsageError(f"--refine-target must be one of {', '.join(REFINE_TARGETS)}, got {self.refine_target!r}")
         if not (isinstance(self.min_rank_fraction, (int, float)) and 0 <= self.min_rank_fraction <= 1):
             raise UsageError(f"--min-rank-fraction must be in [0, 1], got {self.min_rank_fraction}")
         if self.dtype not in DTYPES:
@@ -176,7 +181,8 @@ class CompressConfig:
                 "refine_steps": self.refine_steps, "damp": self.damp, "alpha": self.alpha, "targets": self.targets,
                 "ignore": self.ignore,
                 "fused": self.fused, **({"experts": self.experts} if self.experts != "per-expert" else {}),
-                **({"speed_aware": True} if self.speed_aware else {})}
+                **({"speed_aware": True} if self.speed_aware else {}),
+                **({"refine_target": self.refine_target} if self.refine_target != "block" else {})}
 
     def resolved(self, **values) -> "CompressConfig":
         """A copy with request fields replaced by what they resolved to (alloc, device, ranks, ...)."""

@@ -43,6 +43,8 @@ class WalkOptions:
     anchored: bool = False  # an original stream runs alongside; statistics pair original and shifted inputs
     refine_steps: int = 0
     refine_lr: float = 1e-4
+    refine_target: str = "block"  # "block": the original block fed the compressed stream; "model": the original
+    # model's own outputs at this depth (an original stream runs alongside; earlier blocks' errors are fitted too)
     abs_sums: bool = False  # collect the per-channel |x| sums too (ASVD's statistic)
     offload_budget: int | None = None  # bytes of hidden states in memory per stream (offload.py); None: all
     offload_dir: str | None = None
@@ -52,10 +54,17 @@ class WalkOptions:
         """The options of a resolved CompressConfig (device and offload budget already resolved)."""
         values = dict(batch_size=config.batch_size, device=config.device, propagate=config.propagate,
                       anchored=config.anchor or config.refit, refine_steps=config.refine_steps,
-                      refine_lr=config.refine_lr, abs_sums=config.method_spec.abs_sums,
+                      refine_lr=config.refine_lr, refine_target=config.refine_target,
+                      abs_sums=config.method_spec.abs_sums,
                       offload_budget=config.offload_budget, offload_dir=config.offload_dir)
         values.update(overrides)
         return cls(**values)
+
+    @property
+    def original_stream(self) -> bool:
+        """Whether the original model's stream runs beside the compressed one (anchored fitting, or refinement
+        toward the original model's outputs)."""
+        return self.anchored or (self.propagate and self.refine_steps > 0 and self.refine_target == "model")
 
 
 @dataclass(frozen=True)
@@ -326,7 +335,7 @@ def _capture(model, source, stack, input_ids, options, dist, timings):
         source.close_capture(model, stack)
     # The original model's stream (anchored mode only: held otherwise, it would keep the captured states alive
     # for the whole run): identical to the compressed one before the first block.
-    streams = _Streams(states, states if options.anchored else None, new_states)
+    streams = _Streams(states, states if options.original_stream else None, new_states)
     timings["capture"] += time.perf_counter() - begin
     return streams, extras
 
@@ -347,9 +356,11 @@ def _visit_block(block, index, names, visit, streams, extras, device, options, n
         collector, reference = collect_paired_statistics(block, names, streams.original, streams.states, extras,
                                                          device, new_states, options.abs_sums)
     else:
-        keep = not options.propagate or options.refine_steps > 0
+        keep = not options.propagate or (options.refine_steps > 0 and not options.original_stream)
         collector, reference = collect_statistics(block, names, streams.states, extras, device, keep, new_states,
                                                   options.abs_sums, options.offload_budget, options.offload_dir)
+        if options.original_stream:  # the original block, before visit changes it, on the original stream
+            reference = run_block(block, streams.original, extras, device, new_states=new_states)
     timings["statistics"] += time.perf_counter() - begin
 
     begin = time.perf_counter()
@@ -368,7 +379,7 @@ def _visit_block(block, index, names, visit, streams, extras, device, options, n
     begin = time.perf_counter()
     streams.states = run_block(block, streams.states, extras, device, new_states=new_states, consume=True) \
         if options.propagate else reference
-    if options.anchored:
+    if options.original_stream:
         streams.original = reference
     timings["propagation"] += time.perf_counter() - begin
     return results
@@ -377,11 +388,11 @@ def _visit_block(block, index, names, visit, streams, extras, device, options, n
 def _replay_block(block, index, replay, streams, extras, device, options, new_states):
     """A block an earlier run finished: rebuild it, and run the streams through it as the walk would have."""
     reference = None
-    if options.anchored or not options.propagate:
-        reference = run_block(block, streams.original if options.anchored else streams.states, extras, device,
-                              new_states=new_states)
+    if options.original_stream or not options.propagate:
+        reference = run_block(block, streams.original if options.original_stream else streams.states, extras,
+                              device, new_states=new_states)
     replay(index, block)
     streams.states = run_block(block, streams.states, extras, device, new_states=new_states, consume=True) \
         if options.propagate else reference
-    if options.anchored:
+    if options.original_stream:
         streams.original = reference
