@@ -333,8 +333,8 @@ def _capture(model, source, stack, input_ids, options, dist, timings):
                                               run_blocks=real)
     finally:
         source.close_capture(model, stack)
-    # The original model's stream (anchored mode only: held otherwise, it would keep the captured states alive
-    # for the whole run): identical to the compressed one before the first block.
+    # The original model's stream (only where WalkOptions.original_stream: held otherwise, it would keep the
+    # captured states alive for the whole run): identical to the compressed one before the first block.
     streams = _Streams(states, states if options.original_stream else None, new_states)
     timings["capture"] += time.perf_counter() - begin
     return streams, extras
