@@ -123,7 +123,8 @@ class Probe:
 
         from lowrank.compression.config import CompressConfig
         from lowrank.compression.layers import decompose_block
-        from lowrank.compression.sequential import collect_paired_statistics, collect_statistics, refine_block, run_block
+        from lowrank.compression.refine import refine_block
+        from lowrank.compression.sequential import collect_paired_statistics, collect_statistics, run_block
         from lowrank.core import decompose
 
         config = CompressConfig(ratio=self.ratio, alloc="uniform", anchor=ridge is not None)

@@ -6,7 +6,7 @@
 
 A method may carry `+` options (the rank-allocation and refitting ablation): global = --alloc global,
 fisher = --alloc fisher, anchor = --anchor, refit = --refit, refineN = --refine-steps N, lrX = --refine-lr X,
-tmodel = --refine-target model, sensitivity = --alloc sensitivity, alphaX = --alpha X (asvd).
+tmodel / tblock = --refine-target model / block, rbN = --refine-batch N, sensitivity = --alloc sensitivity, alphaX = --alpha X (asvd).
 
 Every compression is a real `lowrank compress` process (its wall time and peak RSS are the command's own);
 the dense baseline (one plain forward pass over the same calibration windows, perplexity, decode speed) runs in
@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 OPTIONS = {"global": ["--alloc", "global"], "fisher": ["--alloc", "fisher"], "sensitivity": ["--alloc", "sensitivity"], "anchor": ["--anchor"],
-           "refit": ["--refit"], "tmodel": ["--refine-target", "model"]}
+           "refit": ["--refit"], "tmodel": ["--refine-target", "model"],
+           "tblock": ["--refine-target", "block"]}
 
 
 def option_flags(spec):
@@ -32,6 +33,8 @@ def option_flags(spec):
     for option in options:
         if option.startswith("refine"):
             flags += ["--refine-steps", option[len("refine"):]]
+        elif option.startswith("rb"):
+            flags += ["--refine-batch", option[len("rb"):]]
         elif option.startswith("lr"):
             flags += ["--refine-lr", option[len("lr"):]]
         elif option.startswith("alpha"):

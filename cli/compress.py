@@ -77,12 +77,16 @@ Anchor = Annotated[bool, typer.Option("--anchor/--no-anchor", help="Fit each lay
 Refit = Annotated[bool, typer.Option(help="After truncation, refit each up factor by least squares to the original "
                   "model's outputs.")]
 RefineSteps = Annotated[int | None, typer.Option(help="Adam steps per block on its factors against the block's "
-                        "original outputs (0: off). Default: 8 with --method whiten in one process, else 0.",
+                        "original outputs (0: off). Default with --method whiten in one process: 8 batches' worth "
+                        "of windows (8 x --batch-size / --refine-batch steps), else 0.",
                         show_default=False)]
 RefineLr = Annotated[float, typer.Option(help="Learning rate of --refine-steps.")]
 RefineTarget = Annotated[str, typer.Option(help="What --refine-steps fits: block = the original block's outputs "
                          "on the compressed model's inputs; model = the original model's outputs at that depth, so "
                          "each block also corrects the error of the blocks before it.")]
+RefineBatch = Annotated[int | None, typer.Option(help="Calibration windows per --refine-steps step (at most "
+                        "--batch-size). Default: 1 (more, smaller steps fit more in the same time).",
+                        show_default=False)]
 SpeedAware = Annotated[bool, typer.Option("--speed-aware", help="Time each layer shape's batch-1 product here, dense "
                        "and factorized, and never give a layer a rank slower than dense (it stays dense instead); "
                        "the report gives the expected speed-up. Needs --alloc fisher or global.")]
@@ -129,7 +133,7 @@ def compress(
     fused: Fused = D["fused"], experts: Experts = D["experts"],
     min_rank_fraction: MinRankFraction = D["min_rank_fraction"], anchor: Anchor = D["anchor"],
     refit: Refit = D["refit"], refine_steps: RefineSteps = D["refine_steps"], refine_lr: RefineLr = D["refine_lr"],
-    refine_target: RefineTarget = D["refine_target"],
+    refine_target: RefineTarget = D["refine_target"], refine_batch: RefineBatch = D["refine_batch"],
     speed_aware: SpeedAware = D["speed_aware"], speed_profile: SpeedProfile = None,
     damp: Damp = D["damp"], alpha: Alpha = D["alpha"], calib: Calib = D["calib"],
     num_samples: NumSamples = D["num_samples"], seq_len: SeqLen = D["seq_len"],

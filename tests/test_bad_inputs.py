@@ -247,6 +247,8 @@ ROWS = [
     Row("compress-damp-nan", "--damp nan", (*COMPRESS, "--damp", "nan"), 2, "--damp must be a finite number"),
     Row("compress-refine-lr", "--refine-lr 0", (*COMPRESS, "--refine-lr", "0"), 2,
         "--refine-lr must be a finite number above 0"),
+    Row("compress-refine-batch", "--refine-batch 5 (above --batch-size 4)", (*COMPRESS, "--refine-batch", "5"), 2,
+        "--refine-batch (5) cannot exceed --batch-size (4)"),
     Row("compress-min-rank-fraction", "--min-rank-fraction 2", (*COMPRESS, "--min-rank-fraction", "2"), 2,
         "--min-rank-fraction must be in [0, 1]"),
     Row("compress-stream", "--stream maybe", (*COMPRESS, "--stream", "maybe"), 2, "--stream must be auto, on or off"),

@@ -1,10 +1,12 @@
 """Block refinement (--refine-steps): it lowers what it optimises, moves only the factors, and keeps the project's
 guarantees: the same bytes on a rerun, and after a SIGKILL and --resume."""
 
+import itertools
 import os
 import signal
 import subprocess
 
+import archs
 import pytest
 import torch
 from conftest import build_model
@@ -12,7 +14,7 @@ from test_streaming import compress_command, every_file, journal_blocks, run_unt
 
 from lowrank.compression.config import CompressConfig
 from lowrank.compression.model import compress_model
-from lowrank.compression.plan import AUTO_REFINE_STEPS, resolve_refine
+from lowrank.compression.plan import AUTO_REFINE_BATCH, AUTO_REFINE_PASSES, resolve_refine
 from lowrank.errors import UsageError
 from lowrank.io.modeling_lowrank import LowRankLinear
 
@@ -27,12 +29,13 @@ def factor_free_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if id(p) not in factors}
 
 
-def test_refinement_lowers_each_blocks_loss_and_moves_only_the_factors():
+@pytest.mark.parametrize("batch", [4, 1])  # steps on whole batches of 4 windows, or on single windows
+def test_refinement_lowers_each_blocks_loss_and_moves_only_the_factors(batch):
     plain, refined = build_model("llama"), build_model("llama")
     config = CompressConfig(alloc="uniform", ratio=0.4, batch_size=4, refine_steps=0)
     compress_model(plain, ids(), config)
     result = compress_model(refined, ids(), CompressConfig(alloc="uniform", ratio=0.4, batch_size=4, refine_steps=12,
-                                                           refine_lr=1e-3))
+                                                           refine_lr=1e-3, refine_batch=batch))
     per_block = {layer.name.split(".")[2]: layer.info["refine"] for layer in result.layers}
     assert len(per_block) == build_model("llama").config.num_hidden_layers
     for refine in per_block.values():
@@ -46,18 +49,60 @@ def test_refinement_lowers_each_blocks_loss_and_moves_only_the_factors():
 
 def test_refinement_is_seeded():
     outputs = []
-    for _ in range(2):
+    for batch in (4, 4, 2, 2):
         model = build_model("llama")
         compress_model(model, ids(), CompressConfig(alloc="uniform", ratio=0.4, batch_size=4, refine_steps=6,
-                                                    refine_lr=1e-3))
+                                                    refine_lr=1e-3, refine_batch=batch))
         outputs.append({n: t.clone() for n, t in model.state_dict().items()})
-    assert outputs[0].keys() == outputs[1].keys()
-    assert all(torch.equal(outputs[0][n], outputs[1][n]) for n in outputs[0])
+    same = [all(torch.equal(a[n], b[n]) for n in a) for a, b in itertools.pairwise(outputs)]
+    assert same == [True, False, True]  # reruns agree; micro-batches of 2 windows are other steps
 
 
-@pytest.mark.parametrize("target", ["block", "model"])  # model: the resumed run rebuilds the original stream too
-def test_refined_output_is_the_same_on_a_rerun_and_after_sigkill_and_resume(deep_llama, calib_file, tmp_path, target):
-    refine = ["--alloc", "uniform", "--refine-steps", "6", "--refine-lr", "1e-3", "--refine-target", target]
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "modernbert", "t5", "whisper"])
+def test_a_micro_batch_is_run_with_the_arguments_of_its_windows(model_type):
+    """Refinement's micro-batches (--refine-batch) run a block on some windows of a batch, with arguments the
+    capture recorded for that size (masks, rotary tables, sliding windows, T5's position bias, a decoder's
+    cross-attention memory sliced to the same windows): each piece's output equals those rows of the whole batch's."""
+    from lowrank.compression.capture import capture_block_inputs
+    from lowrank.compression.refine import hidden_states, micro_batch_sizes, micro_batches
+    from lowrank.compression.targets import is_encoder_decoder, select_targets, stack_names
+
+    model = archs.build(model_type)
+    data = archs.calibration_ids(model_type=model_type)
+    sizes = [4, 4]  # 8 windows in batches of 4, pieces of 3: [0:3] and [3:4] of each batch
+    pieces = micro_batches(sizes, 3)
+    assert [(i, r.start, r.stop) for i, r in pieces] == [(0, 0, 3), (0, 3, 4), (1, 0, 3), (1, 3, 4)]
+    checked = 0
+    for stack in stack_names(select_targets(model)[0]):
+        blocks = model.get_submodule(stack)
+        states, extras = capture_block_inputs(model, blocks, data, 4, "cpu", run_blocks=is_encoder_decoder(model),
+                                              also_sizes=micro_batch_sizes(sizes, 3))
+        assert len(states) == 2 and [s.shape[0] for s in states] == sizes  # the probe batches are not kept
+        with torch.no_grad():
+            for index, block in enumerate(blocks):
+                whole = [hidden_states(block(x, *args, **kwargs))
+                         for batch, x in enumerate(states) for args, kwargs in [extras[index].of(batch, 4, "cpu")]]
+                for batch, rows in pieces:
+                    args, kwargs = extras[index].of(batch, rows.stop - rows.start, "cpu", rows)
+                    piece = hidden_states(block(states[batch][rows], *args, **kwargs))
+                    torch.testing.assert_close(piece, whole[batch][rows], rtol=1e-4, atol=1e-5)
+                    checked += 1
+                states = whole
+    assert checked == 4 * sum(len(model.get_submodule(stack)) for stack in stack_names(select_targets(model)[0]))
+
+
+def test_refine_batch_is_checked():
+    with pytest.raises(UsageError, match="--refine-batch"):
+        CompressConfig(refine_batch=0)
+    with pytest.raises(UsageError, match="--refine-batch .9. cannot exceed --batch-size .8."):
+        CompressConfig(refine_batch=9)
+
+
+# model: the resumed run rebuilds the original stream too; micro-batches: the capture's extra sizes too
+@pytest.mark.parametrize("target, batch", [("block", ["--refine-batch", "2"]), ("model", [])])
+def test_refined_output_is_the_same_on_a_rerun_and_after_sigkill_and_resume(deep_llama, calib_file, tmp_path, target,
+                                                                             batch):
+    refine = ["--alloc", "uniform", "--refine-steps", "6", "--refine-lr", "1e-3", "--refine-target", target, *batch]
     straight, again = str(tmp_path / "a" / "out"), str(tmp_path / "b" / "out")
     for out in (straight, again):
         os.makedirs(os.path.dirname(out))
@@ -81,12 +126,16 @@ def test_refined_output_is_the_same_on_a_rerun_and_after_sigkill_and_resume(deep
 
 
 def test_the_default_refines_whitening_in_one_process_and_nothing_else():
-    assert resolve_refine(CompressConfig(), distributed=False) == (AUTO_REFINE_STEPS, None)
-    steps, why = resolve_refine(CompressConfig(), distributed=True)
+    # one window a step, as many steps as read AUTO_REFINE_PASSES batches' worth of windows
+    assert resolve_refine(CompressConfig(), distributed=False) == (AUTO_REFINE_PASSES * 8, 1, None)
+    assert resolve_refine(CompressConfig(batch_size=4, refine_batch=2), distributed=False) == (
+        AUTO_REFINE_PASSES * 2, 2, None)  # the same windows read, two a step
+    assert resolve_refine(CompressConfig(refine_steps=5), distributed=False) == (5, AUTO_REFINE_BATCH, None)
+    steps, _, why = resolve_refine(CompressConfig(), distributed=True)
     assert steps == 0 and "torchrun" in why  # said, not silent
-    assert resolve_refine(CompressConfig(method="svd"), distributed=False) == (0, None)  # the papers' baselines
-    assert resolve_refine(CompressConfig(refine_steps=0), distributed=False) == (0, None)
-    steps, why = resolve_refine(CompressConfig(experts="shared-basis"), distributed=False)
+    assert resolve_refine(CompressConfig(method="svd"), distributed=False) == (0, None, None)  # the papers' baselines
+    assert resolve_refine(CompressConfig(refine_steps=0), distributed=False) == (0, None, None)
+    steps, _, why = resolve_refine(CompressConfig(experts="shared-basis"), distributed=False)
     assert steps == 0 and "shared" in why  # it trains per-layer factors, not a basis that experts share
     with pytest.raises(UsageError, match="--refine-steps"):
         CompressConfig(experts="shared-basis", refine_steps=4)

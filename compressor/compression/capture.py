@@ -44,12 +44,14 @@ class BlockArguments:
             return self.MEMORY if memory is not None and value is memory else value
         self.by_size[batch_size] = (tuple(mark(a) for a in args), {k: mark(v) for k, v in kwargs.items()})
 
-    def of(self, index, batch_size, device):
-        """(args, kwargs) for batch `index` of the stream, of `batch_size` windows, run on `device`."""
+    def of(self, index, batch_size, device, rows=None):
+        """(args, kwargs) for batch `index` of the stream, of `batch_size` windows, run on `device`; `rows`: a
+        slice of the batch's windows (refinement's micro-batches), `batch_size` windows long."""
         args, kwargs = self.by_size[batch_size]
         if self.memory is None:
             return args, kwargs
-        memory = self.memory[index].to(device)
+        memory = self.memory[index]
+        memory = (memory if rows is None else memory[rows]).to(device)
         return (tuple(memory if a is self.MEMORY else a for a in args),
                 {k: memory if v is self.MEMORY else v for k, v in kwargs.items()})
 
@@ -77,7 +79,7 @@ def model_inputs(model, input_ids):
 
 
 def capture_block_inputs(model, blocks, input_ids, batch_size, device, batches=None, new_states=list,
-                         run_blocks=False):
+                         run_blocks=False, also_sizes=()):
     """Run every calibration batch up to the first block. Returns the hidden states per batch and, per block,
     its other arguments (BlockArguments: mask, position embeddings, a decoder's cross-attention memory, ...).
 
@@ -90,19 +92,25 @@ def capture_block_inputs(model, blocks, input_ids, batch_size, device, batches=N
     batches stop at the first block. Should the stubbed pass fail (a model that inspects what a block returns),
     every block gets the first block's arguments, which check_uniform_attention accepts only when the blocks do
     not declare different attention types.
+
+    `also_sizes`: batch sizes the walk will run besides the calibration batches' own (refinement's micro-batches).
+    For each, the first windows run as one more batch whose arguments are recorded and whose states are not kept:
+    the model itself says what a batch of that size gets, nothing is sliced by guessing which dimension is the
+    batch's.
     """
     states = new_states()
     memory = _EncoderOutput(model, blocks, new_states)
     extras = [BlockArguments(memory.batches) for _ in blocks]
     last = len(blocks) - 1
-    recording = {"all": False, "key": None}
+    recording = {"all": False, "key": None, "keep": True}
 
     def catcher(index):
         def catch(module, args, kwargs):
             hidden = args[0] if args else kwargs.get("hidden_states")
             if index == 0:  # the later blocks' `hidden` is whatever the stubs handed on: its shape is no key
-                states.append(hidden.detach().to("cpu"))
-                memory.keep()
+                if recording["keep"]:
+                    states.append(hidden.detach().to("cpu"))
+                    memory.keep()
                 recording["key"] = hidden.shape[0]
                 recording["all"] = hidden.shape[0] not in extras[0].by_size
             if index == 0 or recording["all"]:
@@ -122,8 +130,12 @@ def capture_block_inputs(model, blocks, input_ids, batch_size, device, batches=N
     try:
         with torch.no_grad(), memory:
             chunks = input_ids.split(batch_size)
-            for batch in chunks if batches is None else [chunks[i] for i in batches]:
+            chunks = chunks if batches is None else [chunks[i] for i in batches]
+            probes = [input_ids.split(size)[0] for size in sorted(set(also_sizes) - {c.shape[0] for c in chunks})
+                      if 0 < size <= input_ids.shape[0]]
+            for batch in [*chunks, *probes]:
                 ran += 1
+                recording["keep"] = ran <= len(chunks)
                 try:
                     model(**model_inputs(model, batch.to(device)))
                 except _StopForward:

@@ -58,9 +58,10 @@ class CompressConfig:
     anchor: bool = False  # fit W' x' to the ORIGINAL model's outputs W x (needs propagation)
     refit: bool = False  # after truncation, refit `up` by least squares to the original outputs
     refine_steps: int | None = None  # Adam steps per block on its factors against its original outputs; None:
-    # auto (plan.resolve_refine: 8 with --method whiten in one process, as measured in BENCHMARKS.md)
+    # auto (plan.resolve_refine: 8 batches' worth of windows with --method whiten in one process, as measured)
     refine_lr: float = 3e-4
-    refine_target: str = "block"  # see REFINE_TARGETS
+    refine_target: str = "model"  # see REFINE_TARGETS; model: measured better (BENCHMARKS.md, "Refinement steps")
+    refine_batch: int | None = None  # windows per refinement step (refine.py); None: auto (plan.resolve_refine)
     speed_aware: bool = False  # no factorized rank above the measured speed break-even (core/speed.py)
     speed_profile: str | None = None  # the timings of an earlier --speed-aware run (its report), not new ones
     damp: float = 1e-4  # whiten: damping relative to mean(diag G)
@@ -118,6 +119,11 @@ class CompressConfig:
         check_number("--damp", self.damp, 0)
         check_number("--alpha", self.alpha)
         check_number("--refine-lr", self.refine_lr, 0, strict=True)
+        if self.refine_batch is not None:
+            check_int("--refine-batch", self.refine_batch, 1)
+            if self.refine_batch > self.batch_size:
+                raise UsageError(f"--refine-batch ({self.refine_batch}) cannot exceed --batch-size "
+                                 f"({self.batch_size}): a refinement step reads part of one batch")
         if self.refine_target not in REFINE_TARGETS:
             raise UsageError(f"--refine-target must be one of {', '.join(REFINE_TARGETS)}, got {self.refine_target!r}")
         if not (isinstance(self.min_rank_fraction, (int, float)) and 0 <= self.min_rank_fraction <= 1):
@@ -182,7 +188,8 @@ class CompressConfig:
                 "ignore": self.ignore,
                 "fused": self.fused, **({"experts": self.experts} if self.experts != "per-expert" else {}),
                 **({"speed_aware": True} if self.speed_aware else {}),
-                **({"refine_target": self.refine_target} if self.refine_target != "block" else {})}
+                **({"refine_target": self.refine_target, "refine_batch": self.refine_batch} if self.refine_steps
+                   else {})}
 
     def resolved(self, **values) -> "CompressConfig":
         """A copy with request fields replaced by what they resolved to (alloc, device, ranks, ...)."""

@@ -26,38 +26,42 @@ def resolve_alloc(config: CompressConfig, model, *, streaming: bool, distributed
     return "fisher", None  # an encoder's: of its final hidden states (BENCHMARKS.md, "Encoders")
 
 
-# Block refinement by default: on the protocol (SmolLM2-135M, 16 x 512 calibration tokens, BENCHMARKS.md "Block
-# refinement") 8 Adam steps per block at lr 3e-4 took keep 0.8 from 53.07 to 47.09 (2.74x the default's time)
-# and keep 0.6 from 147.8 to 90.97 (2.87x), back to back on quiet cores: inside issue 19's 3x rule. 16 steps gain
-# little more (46.10 at keep 0.8) at ~4.5x. Measured with --method whiten only; torchrun cannot run it (one
-# process holds the block's backward pass): elsewhere the default is off.
-AUTO_REFINE_STEPS = 8
+# Block refinement by default, measured on the protocol (SmolLM2-135M, 16 x 512 calibration tokens, BENCHMARKS.md
+# "Refinement steps"): the windows of 8 whole batches, read one a step (64 steps at lr 3e-4) and fitted to the
+# original model's outputs (--refine-target model, config.py), take keep 0.8 from 53.07 to 44.04 and keep 0.6
+# from 147.79 to 76.76, for 2.7x the unrefined run's time on quiet cores (issue 19's rule: 3x). 8 whole-batch
+# steps toward the original block, the earlier default, cost the same and gave 47.09 and 90.97. Measured with
+# --method whiten only; torchrun cannot run it (one process holds the block's backward pass): elsewhere it is off.
+AUTO_REFINE_PASSES = 8
+AUTO_REFINE_BATCH = 1
 
 
-def resolve_refine(config: CompressConfig, *, distributed: bool) -> tuple[int, str | None]:
-    """--refine-steps unset: AUTO_REFINE_STEPS with --method whiten in one process, else 0.
-    Returns (steps, why the default is off or None)."""
+def resolve_refine(config: CompressConfig, *, distributed: bool) -> tuple[int, int | None, str | None]:
+    """--refine-steps unset: with --method whiten in one process, as many steps as read AUTO_REFINE_PASSES
+    batches' worth of windows, else 0. --refine-batch unset: AUTO_REFINE_BATCH windows a step.
+    Returns (steps, windows a step or None when there are no steps, why the default is off or None)."""
+    batch = config.refine_batch or min(AUTO_REFINE_BATCH, config.batch_size)
     if config.refine_steps is not None:
-        return config.refine_steps, None
+        return config.refine_steps, batch if config.refine_steps else None, None
     if not config.method_spec.whitened:
-        return 0, None  # the other methods are the papers' baselines: kept as published
+        return 0, None, None  # the other methods are the papers' baselines: kept as published
     if config.experts == "shared-basis":
-        return 0, "block refinement trains each layer's own factors, not a basis shared by experts: skipped"
+        return 0, None, "block refinement trains each layer's own factors, not a basis shared by experts: skipped"
     if distributed:
-        return 0, "block refinement runs in one process only; torchrun skips it (--refine-steps 0)"
-    return AUTO_REFINE_STEPS, None
+        return 0, None, "block refinement runs in one process only; torchrun skips it (--refine-steps 0)"
+    return max(1, AUTO_REFINE_PASSES * config.batch_size // batch), batch, None
 
 
 def resolve(config: CompressConfig, model, *, streaming: bool = False, distributed: bool = False):
     """(the config the engine runs with, [lines that say what the automatic choices chose and why])."""
     alloc, why = resolve_alloc(config, model, streaming=streaming, distributed=distributed)
-    steps, why_not_refined = resolve_refine(config, distributed=distributed)
+    steps, refine_batch, why_not_refined = resolve_refine(config, distributed=distributed)
     notes = [] if config.alloc != "auto" else [f"--alloc auto: {alloc} (" + (
         why or "Fisher-weighted global ranks; --alloc uniform gives the papers' one rank rule") + ")"]
     notes += [why_not_refined] if why_not_refined else []
     device = resolve_device(config.device)
     return config.resolved(alloc=alloc, device=device, offload_budget=config.offload_bytes,
-                           refine_steps=steps), notes
+                           refine_steps=steps, refine_batch=refine_batch), notes
 
 
 def weight_bytes(source) -> int | None:

@@ -4,7 +4,8 @@
     then, block by block (walk_blocks):
       collect_statistics    run the block with hooks: Gram matrices of its target layers' inputs (float64)
       visit                 the caller's per-block work (decompose, profile, correct), which may change the block
-      refine_block          optionally, a few Adam steps on the changed block against the original outputs
+      refine_block          optionally, Adam steps on the changed block's factors toward the original outputs
+                            (refine.py)
       propagate             run the calibration states through the *changed* block: the next block's inputs
     several stacks (an encoder-decoder's) are walked in run order, each captured anew when the walk reaches it
 
@@ -14,7 +15,6 @@ weights come from is a block source: `InMemoryBlocks` hands out the model's own 
 them from disk.
 """
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,12 +24,12 @@ import torch
 
 from ..core.stats import InputsSeen, PairedCollector, StatsCollector
 from ..errors import UsageError
-from ..io.modeling_lowrank import LowRankLinear, SlicedLowRankLinear
 from ..progress import SILENT
 from .capture import capture_block_inputs
 from .experts import pool_sparse_experts, statistics_passes
 from .malloc import return_freed_memory
 from .offload import SpilledSum, release_batch, spill_dir_for, states_factory
+from .refine import hidden_states, micro_batch_sizes, refine_block
 from .targets import block_prefixes, find_blocks, is_encoder_decoder, stack_names
 
 
@@ -43,7 +43,8 @@ class WalkOptions:
     anchored: bool = False  # an original stream runs alongside; statistics pair original and shifted inputs
     refine_steps: int = 0
     refine_lr: float = 1e-4
-    refine_target: str = "block"  # "block": the original block fed the compressed stream; "model": the original
+    refine_batch: int | None = None  # windows per refinement step (refine.py); None: a whole batch
+    refine_target: str = "model"  # "block": the original block fed the compressed stream; "model": the original
     # model's own outputs at this depth (an original stream runs alongside; earlier blocks' errors are fitted too)
     abs_sums: bool = False  # collect the per-channel |x| sums too (ASVD's statistic)
     offload_budget: int | None = None  # bytes of hidden states in memory per stream (offload.py); None: all
@@ -55,6 +56,7 @@ class WalkOptions:
         values = dict(batch_size=config.batch_size, device=config.device, propagate=config.propagate,
                       anchored=config.anchor or config.refit, refine_steps=config.refine_steps,
                       refine_lr=config.refine_lr, refine_target=config.refine_target,
+                      refine_batch=config.refine_batch,
                       abs_sums=config.method_spec.abs_sums,
                       offload_budget=config.offload_budget, offload_dir=config.offload_dir)
         values.update(overrides)
@@ -111,10 +113,6 @@ def move_outside_blocks(model, blocks, device):
             for key, buffer in module._buffers.items():
                 if buffer is not None and id(buffer) not in inside and buffer.device != torch.device(device):
                     module._buffers[key] = buffer.to(device)
-
-
-def hidden_states(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def run_block(block, states, extras, device, collector=None, keep=True, new_states=list, consume=False):
@@ -189,69 +187,6 @@ def collect_paired_statistics(block, names, original, shifted, extras, device, n
             block(x_shifted.to(device), *args, **kwargs)
             collector.end_batch()
     return collector, outputs
-
-
-def refine_block(block, states, targets, extras, steps, lr, device, seed=0, monitor=None):
-    """A few Adam steps on the block's factors so that, fed `states`, it reproduces `targets` (the original
-    block's outputs): AA-SVD's block refinement. Only factor weights move; batches are drawn in a seeded order,
-    one batch per step. The loss is the relative squared error of the block's output, measured over the whole
-    calibration set before and after: should the steps have made it worse (a learning rate too high for this
-    block), the closed-form factors are put back, so refinement never leaves a block worse on what it fitted.
-    Returns {"loss_before", "loss_after", "loss_first", "loss_last", "kept"} or None (nothing to refine)."""
-    factors = [p for m in block.modules() if isinstance(m, (LowRankLinear, SlicedLowRankLinear))
-               for p in m.parameters() if p.dim() == 2]  # the factors' weights, not the biases
-    if not factors or steps <= 0:
-        return None
-    flags = {p: p.requires_grad for p in block.parameters()}
-    closed_form = [p.detach().clone() for p in factors]
-    before = block_loss(block, states, targets, extras, device)
-    for p in block.parameters():
-        p.requires_grad_(False)
-    for p in factors:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(factors, lr=lr)
-    order = torch.randperm(len(states), generator=torch.Generator().manual_seed(seed)).tolist()
-    first = last = None
-    try:
-        with torch.enable_grad():
-            for step in range(steps):
-                index = order[step % len(order)]
-                args, kwargs = extras.of(index, states[index].shape[0], device)
-                target = targets[index].to(device).float()
-                out = hidden_states(block(states[index].to(device), *args, **kwargs)).float()
-                loss = (out - target).square().mean() / target.square().mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                first = loss.item() if first is None else first
-                last = loss.item()
-                if monitor is not None:  # (benchmarks: a held-out curve)
-                    monitor(step + 1, last)
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-    del optimizer
-    after = block_loss(block, states, targets, extras, device)
-    kept = after < before and math.isfinite(after)
-    if not kept:
-        with torch.no_grad():
-            for p, saved in zip(factors, closed_form):
-                p.copy_(saved)
-    return {"loss_before": before, "loss_after": after if kept else before, "loss_first": first, "loss_last": last,
-            "kept": kept}
-
-
-def block_loss(block, states, targets, extras, device):
-    """sum ||B(x) - y||^2 / sum ||y||^2 over every batch, in float64: the refinement's loss on all its data."""
-    error = energy = 0.0
-    with torch.no_grad():
-        for index in range(len(states)):
-            args, kwargs = extras.of(index, states[index].shape[0], device)
-            out = hidden_states(block(states[index].to(device), *args, **kwargs)).double()
-            target = targets[index].to(device).double()
-            error += float((out - target).square().sum())
-            energy += float(target.square().sum())
-    return error / energy if energy > 0 else 0.0
 
 
 def walk_blocks(model, input_ids, targets, blocks_name, visit, options=WalkOptions(), *, source=None,
@@ -329,8 +264,10 @@ def _capture(model, source, stack, input_ids, options, dist, timings):
         # encoder-decoder's stacks): elsewhere the stubs give the same arguments (the matrix's Gram test checks it)
         # for free, where real blocks cost half a forward pass (61 s of SmolLM2's 16 x 512 default run).
         real = isinstance(source, InMemoryBlocks) and is_encoder_decoder(model)
+        sizes = [chunk.shape[0] for chunk in input_ids.split(options.batch_size)]
+        micro = micro_batch_sizes(sizes, options.refine_batch) if options.refine_steps and options.refine_batch else ()
         states, extras = capture_block_inputs(model, stack, input_ids, options.batch_size, device, mine, new_states,
-                                              run_blocks=real)
+                                              run_blocks=real, also_sizes=micro)
     finally:
         source.close_capture(model, stack)
     # The original model's stream (only where WalkOptions.original_stream: held otherwise, it would keep the
@@ -371,7 +308,7 @@ def _visit_block(block, index, names, visit, streams, extras, device, options, n
     if options.refine_steps:
         begin = time.perf_counter()
         refined = refine_block(block, streams.states, reference, extras, options.refine_steps, options.refine_lr,
-                               device, seed=index)
+                               device, seed=index, batch=options.refine_batch)
         for result in results:
             result.info["refine"] = refined
         timings["refinement"] = timings.get("refinement", 0.0) + time.perf_counter() - begin

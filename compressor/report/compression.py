@@ -76,7 +76,8 @@ def build_report(*, result, settings, calibration, source, model_params_before, 
         "method": {"name": settings.method, "propagate": settings.propagate, "damp": settings.damp,
                    "alpha": settings.alpha if settings.method_spec.uses_alpha else None, "alloc": settings.alloc,
                    "anchor": settings.anchor, "refit": settings.refit, "refine_steps": settings.refine_steps,
-                   **({"refine_target": settings.refine_target} if settings.refine_steps else {}),
+                   **({"refine_target": settings.refine_target, "refine_batch": settings.refine_batch}
+                      if settings.refine_steps else {}),
                    "error_definition": "||W x - W' x'|| / ||W x|| against the original model's stream"
                    if settings.anchor or settings.refit else "||(W - W') x|| / ||W x|| on the layer's inputs"},
         "ratio": {
