@@ -105,12 +105,13 @@ def test_anchored_target_is_the_least_squares_map_and_beats_plain_whitening():
 
 
 def test_anchored_compression_matches_original_outputs_better():
-    # On the calibration data, which is what it fits (held-out behaviour is the benchmark's business).
+    # On the calibration data, which is what it fits (held-out behaviour is the benchmark's business). The closed
+    # forms alone: the default refinement fits the original model's outputs too and would blur the comparison.
     errors = {}
     for anchor in (False, True):
         model = build_model("llama")
         reference = build_model("llama")
-        compress_model(model, ids(), CompressConfig(alloc="uniform", ratio=0.4, anchor=anchor))
+        compress_model(model, ids(), CompressConfig(alloc="uniform", ratio=0.4, anchor=anchor, refine_steps=0))
         with torch.no_grad():
             errors[anchor] = float((model(input_ids=ids()).logits - reference(input_ids=ids()).logits).norm())
     assert errors[True] < 0.9 * errors[False]
