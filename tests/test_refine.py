@@ -91,6 +91,19 @@ def test_a_micro_batch_is_run_with_the_arguments_of_its_windows(model_type):
     assert checked == 4 * sum(len(model.get_submodule(stack)) for stack in stack_names(select_targets(model)[0]))
 
 
+@pytest.mark.parametrize("steps", [0, 4])
+def test_blocks_without_targets_are_walked_through(steps):
+    """--targets naming one block: the others have nothing to factorize and are only run (their statistics pass
+    has no hooks; with the default --refine-target model the original stream runs beside them too)."""
+    model = build_model("llama")
+    dense = build_model("llama")
+    result = compress_model(model, ids(), CompressConfig(alloc="uniform", ratio=0.4, batch_size=4, refine_steps=steps,
+                                                         targets=["model.layers.0.*"]))
+    assert result.layers and all(layer.name.startswith("model.layers.0.") for layer in result.layers)
+    later = [n for n in dense.state_dict() if n.startswith(("model.layers.1.", "model.layers.2."))]
+    assert later and all(torch.equal(model.state_dict()[n], dense.state_dict()[n]) for n in later)
+
+
 def test_refine_batch_is_checked():
     with pytest.raises(UsageError, match="--refine-batch"):
         CompressConfig(refine_batch=0)

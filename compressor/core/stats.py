@@ -201,7 +201,7 @@ class StatsCollector:
         """Call after each forward of the block: the grouping is fixed after the first batch."""
         # Stop only if every target was seen in this batch (an expert the router skipped this time may be reached
         # later, past any layer this batch ended with) and the last one was called once (else it would be cut short)
-        seen_all = set(self._order) == set(self.modules)
+        seen_all = bool(self._order) and set(self._order) == set(self.modules)  # (a block without targets: none)
         if self._first_batch and self.stop_early and seen_all and self._order.count(self._order[-1]) == 1:
             self._stop_at = self._order[-1]
         self._first_batch = False
