@@ -89,7 +89,11 @@ def test_speed_aware_compress_obeys_its_profile_and_reruns_byte_identical_from_i
     for layer in factorized:
         assert layer["rank"] <= max(profile["shapes"][speed.shape_key(*layer["shape"])]["ceiling"], 1), layer
     expected = report["speed"]["targets_batch1_us"]
-    assert expected["speedup"] == pytest.approx(expected["dense"] / expected["factorized"], rel=1e-3)
+    ratio = expected["dense"] / expected["factorized"]
+    # the report rounds the times to 0.1 us and the speed-up to 0.001: the ratio of the rounded times can differ
+    # by those roundings and no more (CI once saw 0.735 against 0.73414: within them, outside a flat rel=1e-3)
+    rounding = 0.0005 + ratio * (0.05 / expected["dense"] + 0.05 / expected["factorized"])
+    assert expected["speedup"] == pytest.approx(ratio, abs=rounding * 1.01)
 
     code, _, err = run(compress_args(llama_dir, calib_file, again, "--speed-aware", "--speed-profile",
                                      str(first / "compression_report.json")), capsys)
