@@ -85,7 +85,7 @@ RefineTarget = Annotated[str, typer.Option(help="What --refine-steps fits: block
                          "on the compressed model's inputs; model = the original model's outputs at that depth, so "
                          "each block also corrects the error of the blocks before it.")]
 RefineBatch = Annotated[int | None, typer.Option(help="Calibration windows per --refine-steps step (at most "
-                        "--batch-size). Default: 1 (more, smaller steps fit more in the same time).",
+                        "--batch-size). Default: enough windows for 512 tokens (1 window of 512 or more; 4 of 128).",
                         show_default=False)]
 SpeedAware = Annotated[bool, typer.Option("--speed-aware", help="Time each layer shape's batch-1 product here, dense "
                        "and factorized, and never give a layer a rank slower than dense (it stays dense instead); "

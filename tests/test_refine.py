@@ -2,6 +2,7 @@
 guarantees: the same bytes on a rerun, and after a SIGKILL and --resume."""
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from test_streaming import compress_command, every_file, journal_blocks, run_unt
 
 from lowrank.compression.config import CompressConfig
 from lowrank.compression.model import compress_model
-from lowrank.compression.plan import AUTO_REFINE_BATCH, AUTO_REFINE_PASSES, resolve_refine
+from lowrank.compression.plan import AUTO_REFINE_PASSES, AUTO_REFINE_TOKENS, resolve_refine
 from lowrank.errors import UsageError
 from lowrank.io.modeling_lowrank import LowRankLinear
 
@@ -45,6 +46,18 @@ def test_refinement_lowers_each_blocks_loss_and_moves_only_the_factors(batch):
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
     moved = [not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), refined.state_dict().values())]
     assert any(moved)
+
+
+def test_steps_that_make_a_block_worse_are_undone_and_the_walk_goes_on_from_the_closed_form():
+    # lr 1e3 wrecks every block's factors: each is put back, and the next block is fed the closed form's
+    # outputs (computed again: the outputs of the refinement's last pass are of the discarded factors)
+    plain, wrecked = build_model("llama"), build_model("llama")
+    compress_model(plain, ids(), CompressConfig(alloc="uniform", ratio=0.4, batch_size=4, refine_steps=0))
+    result = compress_model(wrecked, ids(), CompressConfig(alloc="uniform", ratio=0.4, batch_size=4, refine_steps=3,
+                                                           refine_lr=1e3, refine_batch=2))
+    assert all(not layer.info["refine"]["kept"] for layer in result.layers)
+    expected = plain.state_dict()
+    assert all(torch.equal(expected[n], t) for n, t in wrecked.state_dict().items())
 
 
 def test_refinement_is_seeded():
@@ -121,6 +134,10 @@ def test_refined_output_is_the_same_on_a_rerun_and_after_sigkill_and_resume(deep
         os.makedirs(os.path.dirname(out))
         subprocess.run(compress_command(deep_llama, out, calib_file, *refine), check=True, timeout=600)
     assert every_file(straight) == every_file(again)
+    with open(os.path.join(straight, "config.json")) as f:
+        settings = json.load(f)["lowrank"]["settings"]
+    # --refine-batch unset: 64-token windows, 8 a step for 512 tokens, capped at the batch of 4
+    assert (settings["refine_steps"], settings["refine_batch"]) == (6, 2 if batch else 4)
     plain = str(tmp_path / "plain")
     subprocess.run(compress_command(deep_llama, plain, calib_file, "--alloc", "uniform", "--refine-steps", "0"),
                    check=True, timeout=600)
@@ -139,11 +156,18 @@ def test_refined_output_is_the_same_on_a_rerun_and_after_sigkill_and_resume(deep
 
 
 def test_the_default_refines_whitening_in_one_process_and_nothing_else():
-    # one window a step, as many steps as read AUTO_REFINE_PASSES batches' worth of windows
-    assert resolve_refine(CompressConfig(), distributed=False) == (AUTO_REFINE_PASSES * 8, 1, None)
+    # steps of at least AUTO_REFINE_TOKENS tokens (one 512-token window; four of 128), as many steps as read
+    # AUTO_REFINE_PASSES batches' worth of windows
+    assert AUTO_REFINE_TOKENS == 512
+    assert resolve_refine(CompressConfig(), distributed=False, window=512) == (AUTO_REFINE_PASSES * 8, 1, None)
+    assert resolve_refine(CompressConfig(), distributed=False, window=2048) == (AUTO_REFINE_PASSES * 8, 1, None)
+    assert resolve_refine(CompressConfig(), distributed=False, window=128) == (AUTO_REFINE_PASSES * 2, 4, None)
+    assert resolve_refine(CompressConfig(), distributed=False, window=48) == (AUTO_REFINE_PASSES, 8, None)  # a batch
     assert resolve_refine(CompressConfig(batch_size=4, refine_batch=2), distributed=False) == (
         AUTO_REFINE_PASSES * 2, 2, None)  # the same windows read, two a step
-    assert resolve_refine(CompressConfig(refine_steps=5), distributed=False) == (5, AUTO_REFINE_BATCH, None)
+    assert resolve_refine(CompressConfig(refine_steps=5), distributed=False, window=256) == (5, 2, None)
+    assert resolve_refine(CompressConfig(), distributed=False) == (None, None, None)  # waits for the windows
+    assert resolve_refine(CompressConfig(refine_steps=5), distributed=False) == (5, None, None)
     steps, _, why = resolve_refine(CompressConfig(), distributed=True)
     assert steps == 0 and "torchrun" in why  # said, not silent
     assert resolve_refine(CompressConfig(method="svd"), distributed=False) == (0, None, None)  # the papers' baselines
@@ -158,6 +182,8 @@ def test_the_default_refines_whitening_in_one_process_and_nothing_else():
 def test_the_default_compress_refines_and_records_it():
     model = build_model("llama")
     result = compress_model(model, ids(), CompressConfig(alloc="uniform", ratio=0.4, batch_size=4))
+    # 48-token windows: a step of 512 tokens would be 11 windows, capped at the batch of 4
+    assert (result.config.refine_steps, result.config.refine_batch) == (AUTO_REFINE_PASSES, 4)
     refined = [layer.info["refine"] for layer in result.layers if "refine" in layer.info]
     assert len(refined) == len(result.layers)
     assert all(r["loss_after"] <= r["loss_before"] for r in refined)

@@ -167,6 +167,9 @@ class _Job:
                                             split=c.calib_split, text_column=c.text_column, progress=self.progress,
                                             device=c.device, source=self.source.path,
                                             trust_remote_code=c.trust_remote_code)
+        # refinement's automatic step size waits for the windows' length (plan.resolve_refine)
+        self.config, _ = resolve(self.config, self.net, streaming=self.streaming, distributed=self.dist is not None,
+                                 window=self.calibration.input_ids.shape[-1])
         self.timings["calibration_data"] = time.perf_counter() - start
 
     def score_original(self):

@@ -63,7 +63,8 @@ def compress_model(model: Any, input_ids: Any, config: CompressConfig, progress:
     the first block; `resume` skips blocks an earlier run did (see sequential.walk_blocks)."""
     if (config.alloc == "auto" or config.device == "auto" or isinstance(config.offload_budget, str)
             or config.refine_steps is None or (config.refine_steps and config.refine_batch is None)):
-        config, _ = resolve(config, model, streaming=source is not None, distributed=dist is not None)
+        config, _ = resolve(config, model, streaming=source is not None, distributed=dist is not None,
+                            window=input_ids.shape[-1])
     if config.speed_aware and config.alloc not in ("fisher", "global"):
         raise UsageError(f"--speed-aware caps the ranks of --alloc fisher or global, and --alloc auto chose "
                          f"{config.alloc} here (streaming, torchrun or another method): pass --alloc global")

@@ -1,6 +1,7 @@
 """Decisions taken once the model is known: which allocation `--alloc auto` means, whether to stream, and the
 resolved config the engine runs with. Each rule is written here once."""
 
+import math
 import os
 
 from ..device import resolve_device
@@ -32,16 +33,24 @@ def resolve_alloc(config: CompressConfig, model, *, streaming: bool, distributed
 # from 147.79 to 76.76, for 2.7x the unrefined run's time on quiet cores (issue 19's rule: 3x). 8 whole-batch
 # steps toward the original block, the earlier default, cost the same and gave 47.09 and 90.97. Measured with
 # --method whiten only; torchrun cannot run it (one process holds the block's backward pass): elsewhere it is off.
+# A step reads at least AUTO_REFINE_TOKENS tokens (one 512-token window on the protocol): with short windows a
+# step of one window costs nearly as much time as a step of 512 tokens and learns less (the README's 128-token
+# quick start: BENCHMARKS.md, "Refinement steps").
 AUTO_REFINE_PASSES = 8
-AUTO_REFINE_BATCH = 1
+AUTO_REFINE_TOKENS = 512
 
 
-def resolve_refine(config: CompressConfig, *, distributed: bool) -> tuple[int, int | None, str | None]:
+def resolve_refine(config: CompressConfig, *, distributed: bool,
+                   window: int | None = None) -> tuple[int | None, int | None, str | None]:
     """--refine-steps unset: with --method whiten in one process, as many steps as read AUTO_REFINE_PASSES
-    batches' worth of windows, else 0. --refine-batch unset: AUTO_REFINE_BATCH windows a step.
-    Returns (steps, windows a step or None when there are no steps, why the default is off or None)."""
-    batch = config.refine_batch or min(AUTO_REFINE_BATCH, config.batch_size)
+    batches' worth of windows, else 0. --refine-batch unset: enough `window`-token windows a step to read
+    AUTO_REFINE_TOKENS tokens (at most a batch). Returns (steps, windows a step or None when there are no steps,
+    why the default is off or None); (None, None, None) while the automatic choice waits for the window length."""
+    batch = config.refine_batch or (min(config.batch_size, math.ceil(AUTO_REFINE_TOKENS / window)) if window
+                                    else None)
     if config.refine_steps is not None:
+        if config.refine_steps and batch is None:
+            return config.refine_steps, None, None  # (the windows are not known yet)
         return config.refine_steps, batch if config.refine_steps else None, None
     if not config.method_spec.whitened:
         return 0, None, None  # the other methods are the papers' baselines: kept as published
@@ -49,13 +58,18 @@ def resolve_refine(config: CompressConfig, *, distributed: bool) -> tuple[int, i
         return 0, None, "block refinement trains each layer's own factors, not a basis shared by experts: skipped"
     if distributed:
         return 0, None, "block refinement runs in one process only; torchrun skips it (--refine-steps 0)"
+    if batch is None:
+        return None, None, None
     return max(1, AUTO_REFINE_PASSES * config.batch_size // batch), batch, None
 
 
-def resolve(config: CompressConfig, model, *, streaming: bool = False, distributed: bool = False):
-    """(the config the engine runs with, [lines that say what the automatic choices chose and why])."""
+def resolve(config: CompressConfig, model, *, streaming: bool = False, distributed: bool = False,
+            window: int | None = None):
+    """(the config the engine runs with, [lines that say what the automatic choices chose and why]). `window`:
+    the calibration windows' length, once known; until then refinement's automatic choices stay unresolved, and
+    resolving again with it settles them (an already resolved field is kept as it is)."""
     alloc, why = resolve_alloc(config, model, streaming=streaming, distributed=distributed)
-    steps, refine_batch, why_not_refined = resolve_refine(config, distributed=distributed)
+    steps, refine_batch, why_not_refined = resolve_refine(config, distributed=distributed, window=window)
     notes = [] if config.alloc != "auto" else [f"--alloc auto: {alloc} (" + (
         why or "Fisher-weighted global ranks; --alloc uniform gives the papers' one rank rule") + ")"]
     notes += [why_not_refined] if why_not_refined else []

@@ -33,13 +33,16 @@ def micro_batch_sizes(sizes, batch):
     return {rows.stop - rows.start for _, rows in micro_batches(sizes, batch)}
 
 
-def refine_block(block, states, targets, extras, steps, lr, device, seed=0, batch=None, monitor=None):
+def refine_block(block, states, targets, extras, steps, lr, device, seed=0, batch=None, monitor=None, outputs=None):
     """`steps` Adam steps on the block's factors so that, fed `states`, it reproduces `targets`. Each step reads
     one micro-batch of `batch` windows (None: a whole batch of the walk), drawn in a seeded order, reshuffled at
     each pass over the data. The loss is the relative squared error of the block's output, measured over the
     whole calibration set before and after: should the steps have made it worse (a learning rate too high for
     this block), the closed-form factors are put back, so refinement never leaves a block worse on what it
-    fitted. Returns {"loss_before", "loss_after", "loss_first", "loss_last", "kept"} or None (nothing to refine)."""
+    fitted. `outputs` (a stream, offload.states_factory's) receives the block's outputs on `states` from the pass
+    that measures the loss after: the walk then feeds them to the next block instead of running this one again
+    (one block forward a block, ~15 s of the protocol's 400); they are the refined factors' outputs, so they are
+    of use only when "kept". Returns {"loss_before", "loss_after", "loss_first", "loss_last", "kept"} or None (nothing to refine)."""
     factors = [p for m in block.modules() if isinstance(m, (LowRankLinear, SlicedLowRankLinear))
                for p in m.parameters() if p.dim() == 2]  # the factors' weights, not the biases
     if not factors or steps <= 0:
@@ -77,7 +80,7 @@ def refine_block(block, states, targets, extras, steps, lr, device, seed=0, batc
         for p, flag in flags.items():
             p.requires_grad_(flag)
     del optimizer
-    after = block_loss(block, states, targets, extras, device)
+    after = block_loss(block, states, targets, extras, device, outputs=outputs)
     kept = after < before and math.isfinite(after)
     if not kept:
         with torch.no_grad():
@@ -87,9 +90,9 @@ def refine_block(block, states, targets, extras, steps, lr, device, seed=0, batc
             "kept": kept}
 
 
-def block_loss(block, states, targets, extras, device, sizes=None):
+def block_loss(block, states, targets, extras, device, sizes=None, outputs=None):
     """sum ||B(x) - y||^2 / sum ||y||^2 over every batch, in float64: the refinement's loss on all its data.
-    `sizes`, if given, receives each batch's number of windows."""
+    `sizes`, if given, receives each batch's number of windows; `outputs` the block's outputs B(x)."""
     error = energy = 0.0
     with torch.no_grad():
         for index in range(len(states)):
@@ -97,7 +100,10 @@ def block_loss(block, states, targets, extras, device, sizes=None):
             if sizes is not None:
                 sizes.append(hidden.shape[0])
             args, kwargs = extras.of(index, hidden.shape[0], device)
-            out = hidden_states(block(hidden.to(device), *args, **kwargs)).double()
+            out = hidden_states(block(hidden.to(device), *args, **kwargs))
+            if outputs is not None:
+                outputs.append(out.to("cpu"))
+            out = out.double()
             target = targets[index].to(device).double()
             error += float((out - target).square().sum())
             energy += float(target.square().sum())

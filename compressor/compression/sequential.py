@@ -305,17 +305,24 @@ def _visit_block(block, index, names, visit, streams, extras, device, options, n
     del collector
     timings["decomposition"] += time.perf_counter() - begin
 
+    produced = None  # the refined block's outputs, from refinement's last pass: propagation without a forward
     if options.refine_steps:
         begin = time.perf_counter()
+        outputs = new_states() if options.propagate else None
         refined = refine_block(block, streams.states, reference, extras, options.refine_steps, options.refine_lr,
-                               device, seed=index, batch=options.refine_batch)
+                               device, seed=index, batch=options.refine_batch, outputs=outputs)
         for result in results:
             result.info["refine"] = refined
+        produced = outputs if refined is not None and refined["kept"] else None
+        del outputs  # (not kept: the closed form's outputs are computed below, without these in memory)
         timings["refinement"] = timings.get("refinement", 0.0) + time.perf_counter() - begin
 
     begin = time.perf_counter()
-    streams.states = run_block(block, streams.states, extras, device, new_states=new_states, consume=True) \
-        if options.propagate else reference
+    if produced is not None:
+        streams.states = produced
+    else:
+        streams.states = run_block(block, streams.states, extras, device, new_states=new_states, consume=True) \
+            if options.propagate else reference
     if options.original_stream:
         streams.original = reference
     timings["propagation"] += time.perf_counter() - begin
