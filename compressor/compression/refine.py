@@ -42,7 +42,8 @@ def refine_block(block, states, targets, extras, steps, lr, device, seed=0, batc
     fitted. `outputs` (a stream, offload.states_factory's) receives the block's outputs on `states` from the pass
     that measures the loss after: the walk then feeds them to the next block instead of running this one again
     (one block forward a block, ~15 s of the protocol's 400); they are the refined factors' outputs, so they are
-    of use only when "kept". Returns {"loss_before", "loss_after", "loss_first", "loss_last", "kept"} or None (nothing to refine)."""
+    of use only when "kept". Returns {"loss_before", "loss_after", "loss_first", "loss_last", "kept"} or None
+    (nothing to refine)."""
     factors = [p for m in block.modules() if isinstance(m, (LowRankLinear, SlicedLowRankLinear))
                for p in m.parameters() if p.dim() == 2]  # the factors' weights, not the biases
     if not factors or steps <= 0:
