@@ -48,9 +48,7 @@ def resolve_refine(config: CompressConfig, *, distributed: bool,
     why the default is off or None); (None, None, None) while the automatic choice waits for the window length."""
     batch = config.refine_batch or (min(config.batch_size, math.ceil(AUTO_REFINE_TOKENS / window)) if window
                                     else None)
-    if config.refine_steps is not None:
-        if config.refine_steps and batch is None:
-            return config.refine_steps, None, None  # (the windows are not known yet)
+    if config.refine_steps is not None:  # (batch stays None while the windows are not known)
         return config.refine_steps, batch if config.refine_steps else None, None
     if not config.method_spec.whitened:
         return 0, None, None  # the other methods are the papers' baselines: kept as published

@@ -320,9 +320,10 @@ def _visit_block(block, index, names, visit, streams, extras, device, options, n
     begin = time.perf_counter()
     if produced is not None:
         streams.states = produced
+    elif options.propagate:
+        streams.states = run_block(block, streams.states, extras, device, new_states=new_states, consume=True)
     else:
-        streams.states = run_block(block, streams.states, extras, device, new_states=new_states, consume=True) \
-            if options.propagate else reference
+        streams.states = reference
     if options.original_stream:
         streams.original = reference
     timings["propagation"] += time.perf_counter() - begin
