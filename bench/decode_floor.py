@@ -33,19 +33,6 @@ import common
 PROMPT, NEW, PROFILED_STEPS = 32, 128, 32
 
 
-def load(path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with open(os.path.join(path, "config.json")) as f:
-        factorized = json.load(f)["model_type"].startswith("lowrank_")
-    if factorized:
-        import lowrank
-
-        return lowrank.load_pretrained(path, dtype=torch.float32).eval()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 def block_linear_bytes(model):
     """Bytes of every weight the blocks' linear layers read per token (the LM head and embeddings excluded)."""
     head = model.get_output_embeddings().weight
@@ -117,11 +104,12 @@ def main():
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     common.prepare()
-    if args.checkpoint is None:
-        import serve_bench
+    import serve_bench  # its checkpoints and its loader (lowrank.load_pretrained for a factorized one)
 
+    if args.checkpoint is None:
         args.checkpoint = serve_bench.checkpoints(["keep 0.5"])["keep 0.5"]
-    models = {"dense": load(common.MODEL_DIR), "factorized": load(args.checkpoint)}
+    models = {name: serve_bench.EagerRun(path, "float32").model
+              for name, path in (("dense", common.MODEL_DIR), ("factorized", args.checkpoint))}
     ids = prompt_ids()
     compile_config = None
     if args.compile:
