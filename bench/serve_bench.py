@@ -128,12 +128,12 @@ class EagerRun:
 class VllmRun:
     """vllm.LLM on the checkpoint (lowrank's plugin serves a factorized one)."""
 
-    def __init__(self, path, dtype):
+    def __init__(self, path, dtype, eager=True):
         from transformers import AutoTokenizer
         from vllm import LLM
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.llm = LLM(model=path, dtype=dtype, max_model_len=LONG + NEW + 1, seed=0, enforce_eager=True,
+        self.llm = LLM(model=path, dtype=dtype, max_model_len=LONG + NEW + 1, seed=0, enforce_eager=eager,
                        max_num_seqs=16, max_num_batched_tokens=16 * LONG)
 
     def prompts(self, batch, length):
