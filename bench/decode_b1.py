@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -46,12 +45,7 @@ def one(path, dtype, eager, trials):
 
 
 def in_fresh_process(python, path, dtype, eager, trials):
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    command = [python, os.path.abspath(__file__), "--one", path, dtype, str(int(eager)), str(trials)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-4000:])
-    return json.loads([line for line in done.stdout.splitlines() if line.startswith(MARK)][-1][len(MARK):])
+    return serve_bench.marked_json(python, __file__, ["--one", path, dtype, str(int(eager)), str(trials)], MARK)
 
 
 def markdown(result):

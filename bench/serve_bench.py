@@ -155,13 +155,18 @@ def one(engine, path, dtype, trials):
     print(MARK + json.dumps(rates(run, trials)), flush=True)  # marked: vLLM logs to stdout too
 
 
-def in_fresh_process(python, engine, path, dtype, trials):
+def marked_json(python, script, args, mark=MARK):
+    """Run `script args` under `python` (vLLM's small KV cache set) and return the last JSON line marked `mark`."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    done = subprocess.run([python, os.path.abspath(__file__), "--one", engine, path, dtype, str(trials)],
-                          capture_output=True, text=True, env=env, timeout=7200)
+    done = subprocess.run([python, os.path.abspath(script), *args], capture_output=True, text=True, env=env,
+                          timeout=7200)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-4000:])
-    return json.loads([line for line in done.stdout.splitlines() if line.startswith(MARK)][-1][len(MARK):])
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith(mark)][-1][len(mark):])
+
+
+def in_fresh_process(python, engine, path, dtype, trials):
+    return marked_json(python, __file__, ["--one", engine, path, dtype, str(trials)])
 
 
 def markdown(results):
