@@ -6,7 +6,8 @@
 
 A method may carry `+` options (the rank-allocation and refitting ablation): global = --alloc global,
 fisher = --alloc fisher, anchor = --anchor, refit = --refit, refineN = --refine-steps N, lrX = --refine-lr X,
-tmodel / tblock = --refine-target model / block, rbN = --refine-batch N, sensitivity = --alloc sensitivity, alphaX = --alpha X (asvd).
+tmodel / tblock = --refine-target model / block, rbN = --refine-batch N, sensitivity = --alloc sensitivity,
+alphaX = --alpha X (asvd), dampX = --damp X, speedaware = --speed-aware.
 
 Every compression is a real `lowrank compress` process (its wall time and peak RSS are the command's own);
 the dense baseline (one plain forward pass over the same calibration windows, perplexity, decode speed) runs in
@@ -21,9 +22,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-OPTIONS = {"global": ["--alloc", "global"], "fisher": ["--alloc", "fisher"], "sensitivity": ["--alloc", "sensitivity"], "anchor": ["--anchor"],
-           "refit": ["--refit"], "tmodel": ["--refine-target", "model"],
-           "tblock": ["--refine-target", "block"]}
+OPTIONS = {"global": ["--alloc", "global"], "fisher": ["--alloc", "fisher"], "sensitivity": ["--alloc", "sensitivity"],
+           "anchor": ["--anchor"], "refit": ["--refit"], "tmodel": ["--refine-target", "model"],
+           "tblock": ["--refine-target", "block"], "speedaware": ["--speed-aware"]}
+PREFIXED = {"refine": "--refine-steps", "rb": "--refine-batch", "lr": "--refine-lr", "alpha": "--alpha", "damp": "--damp"}
 
 
 def option_flags(spec):
@@ -31,16 +33,8 @@ def option_flags(spec):
     method, *options = spec.split("+")
     flags = [] if {"global", "fisher", "sensitivity"} & set(options) else ["--alloc", "uniform"]  # as the papers
     for option in options:
-        if option.startswith("refine"):
-            flags += ["--refine-steps", option[len("refine"):]]
-        elif option.startswith("rb"):
-            flags += ["--refine-batch", option[len("rb"):]]
-        elif option.startswith("lr"):
-            flags += ["--refine-lr", option[len("lr"):]]
-        elif option.startswith("alpha"):
-            flags += ["--alpha", option[len("alpha"):]]
-        else:
-            flags += OPTIONS[option]
+        prefix = next((p for p in PREFIXED if option.startswith(p) and option[len(p):][:1].isdigit()), None)
+        flags += [PREFIXED[prefix], option[len(prefix):]] if prefix else OPTIONS[option]
     return method, flags
 
 

