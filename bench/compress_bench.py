@@ -7,7 +7,7 @@
 A method may carry `+` options (the rank-allocation and refitting ablation): global = --alloc global,
 fisher = --alloc fisher, anchor = --anchor, refit = --refit, refineN = --refine-steps N, lrX = --refine-lr X,
 tmodel / tblock = --refine-target model / block, rbN = --refine-batch N, sensitivity = --alloc sensitivity,
-alphaX = --alpha X (asvd), dampX = --damp X, speedaware = --speed-aware.
+alphaX = --alpha X (asvd), dampX = --damp X.
 
 Every compression is a real `lowrank compress` process (its wall time and peak RSS are the command's own);
 the dense baseline (one plain forward pass over the same calibration windows, perplexity, decode speed) runs in
@@ -24,8 +24,9 @@ import common  # noqa: E402
 
 OPTIONS = {"global": ["--alloc", "global"], "fisher": ["--alloc", "fisher"], "sensitivity": ["--alloc", "sensitivity"],
            "anchor": ["--anchor"], "refit": ["--refit"], "tmodel": ["--refine-target", "model"],
-           "tblock": ["--refine-target", "block"], "speedaware": ["--speed-aware"]}
-PREFIXED = {"refine": "--refine-steps", "rb": "--refine-batch", "lr": "--refine-lr", "alpha": "--alpha", "damp": "--damp"}
+           "tblock": ["--refine-target", "block"]}
+PREFIXED = {"refine": "--refine-steps", "rb": "--refine-batch", "lr": "--refine-lr", "alpha": "--alpha",
+            "damp": "--damp"}
 
 
 def option_flags(spec):
