@@ -7,7 +7,7 @@ from conftest import build_model
 from lowrank.compression.config import CompressConfig
 from lowrank.compression.model import compress_model
 from lowrank.core import decompose
-from lowrank.core.ranks import allocate_global, break_even_rank, uniform_rank
+from lowrank.core.ranks import allocate_global, break_even_rank, component_losses, dropped_loss, uniform_rank
 from lowrank.core.stats import PairedStats
 from lowrank.errors import UsageError
 from lowrank.methods.whiten import whiten_weighting
@@ -25,6 +25,27 @@ def test_global_allocation_keeps_the_budget_and_favours_flat_spectra():
     uniform = sum(uniform_rank(m, n, 0.5) * (m + n) for m, n in shapes.values())
     assert spent <= 0.5 * sum(m * n for m, n in shapes.values()) and spent >= 0.95 * uniform
     assert ranks["flat"] > ranks["wide"] > ranks["steep"] >= int(0.1 * break_even_rank(64, 64))
+
+
+def test_global_allocation_stores_a_nearly_flat_layer_whole_before_its_rank_reaches_break_even():
+    # Component by component, the nearly flat layer "c" loses each step to the other layers' larger components and
+    # never reaches break-even (16) in this budget; stored whole it recovers twice as much per parameter (32 of
+    # them per component against 64). Its dropped loss must beat every allocation that keeps "c" factorized.
+    from itertools import product
+
+    decay = torch.arange(32.0)
+    spectra = {"a": (2.7 * torch.exp(-0.088 * decay)).sqrt(), "b": (1.9 * torch.exp(-0.068 * decay)).sqrt(),
+               "c": (1.23 * torch.exp(-0.0045 * decay)).sqrt()}
+    shapes = {name: (32, 32) for name in spectra}
+    weights = {name: torch.ones(32) for name in spectra}
+    ranks = allocate_global(dict(spectra), shapes, 0.55, min_fraction=0.0, weights=weights)
+    budget = int(0.55 * 3 * 32 * 32)
+    assert ranks["c"] is None
+    assert 32 * 32 + 64 * (ranks["a"] + ranks["b"]) <= budget
+    losses = component_losses(spectra, weights)
+    factorized = min(dropped_loss(losses, dict(zip(spectra, split))) for split in product(range(1, 16), repeat=3)
+                     if 64 * sum(split) <= budget)
+    assert dropped_loss(losses, ranks) < factorized
 
 
 def test_global_allocation_goes_dense_when_that_is_worth_it():

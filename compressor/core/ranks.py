@@ -40,9 +40,13 @@ def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None, note
     its share of its matrix's energy per parameter it costs, (sigma^2 / sum sigma^2) / (m + n). With
     `weights` ({name: one factor per component}), a component's loss is sigma^2 * weight, already in common
     units (the estimated rise of the LM loss, see `--alloc fisher`), and is not normalised.
-    Components are taken greedily by score (the best next component of any matrix first) until the budget is
-    spent. A matrix whose rank reaches break-even is stored dense (its last step costs what remains up to m n
-    and recovers all the rest). Every matrix keeps at least `min_fraction` of its break-even rank (and at
+    Components are taken greedily by score (the best next step of any matrix first) until the budget is spent.
+    A matrix has two next steps at every rank r: its next component (m + n parameters, recovers loss r), or
+    dense (what remains up to m n, recovers all the rest). It offers the one with the better score. With
+    decreasing losses that walks the upper concave hull of the matrix's loss-recovered-per-parameter curve,
+    whose last vertex is dense: a layer near break-even whose tail of small components adds up is better
+    stored whole, before its rank reaches break-even (measured: SmolLM2 keep 0.8, BENCHMARKS.md "Dense
+    when it pays"). Every matrix keeps at least `min_fraction` of its break-even rank (and at
     least 1), unless those floors alone would overspend the budget: then the floor yields (the largest fraction
     that fits, said in `notes`), and a budget below rank 1 everywhere is refused with the numbers.
     `ceilings` ({name: rank}, --speed-aware): a matrix never gets a factorized rank above its ceiling (the speed
@@ -59,16 +63,18 @@ def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None, note
         even = break_even_rank(m, n)
         return even if ceilings is None else min(even, ceilings[name] + 1)
 
-    def push(name):
+    def push(name, whole=True):  # whole=False: only the next component (the whole layer did not fit)
         m, n = shapes[name]
         rank, loss = ranks[name], losses[name]
         if rank is None or rank >= min(m, n):
             return
-        if rank + 1 < top(name):
-            cost, gain = m + n, float(loss[rank])
-        else:  # the step to dense: pay up to m n, recover everything left
-            cost, gain = m * n - rank * (m + n), float(loss[rank:].sum())
-        heapq.heappush(heap, (-gain / max(cost, 1), name, cost))
+        dense_cost, dense_gain = m * n - rank * (m + n), float(loss[rank:].sum())  # pay up to m n, recover the rest
+        score, cost, dense = dense_gain / max(dense_cost, 1), dense_cost, True
+        if rank + 1 < top(name) and (not whole or float(loss[rank]) / (m + n) >= score):
+            score, cost, dense = float(loss[rank]) / (m + n), m + n, False
+        elif not whole:
+            return
+        heapq.heappush(heap, (-score, name, cost, dense))
 
     fraction = _floor_that_fits(shapes, budget, min_fraction, notes)
     spent = 0
@@ -81,11 +87,13 @@ def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None, note
     for name in ranks:
         push(name)
     while heap:
-        _, name, cost = heapq.heappop(heap)
+        _, name, cost, dense = heapq.heappop(heap)
         if spent + cost > budget:
+            if dense:  # the whole layer does not fit in what is left: its next component still may
+                push(name, whole=False)
             continue  # too big for what is left; a cheaper step elsewhere may still fit
         spent += cost
-        ranks[name] = None if ranks[name] + 1 >= top(name) else ranks[name] + 1
+        ranks[name] = None if dense else ranks[name] + 1
         push(name)
     return ranks
 
