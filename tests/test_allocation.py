@@ -28,9 +28,9 @@ def test_global_allocation_keeps_the_budget_and_favours_flat_spectra():
 
 
 def test_global_allocation_stores_a_nearly_flat_layer_whole_before_its_rank_reaches_break_even():
-    # Component by component, the nearly flat layer "c" loses each step to the other layers' larger components and
-    # never reaches break-even (16) in this budget; stored whole it recovers twice as much per parameter (32 of
-    # them per component against 64). Its dropped loss must beat every allocation that keeps "c" factorized.
+    # Component by component, the nearly flat layer "c" never reaches break-even (16) in this budget (the walk
+    # before "dense when it pays" stopped it at rank 9); stored whole it recovers twice as much per parameter (32
+    # of them per component against 64). Its dropped loss must beat every allocation that keeps "c" factorized.
     from itertools import product
 
     decay = torch.arange(32.0)
