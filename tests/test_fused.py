@@ -173,14 +173,16 @@ def test_sliced_module_keeps_dense_slices_and_row_order():
 
 @pytest.fixture(scope="module")
 def phi3_sliced(tmp_path_factory, tokenizer, calib_file):
-    """Phi-3 at keep 0.8 with the Fisher allocation: fused layers per slice (the --fused auto rule)."""
+    """Phi-3 at keep 0.6 with the Fisher allocation: fused layers per slice (the --fused auto rule). Keep 0.6, not
+    0.8: the tiny random model's spectra are nearly flat, and at 0.8 the allocation stores its gate/up whole
+    ("dense when it pays"), which would leave no slices to test."""
     import lowrank
     from archs import COMPRESS, save_source
 
     root = tmp_path_factory.mktemp("phi3-sliced")
     dense = save_source("phi3", root / "src", tokenizer)
     options = dict(COMPRESS, calib=calib_file, alloc="fisher")
-    report = lowrank.compress(str(root / "src"), str(root / "out"), **options, ratio=0.8)
+    report = lowrank.compress(str(root / "src"), str(root / "out"), **options, ratio=0.6)
     return root, dense, report, options
 
 
@@ -271,7 +273,7 @@ def test_sliced_output_is_deterministic(phi3_sliced, tmp_path):
     import lowrank
 
     root, _, _, options = phi3_sliced
-    lowrank.compress(str(root / "src"), str(tmp_path / "again"), **options, ratio=0.8)
+    lowrank.compress(str(root / "src"), str(tmp_path / "again"), **options, ratio=0.6)
     for name in ("model.safetensors", "config.json", "lowrank_spectra.safetensors"):
         assert (tmp_path / "again" / name).read_bytes() == (root / "out" / name).read_bytes(), name
 
@@ -338,9 +340,9 @@ def test_sliced_run_resumes(phi3_sliced, tmp_path, monkeypatch):
 
     monkeypatch.setattr(api._Job, "block_done", stop_after_the_first_block)
     with pytest.raises(Interrupted, match="after block 1"):
-        lowrank.compress(str(root / "src"), str(tmp_path / "out"), **options, ratio=0.8)
+        lowrank.compress(str(root / "src"), str(tmp_path / "out"), **options, ratio=0.6)
     monkeypatch.setattr(api._Job, "block_done", block_done)
-    report = lowrank.compress(str(root / "src"), str(tmp_path / "out"), **options, ratio=0.8, resume=True)
+    report = lowrank.compress(str(root / "src"), str(tmp_path / "out"), **options, ratio=0.6, resume=True)
     assert report["resumed_at_block"] == 1
     for name in ("model.safetensors", "config.json", "lowrank_spectra.safetensors"):  # block 0's from the journal
         assert (tmp_path / "out" / name).read_bytes() == (root / "out" / name).read_bytes(), name
