@@ -181,8 +181,8 @@ def phi3_sliced(tmp_path_factory, tokenizer, calib_file):
 
     root = tmp_path_factory.mktemp("phi3-sliced")
     dense = save_source("phi3", root / "src", tokenizer)
-    options = dict(COMPRESS, calib=calib_file, alloc="fisher")
-    report = lowrank.compress(str(root / "src"), str(root / "out"), **options, ratio=0.6)
+    options = dict(COMPRESS, calib=calib_file, alloc="fisher", ratio=0.6)
+    report = lowrank.compress(str(root / "src"), str(root / "out"), **options)
     return root, dense, report, options
 
 
@@ -273,7 +273,7 @@ def test_sliced_output_is_deterministic(phi3_sliced, tmp_path):
     import lowrank
 
     root, _, _, options = phi3_sliced
-    lowrank.compress(str(root / "src"), str(tmp_path / "again"), **options, ratio=0.6)
+    lowrank.compress(str(root / "src"), str(tmp_path / "again"), **options)
     for name in ("model.safetensors", "config.json", "lowrank_spectra.safetensors"):
         assert (tmp_path / "again" / name).read_bytes() == (root / "out" / name).read_bytes(), name
 
@@ -340,9 +340,9 @@ def test_sliced_run_resumes(phi3_sliced, tmp_path, monkeypatch):
 
     monkeypatch.setattr(api._Job, "block_done", stop_after_the_first_block)
     with pytest.raises(Interrupted, match="after block 1"):
-        lowrank.compress(str(root / "src"), str(tmp_path / "out"), **options, ratio=0.6)
+        lowrank.compress(str(root / "src"), str(tmp_path / "out"), **options)
     monkeypatch.setattr(api._Job, "block_done", block_done)
-    report = lowrank.compress(str(root / "src"), str(tmp_path / "out"), **options, ratio=0.6, resume=True)
+    report = lowrank.compress(str(root / "src"), str(tmp_path / "out"), **options, resume=True)
     assert report["resumed_at_block"] == 1
     for name in ("model.safetensors", "config.json", "lowrank_spectra.safetensors"):  # block 0's from the journal
         assert (tmp_path / "out" / name).read_bytes() == (root / "out" / name).read_bytes(), name

@@ -68,13 +68,15 @@ def allocate_global(spectra, shapes, ratio, min_fraction=0.1, weights=None, note
         rank, loss = ranks[name], losses[name]
         if rank is None or rank >= min(m, n):
             return
-        dense_cost, dense_gain = m * n - rank * (m + n), float(loss[rank:].sum())  # pay up to m n, recover the rest
-        score, cost, dense = dense_gain / max(dense_cost, 1), dense_cost, True
-        if rank + 1 < top(name) and (not whole or float(loss[rank]) / (m + n) >= score):
-            score, cost, dense = float(loss[rank]) / (m + n), m + n, False
-        elif not whole:
-            return
-        heapq.heappush(heap, (-score, name, cost, dense))
+        steps = []  # (score, cost, dense); on a tie the next component wins (max keeps the first)
+        if rank + 1 < top(name):
+            steps.append((float(loss[rank]) / (m + n), m + n, False))
+        if whole:  # pay up to m n, recover the rest
+            cost = m * n - rank * (m + n)
+            steps.append((float(loss[rank:].sum()) / max(cost, 1), cost, True))
+        if steps:
+            score, cost, dense = max(steps, key=lambda step: step[0])
+            heapq.heappush(heap, (-score, name, cost, dense))
 
     fraction = _floor_that_fits(shapes, budget, min_fraction, notes)
     spent = 0
