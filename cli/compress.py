@@ -77,8 +77,8 @@ Anchor = Annotated[bool, typer.Option("--anchor/--no-anchor", help="Fit each lay
 Refit = Annotated[bool, typer.Option(help="After truncation, refit each up factor by least squares to the original "
                   "model's outputs.")]
 RefineSteps = Annotated[int | None, typer.Option(help="Adam steps per block on its factors against the block's "
-                        "original outputs (0: off). Default with --method whiten in one process: 8 batches' worth "
-                        "of windows (8 x --batch-size / --refine-batch steps), else 0.",
+                        "original outputs (0: off). Default with --method whiten in one process: 6 batches' worth "
+                        "of windows (6 x --batch-size / --refine-batch steps), else 0.",
                         show_default=False)]
 RefineLr = Annotated[float, typer.Option(help="Learning rate of --refine-steps.")]
 RefineTarget = Annotated[str, typer.Option(help="What --refine-steps fits: block = the original block's outputs "

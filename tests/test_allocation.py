@@ -96,6 +96,24 @@ def test_fisher_allocation_in_the_pipeline():
     assert len({layer.rank for layer in encoder.layers if layer.rank}) > 3
 
 
+def test_fisher_allocation_reads_a_quarter_of_the_windows_for_gradients_and_every_window_for_spectra(monkeypatch):
+    # the spectra's tails decide "dense when it pays"; a quarter of the tokens underestimates them (BENCHMARKS.md)
+    from lowrank.compression import allocation
+
+    seen = {}
+
+    def spy(name, real):
+        def wrapper(model, input_ids, *args, **kwargs):
+            seen[name] = input_ids.shape[0]
+            return real(model, input_ids, *args, **kwargs)
+        monkeypatch.setattr(allocation, name, wrapper)
+
+    spy("output_importance", allocation.output_importance)
+    spy("profile_spectra", allocation.profile_spectra)
+    compress_model(build_model("llama"), ids(samples=16), CompressConfig(ratio=0.5, alloc="fisher", refine_steps=0))
+    assert seen == {"output_importance": 4, "profile_spectra": 16}
+
+
 def paired(x, x_shifted, weight):
     stats = PairedStats(x.shape[1])
     stats.add_pair(x, x_shifted)

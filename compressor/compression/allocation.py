@@ -49,19 +49,21 @@ def allocate_ranks(model, input_ids, targets, blocks_name, config, progress=SILE
     LAYER:SLICE (fused.py); sensitivity ranks whole layers only."""
     if config.alloc == "sensitivity":
         return sensitivity_ranks(model, input_ids, targets, blocks_name, config, progress)[0], None
-    output_fisher, profile_ids = None, input_ids
+    output_fisher = None
     if config.alloc == "fisher":
-        # Ranking components needs rough loss curves, not the exact statistics the decomposition uses: the
-        # gradients and the spectra both come from a quarter of the windows (>= 4), which keeps this first pass
-        # (a backward pass, then the spectra) cheaper than the compression that follows.
+        # The Fisher weights are a rough per-channel scale: a quarter of the windows (>= 4) gives them, at a
+        # quarter of the cost of this backward pass. The spectra come from every window: "dense when it pays"
+        # weighs each matrix's whole tail, which a quarter of the tokens estimates worse (SmolLM2 keep 0.8,
+        # refined: 40.74 -> 40.17 for ~16 s more; the gradients from every window too: 40.00 for ~31 s more,
+        # alone 40.39; BENCHMARKS.md, "Spectra from every window").
         names = [name for block_names in targets.values() for name in block_names]
-        profile_ids = input_ids[: max(4, input_ids.shape[0] // 4)]
+        fisher_ids = input_ids[: max(4, input_ids.shape[0] // 4)]
         # one window per backward pass: it holds every layer's activations and the logits at once
-        progress.start("fisher", profile_ids.shape[0])
-        output_fisher = output_importance(model, profile_ids, names, 1, config.device,
+        progress.start("fisher", fisher_ids.shape[0])
+        output_fisher = output_importance(model, fisher_ids, names, 1, config.device,
                                           progress=lambda: progress.advance("fisher", "output gradients"))
         fill_unreached(output_fisher, names)  # MoE: experts the pass routed no token to (experts.py)
-    spectra, weights, shapes = profile_spectra(model, profile_ids, targets, blocks_name, config, progress, source,
+    spectra, weights, shapes = profile_spectra(model, input_ids, targets, blocks_name, config, progress, source,
                                                dist, output_fisher, sliced)
     ranks, curve = None, None
     if dist is None or dist.main:

@@ -58,8 +58,8 @@ class CompressConfig:
     anchor: bool = False  # fit W' x' to the ORIGINAL model's outputs W x (needs propagation)
     refit: bool = False  # after truncation, refit `up` by least squares to the original outputs
     refine_steps: int | None = None  # Adam steps per block on its factors against its original outputs; None:
-    # auto (plan.resolve_refine: 8 batches' worth of windows with --method whiten in one process, as measured)
-    refine_lr: float = 3e-4
+    # auto (plan.resolve_refine: 6 batches' worth of windows with --method whiten in one process, as measured)
+    refine_lr: float = 6e-4  # measured with the spectra from every window (BENCHMARKS.md, "Spectra from every window")
     refine_target: str = "model"  # see REFINE_TARGETS; model: measured better (BENCHMARKS.md, "Refinement steps")
     refine_batch: int | None = None  # windows per refinement step (refine.py); None: auto (plan.resolve_refine)
     speed_aware: bool = False  # no factorized rank above the measured speed break-even (core/speed.py)

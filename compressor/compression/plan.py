@@ -28,15 +28,16 @@ def resolve_alloc(config: CompressConfig, model, *, streaming: bool, distributed
 
 
 # Block refinement by default, measured on the protocol (SmolLM2-135M, 16 x 512 calibration tokens, BENCHMARKS.md
-# "Refinement steps"): the windows of 8 whole batches, read one a step (64 steps at lr 3e-4) and fitted to the
-# original model's outputs (--refine-target model, config.py), take keep 0.8 from 53.07 to 44.04 and keep 0.6
-# from 147.79 to 76.76, for 2.7x the unrefined run's time on quiet cores (issue 19's rule: 3x). 8 whole-batch
-# steps toward the original block, the earlier default, cost the same and gave 47.09 and 90.97. Measured with
-# --method whiten only; torchrun cannot run it (one process holds the block's backward pass): elsewhere it is off.
+# "Refinement steps" and "Spectra from every window"): the windows of 6 whole batches, read one a step (48 steps
+# at lr 6e-4) and fitted to the original model's outputs (--refine-target model, config.py), take keep 0.8 from
+# 47.94 unrefined to 39.89 for 2.65x the time of the unrefined run before this default (issue 19's rule: 3x).
+# 64 steps gave 39.85 for 3.1x, 56 steps 39.86; 8 whole-batch steps toward the original block, an earlier default, cost as much as 64
+# and gave 47.09 (with the allocation of that time). Measured
+# with --method whiten only; torchrun cannot run it (one process holds the block's backward pass): elsewhere it is off.
 # A step reads at least AUTO_REFINE_TOKENS tokens (one 512-token window on the protocol): with short windows a
 # step of one window costs nearly as much time as a step of 512 tokens and learns less (the README's 128-token
 # quick start: BENCHMARKS.md, "Refinement steps").
-AUTO_REFINE_PASSES = 8
+AUTO_REFINE_PASSES = 6
 AUTO_REFINE_TOKENS = 512
 
 
