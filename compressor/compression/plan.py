@@ -31,9 +31,9 @@ def resolve_alloc(config: CompressConfig, model, *, streaming: bool, distributed
 # "Refinement steps" and "Spectra from every window"): the windows of 6 whole batches, read one a step (48 steps
 # at lr 6e-4) and fitted to the original model's outputs (--refine-target model, config.py), take keep 0.8 from
 # 47.94 unrefined to 39.89 for 2.65x the time of the unrefined run before this default (issue 19's rule: 3x).
-# 64 steps gave 39.85 for 3.1x, 56 steps 39.86; 8 whole-batch steps toward the original block, an earlier default, cost as much as 64
-# and gave 47.09 (with the allocation of that time). Measured
-# with --method whiten only; torchrun cannot run it (one process holds the block's backward pass): elsewhere it is off.
+# 64 steps gave 39.85 for 3.1x, 56 steps 39.86; 8 whole-batch steps toward the original block, an earlier
+# default, cost as much as 64 and gave 47.09 (with the allocation of that time). Measured with --method whiten
+# only; torchrun cannot run it (one process holds the block's backward pass): elsewhere it is off.
 # A step reads at least AUTO_REFINE_TOKENS tokens (one 512-token window on the protocol): with short windows a
 # step of one window costs nearly as much time as a step of 512 tokens and learns less (the README's 128-token
 # quick start: BENCHMARKS.md, "Refinement steps").
