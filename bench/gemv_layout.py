@@ -8,8 +8,8 @@ Shapes: SmolLM2-135M's (576 hidden, 1536 MLP, 192 for k/v) and its factors at ra
 layer's down factor (rank x in: more inputs than outputs) and its up factor (out x rank: more outputs). Each shape
 is timed over enough distinct copies of the weight to fill 128 MB, so that every call streams its weight from
 memory as a decode step does (the whole model does not fit in cache), not from a warm cache. Rows: 1 (a batch-1
-decode step, a GEMV), 16 (batched decode) and 512 (a prefill GEMM). Median of 5 passes; float32 and bfloat16;
-torch's default threads.
+decode step, a GEMV), 16 (batched decode) and 512 (a prefill GEMM); more shapes at 1 row: the rule's edges and a
+7B model's. Median of 5 passes; float32 and bfloat16; torch's default threads.
 """
 
 import os
@@ -22,6 +22,9 @@ import common
 
 SHAPES = [(1536, 576), (576, 1536), (576, 576), (192, 576), (1536, 128), (1536, 256), (576, 128), (576, 256),
           (192, 64), (128, 576), (256, 576), (256, 1536)]
+# At batch 1 only: where the rule's edges are (narrow inputs, square) and the shapes of larger models.
+EDGES = [(192, 32), (192, 96), (192, 128), (384, 64), (384, 128), (576, 64), (768, 128), (1024, 256), (2048, 512),
+         (4096, 256), (4096, 1024), (4096, 4096), (11008, 512), (11008, 4096), (4096, 11008)]
 ROWS = (1, 16, 512)
 DTYPES = ("float32", "bfloat16")
 
@@ -60,7 +63,7 @@ def markdown(results):
              "|---|---|---|---|"]
     cells = {(r["out"], r["in"], r["rows"], r["dtype"]): r for r in results["rows"]}
     for rows in ROWS:
-        for out_features, in_features in SHAPES:
+        for out_features, in_features in SHAPES + (EDGES if rows == 1 else []):
             parts = []
             for dtype in DTYPES:
                 r = cells.get((out_features, in_features, rows, dtype))
@@ -79,7 +82,7 @@ def main():
     import torch
 
     rows = [measure(shape, n, getattr(torch, dtype)) for dtype in args.dtypes.split(",") for n in ROWS
-            for shape in SHAPES]
+            for shape in SHAPES + (EDGES if n == 1 else [])]
     result = {"protocol": __doc__.split("\n\n")[2], "machine": common.machine(), "threads": torch.get_num_threads(),
               "load_average": os.getloadavg(), "rows": rows}
     print(common.save(args.out, result))

@@ -61,7 +61,7 @@ def load_subject(spec, adapter=None, dtype="auto", trust_remote_code=False):
     """Load MODEL (any kind resolve_model knows, factorized or not) and put the PEFT `adapter` on it."""
     from ..io.checkpoint import load_pretrained
     from ..io.loading import load_model, load_tokenizer, read_config, resolve_model, torch_dtype
-    from ..io.modeling_lowrank import MODEL_TYPE_PREFIX
+    from ..io.modeling_lowrank import MODEL_TYPE_PREFIX, decode_layout
     from ..io.shards import check_checkpoint_files
     from .speed import weights_bytes
 
@@ -78,6 +78,7 @@ def load_subject(spec, adapter=None, dtype="auto", trust_remote_code=False):
         tokenizer, kind = load_tokenizer(source), "lowrank"
     else:
         model, tokenizer = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        decode_layout(model)  # the layout load_pretrained gives a factorized model: speeds compare like with like
         kind = "densified" if config.get("lowrank_densified") else source.kind
     if adapter:
         model = _apply_adapter(model, adapter)

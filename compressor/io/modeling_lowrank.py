@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 
+LAID_MIN_INPUTS = 128  # decode_layout: narrower weights are slower column-major (its docstring)
 FORMAT_VERSION = 3  # 2: lowrank["sliced"] (per-slice fused layers); 3: lowrank["shared"] (shared-basis experts)
 # transformers 5 renamed PretrainedConfig; the older name keeps this file loadable by transformers 4.x consumers
 CONFIG_BASE = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
@@ -444,17 +445,20 @@ def unpack_named_experts(model, names):
 
 
 def decode_layout(model: nn.Module, enable: bool = True) -> int:
-    """Store every float32 CPU weight of a linear layer with more outputs than inputs column-major; returns how
-    many weights changed. `enable=False` restores row-major storage (what transformers' save_pretrained needs).
+    """Store every float32 CPU weight of a linear layer with more outputs than inputs, and at least
+    LAID_MIN_INPUTS inputs, column-major; returns how many weights changed. `enable=False` restores row-major
+    storage (what transformers' save_pretrained needs).
 
     Why: at batch 1 a linear layer is a GEMV, and on CPU (MKL, float32) a GEMV over a row-major (out, in) weight
     is a dot product per output row, whose per-row reduction costs more than streaming the row when rows are
     short. The up factor of a factorized layer (out x rank) has the shortest rows of all. Stored as the
-    transposed view of an (in, out) contiguous tensor, the same F.linear streams columns instead: 0.42x the time
-    for 1536 x 128, 0.66x for 576 x 128, 0.63x for a dense 1536 x 576; wider inputs than outputs lose (1.3-1.7x),
-    so they keep their rows; prefill GEMMs are unaffected (0.97-1.05x). bfloat16 gains in some shapes and loses
-    in others (0.82-1.36x), so it is left alone (bench/gemv_layout.py, BENCHMARKS.md "Decode layout"). Values,
-    shapes and parameter names stay; only strides change, so a tied LM head moves with its embedding.
+    transposed view of an (in, out) contiguous tensor, the same F.linear streams columns instead: 0.48x the time
+    for 1536 x 128, 0.66x for 576 x 128, 0.61x for a dense 1536 x 576, 0.43-0.74x from 768 x 128 to 11008 x 512.
+    It loses where outputs do not outnumber inputs (1.3-1.7x for 576 x 1536, 256 x 576) and where inputs are
+    fewer than 128 (1.2-1.5x for 192-576 x 32-96), so those keep their rows. Prefill GEMMs move within noise
+    (0.92-1.16x over two runs). bfloat16 gains in some shapes and loses in others (0.78-1.73x), so it is left
+    alone (bench/gemv_layout.py, BENCHMARKS.md "Decode layout"). Values, shapes and parameter names stay; only
+    strides change, so a tied LM head moves with its embedding.
     """
     changed = 0
     for module in model.modules():
@@ -462,7 +466,7 @@ def decode_layout(model: nn.Module, enable: bool = True) -> int:
             continue  # factorized layers own no weight; their Projections are visited on their own
         weight = module._parameters["weight"]
         if (weight is None or weight.dim() != 2 or weight.device.type != "cpu" or weight.dtype != torch.float32
-                or weight.shape[0] <= weight.shape[1]):
+                or not weight.shape[0] > weight.shape[1] >= LAID_MIN_INPUTS):
             continue
         column_major = weight.stride() == (1, weight.shape[0])
         if enable and not column_major:
