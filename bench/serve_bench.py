@@ -109,19 +109,17 @@ class EagerRun:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        import lowrank
+
         with open(os.path.join(path, "config.json")) as f:
             factorized = json.load(f)["model_type"].startswith("lowrank_")
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=factorized)
         dtype = getattr(torch, dtype)
         if factorized:
-            import lowrank
-
             self.model = lowrank.load_pretrained(path, dtype=dtype, decode_layout=layout != "row-major").eval()
         else:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
             if layout == "decode":
-                import lowrank
-
                 lowrank.decode_layout(self.model)
 
     def prompts(self, batch, length):
