@@ -47,6 +47,19 @@ def one_round(runs):
     return figures
 
 
+def interleaved(doc, out, runs, one_round, rounds):
+    """One untimed warm-up round, then `rounds` timed ones; saves bench/results/`out` and returns it."""
+    one_round(runs)
+    timed = []
+    for _ in range(rounds):
+        timed.append(one_round(runs))
+        print(timed[-1], flush=True)
+    result = {"protocol": doc.split("\n\n")[2], "machine": common.machine(), "load_average": os.getloadavg(),
+              "rounds": timed}
+    print(common.save(out, result))
+    return result
+
+
 def markdown(results):
     lines = ["| model | " + " | ".join(c.replace("_tokens_per_s", "").replace("_", " ") + " tok/s (vs dense)"
                                        for c in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
@@ -72,15 +85,7 @@ def main():
     paths = serve_bench.checkpoints(sorted({checkpoint for checkpoint, _ in MODELS.values()}))
     runs = {label: serve_bench.EagerRun(paths[checkpoint], "float32", layout)
             for label, (checkpoint, layout) in MODELS.items()}
-    one_round(runs)  # warm-up
-    rounds = []
-    for _ in range(args.rounds):
-        rounds.append(one_round(runs))
-        print(rounds[-1], flush=True)
-    result = {"protocol": __doc__.split("\n\n")[2], "machine": common.machine(), "load_average": os.getloadavg(),
-              "rounds": rounds}
-    print(common.save(args.out, result))
-    print(markdown(result))
+    print(markdown(interleaved(__doc__, args.out, runs, one_round, args.rounds)))
 
 
 if __name__ == "__main__":

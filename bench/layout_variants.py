@@ -16,13 +16,14 @@ Ratios to the row-major dense model are taken within each round; the table gives
 brackets, the lowest and highest round.
 """
 
+import itertools
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
+import eager_rounds
 import serve_bench
 
 NEW = 64
@@ -50,21 +51,15 @@ def lay_out(model, layout):
     return model
 
 
-def seconds(run, ids, new):
-    start = time.perf_counter()
-    run(ids, new)
-    return time.perf_counter() - start
-
-
 def one_round(runs, turn):
     labels = list(runs)
     figures = {}
     for label in labels[turn % len(labels):] + labels[:turn % len(labels)]:
         run = runs[label]
         one, sixteen = run.prompts(1, serve_bench.PROMPT), run.prompts(16, serve_bench.PROMPT)
-        b1 = (seconds(run, one, NEW + 1) - seconds(run, one, 1)) / NEW * 1000
-        first = seconds(run, sixteen, 1)
-        b16 = 16 * NEW / (seconds(run, sixteen, NEW + 1) - first)
+        b1 = (eager_rounds.seconds(run, one, NEW + 1) - eager_rounds.seconds(run, one, 1)) / NEW * 1000
+        first = eager_rounds.seconds(run, sixteen, 1)
+        b16 = 16 * NEW / (eager_rounds.seconds(run, sixteen, NEW + 1) - first)
         figures[label] = {"b1_ms_per_token": b1, "b16_tokens_per_s": b16}
     return figures
 
@@ -96,15 +91,9 @@ def main():
         run = serve_bench.EagerRun(paths[checkpoint], "float32", "row-major")
         lay_out(run.model, layout)
         runs[f"{checkpoint}, {layout}"] = run
-    one_round(runs, 0)  # warm-up
-    rounds = []
-    for turn in range(args.rounds):
-        rounds.append(one_round(runs, turn))
-        print(rounds[-1], flush=True)
-    result = {"protocol": __doc__.split("\n\n")[2], "machine": common.machine(), "load_average": os.getloadavg(),
-              "rounds": rounds}
-    print(common.save(args.out, result))
-    print(markdown(result))
+    turns = itertools.count()
+    print(markdown(eager_rounds.interleaved(__doc__, args.out, runs, lambda r: one_round(r, next(turns)),
+                                            args.rounds)))
 
 
 if __name__ == "__main__":
