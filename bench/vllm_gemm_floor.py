@@ -4,18 +4,19 @@
     python bench/vllm_gemm_floor.py --render
 
 On CPU, vLLM runs every unquantized linear layer, dense or a factor of lowrank's plugin, as a oneDNN matmul over a
-weight it packs at load (`dispatch_cpu_unquantized_gemm`): 1.4-2.9x faster at one row than torch's F.linear on
-the same shapes here, the LM head 3.9 against 10.8 ms. This lists the GEMMs of one batch-1 decode step as vLLM and
-the plugin issue them (fused q/k/v and gate/up when all members are dense; otherwise the members' down factors
-as one GEMM, then each up or dense member; o and down as one GEMM or two), reading shapes and ranks from the
-checkpoint's safetensors headers, and times each distinct shape with vLLM's own `create_onednn_mm` / `onednn_mm`
-(one row, float32, enough copies of the weight to fill 128 MB so that each call streams from memory, median of
-5 passes). Per model: the bytes those GEMMs read, their summed time and the bandwidth that makes, beside the
-decode rates bench/decode_b1.py measured in the engine (--rates, compiled by default). Called one by one from
-Python, each GEMM also pays a dispatch the compiled engine partly saves, so the sums are an upper bound on a
-step's GEMM time, not a split of it.
+weight it packs at load (`dispatch_cpu_unquantized_gemm`). This lists the GEMMs of one batch-1 decode step as vLLM
+and the plugin issue them (fused q/k/v and gate/up when all members are dense; otherwise the members' down
+factors as one GEMM, then each up or dense member; o and down as one GEMM or two), reading shapes and ranks from
+the checkpoint's safetensors headers, and times each distinct shape with vLLM's own `create_onednn_mm` /
+`onednn_mm` (one row, float32, enough copies of the weight to fill 128 MB so that each call streams from memory,
+median of 5 passes). Per model: the bytes those GEMMs read, their summed time and the bandwidth that makes,
+beside the decode rates bench/decode_b1.py measured in the engine (--rates, compiled by default). Called one by
+one from Python, each GEMM also pays a dispatch the compiled engine partly saves, so the sums are an upper bound
+on a step's GEMM time, not a split of it. Second table: torch's F.linear, row-major and column-major, against
+that oneDNN call on SmolLM2's shapes, its factors' (bench/gemv_layout.py's) and the LM head.
 """
 
+import functools
 import json
 import os
 import statistics
@@ -25,9 +26,11 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
+import gemv_layout
 import serve_bench
 
 LABELS = ("dense", "keep 0.8", "keep 0.5")
+KERNELS = ("onednn", "row-major", "column-major")
 GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
 
 
@@ -81,21 +84,30 @@ def step_gemms(path):
     return gemms
 
 
-def microseconds(shape):
+def microseconds(shape, kernel="onednn"):
+    """One row through a weight of `shape`, median of 5 passes over copies filling 128 MB. `kernel`: vLLM's
+    "onednn" (packed at load, as vLLM does), or torch's F.linear over a "row-major" or "column-major" weight."""
     import torch
+    import torch.nn.functional as F
     from vllm import _custom_ops as ops
 
     copies = max(4, int(128e6 / (shape[0] * shape[1] * 4)))
     generator = torch.Generator().manual_seed(0)
-    handlers = [ops.create_onednn_mm(torch.randn(shape, generator=generator).t(), 32) for _ in range(copies)]
+    weights = [torch.randn(shape, generator=generator) for _ in range(copies)]
+    if kernel == "onednn":
+        calls = [functools.partial(lambda h, x: ops.onednn_mm(h, x, None), ops.create_onednn_mm(w.t(), 32))
+                 for w in weights]
+    else:
+        laid = weights if kernel == "row-major" else [w.t().contiguous().t() for w in weights]
+        calls = [functools.partial(lambda w, x: F.linear(x, w), w) for w in laid]
     x = torch.randn(1, shape[1], generator=generator)
     times = []
     with torch.no_grad():
-        ops.onednn_mm(handlers[0], x, None)
+        calls[0](x)
         for _ in range(5):
             start = time.perf_counter()
-            for handler in handlers:
-                ops.onednn_mm(handler, x, None)
+            for call in calls:
+                call(x)
             times.append((time.perf_counter() - start) / copies * 1e6)
     return statistics.median(times)
 
@@ -109,6 +121,11 @@ def markdown(result):
         measured = "" if label == "dense" else f"{dense['step_ms'] / m['step_ms']:.2f}x"
         lines.append(f"| {label} | {m['calls']} | {m['bytes'] / 1e6:.0f} | {m['gemm_ms']:.2f} "
                      f"({m['bytes'] / m['gemm_ms'] / 1e6:.1f}) | {m['step_ms']:.2f} | {alone} | {measured} |")
+    lines += ["", "| out x in, one row | vLLM's oneDNN (us) | F.linear row-major / oneDNN "
+              "| F.linear column-major / oneDNN |", "|---|---|---|---|"]
+    for k in result.get("kernels", []):
+        lines.append(f"| {k['out']} x {k['in']} | {k['onednn']:.0f} | {k['row-major'] / k['onednn']:.2f} | "
+                     f"{k['column-major'] / k['onednn']:.2f} |")
     return "\n".join(lines)
 
 
@@ -130,8 +147,10 @@ def main():
         models[label] = {"calls": sum(count.values()), "bytes": sum(o * i * 4 * n for (o, i), n in count.items()),
                          "gemm_ms": gemm_ms, "step_ms": step_ms,
                          "gemms": {f"{o}x{i}": n for (o, i), n in count.items()}}
+    kernels = [{"out": o, "in": i, **{k: microseconds((o, i), k) for k in KERNELS}}
+               for o, i in gemv_layout.SHAPES + [(49152, 576)]]
     result = {"protocol": __doc__.split("\n\n")[2], "machine": common.machine(), "rates": args.rates,
-              "shape_us": {f"{o}x{i}": t for (o, i), t in times.items()}, "models": models}
+              "shape_us": {f"{o}x{i}": t for (o, i), t in times.items()}, "models": models, "kernels": kernels}
     print(common.save(args.out, result))
     print(markdown(result))
 
