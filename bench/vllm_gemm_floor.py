@@ -12,8 +12,9 @@ the checkpoint's safetensors headers, and times each distinct shape with vLLM's 
 median of 5 passes). Per model: the bytes those GEMMs read, their summed time and the bandwidth that makes,
 beside the decode rates bench/decode_b1.py measured in the engine (--rates, compiled by default). Called one by
 one from Python, each GEMM also pays a dispatch the compiled engine partly saves, so the sums are an upper bound
-on a step's GEMM time, not a split of it. Second table: torch's F.linear, row-major and column-major, against
-that oneDNN call on SmolLM2's shapes, its factors' (bench/gemv_layout.py's) and the LM head.
+on a step's GEMM time, not a split of it. Second table: torch's F.linear, row-major and column-major, and torch's
+own oneDNN linear (a weight reordered once, `mkldnn._linear_pointwise`) against that oneDNN call on SmolLM2's
+shapes, its factors' (bench/gemv_layout.py's) and the LM head.
 """
 
 import functools
@@ -30,7 +31,7 @@ import gemv_layout
 import serve_bench
 
 LABELS = ("dense", "keep 0.8", "keep 0.5")
-KERNELS = ("onednn", "row-major", "column-major")
+KERNELS = ("onednn", "row-major", "column-major", "torch-onednn")
 GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
 
 
@@ -86,7 +87,8 @@ def step_gemms(path):
 
 def microseconds(shape, kernel="onednn"):
     """One row through a weight of `shape`, median of 5 passes over copies filling 128 MB. `kernel`: vLLM's
-    "onednn" (packed at load, as vLLM does), or torch's F.linear over a "row-major" or "column-major" weight."""
+    "onednn" (packed at load, as vLLM does), torch's F.linear over a "row-major" or "column-major" weight, or
+    torch's own oneDNN linear ("torch-onednn")."""
     import torch
     import torch.nn.functional as F
     from vllm import _custom_ops as ops
@@ -97,6 +99,9 @@ def microseconds(shape, kernel="onednn"):
     if kernel == "onednn":
         calls = [functools.partial(lambda h, x: ops.onednn_mm(h, x, None), ops.create_onednn_mm(w.t(), 32))
                  for w in weights]
+    elif kernel == "torch-onednn":  # torch's own oneDNN linear over a weight reordered once (inductor's CPU path)
+        calls = [functools.partial(lambda p, x: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""),
+                                   torch.ops.mkldnn._reorder_linear_weight(w, 1)) for w in weights]
     else:
         laid = weights if kernel == "row-major" else [w.t().contiguous().t() for w in weights]
         calls = [functools.partial(lambda w, x: F.linear(x, w), w) for w in laid]
@@ -122,10 +127,10 @@ def markdown(result):
         lines.append(f"| {label} | {m['calls']} | {m['bytes'] / 1e6:.0f} | {m['gemm_ms']:.2f} "
                      f"({m['bytes'] / m['gemm_ms'] / 1e6:.1f}) | {m['step_ms']:.2f} | {alone} | {measured} |")
     lines += ["", "| out x in, one row | vLLM's oneDNN (us) | F.linear row-major / oneDNN "
-              "| F.linear column-major / oneDNN |", "|---|---|---|---|"]
+              "| F.linear column-major / oneDNN | torch's oneDNN linear / oneDNN |", "|---|---|---|---|---|"]
     for k in result.get("kernels", []):
-        lines.append(f"| {k['out']} x {k['in']} | {k['onednn']:.0f} | {k['row-major'] / k['onednn']:.2f} | "
-                     f"{k['column-major'] / k['onednn']:.2f} |")
+        lines.append(f"| {k['out']} x {k['in']} | {k['onednn']:.0f} | "
+                     + " | ".join(f"{k[name] / k['onednn']:.2f}" for name in KERNELS[1:]) + " |")
     return "\n".join(lines)
 
 
