@@ -39,14 +39,13 @@ def lay_out(model, layout):
     if layout == "row-major":
         return model
     lowrank.decode_layout(model)
-    keep = set()
     if layout in ("factors", "factors+head"):
-        keep = {id(m) for m in model.modules() if type(m).__name__ == "Projection"}
+        # By parameter, not module: a tied LM head shares its weight with the embedding module.
+        keep = {id(m.weight) for m in model.modules() if type(m).__name__ == "Projection"}
         if layout == "factors+head":
-            keep.add(id(model.get_output_embeddings()))
-        for module in model.modules():
-            weight = module._parameters.get("weight")
-            if id(module) not in keep and weight is not None and not weight.is_contiguous():
+            keep.add(id(model.get_output_embeddings().weight))
+        for weight in model.parameters():
+            if id(weight) not in keep and not weight.is_contiguous():
                 weight.data = weight.data.contiguous()
     return model
 
@@ -68,7 +67,7 @@ def markdown(results):
     rounds = results["rounds"]
     dense = "dense, row-major"
     lines = ["| model, layout | batch 1: ms/token (speed-up) | batch 16: tok/s (speed-up) |", "|---|---|---|"]
-    for label in rounds[0]:
+    for label in (f"{checkpoint}, {layout}" for checkpoint, layout in MODELS):
         b1 = [r[dense]["b1_ms_per_token"] / r[label]["b1_ms_per_token"] for r in rounds]
         b16 = [r[label]["b16_tokens_per_s"] / r[dense]["b16_tokens_per_s"] for r in rounds]
         cells = [f"{statistics.median(r[label][key] for r in rounds):.{digits}f} "
