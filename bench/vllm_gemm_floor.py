@@ -37,13 +37,12 @@ GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_
 
 def weights(path):
     """{name: shape} of every tensor in the checkpoint's safetensors files (headers only)."""
-    import struct
+    from lowrank.io.shards import read_header
 
     shapes = {}
     for name in sorted(os.listdir(path)):
         if name.endswith(".safetensors") and name != "lowrank_spectra.safetensors":
-            with open(os.path.join(path, name), "rb") as f:
-                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+            header = read_header(os.path.join(path, name))
             shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
     return shapes
 
@@ -77,11 +76,7 @@ def step_gemms(path):
         gemms[(sum(d[0] for d in downs), downs[0][1])] += 1
         for m in members:
             gemms[m.get("up", m.get("weight"))] += 1
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    head = shapes.get("lm_head.weight") or shapes["model.embed_tokens.weight"]
-    gemms[head] += 1
-    assert config.get("tie_word_embeddings", True) or "lm_head.weight" in shapes
+    gemms[shapes.get("lm_head.weight") or shapes["model.embed_tokens.weight"]] += 1  # tied: the embedding's
     return gemms
 
 
