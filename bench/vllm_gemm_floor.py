@@ -5,8 +5,8 @@
 
 On CPU, vLLM runs every unquantized linear layer, dense or a factor of lowrank's plugin, as a oneDNN matmul over a
 weight it packs at load (`dispatch_cpu_unquantized_gemm`). This lists the GEMMs of one batch-1 decode step as vLLM
-and the plugin issue them (fused q/k/v and gate/up when all members are dense; otherwise the members' down
-factors as one GEMM, then each up or dense member; o and down as one GEMM or two), reading shapes and ranks from
+and the plugin issue them (fused q/k/v and gate/up when all members are dense; otherwise one GEMM over the members' down
+factors and dense weights stacked, then each up; o and down as one GEMM or two), reading shapes and ranks from
 the checkpoint's safetensors headers, and times each distinct shape with vLLM's own `create_onednn_mm` /
 `onednn_mm` (one row, float32, enough copies of the weight to fill 128 MB so that each call streams from memory,
 median of 5 passes). Per model: the bytes those GEMMs read, their summed time and the bandwidth that makes,
@@ -73,9 +73,10 @@ def step_gemms(path):
         if not downs:
             gemms[(sum(m["weight"][0] for m in members), members[0]["weight"][1])] += 1
             continue
-        gemms[(sum(d[0] for d in downs), downs[0][1])] += 1
+        gemms[(sum(m.get("down", m.get("weight"))[0] for m in members), downs[0][1])] += 1  # downs + dense rows
         for m in members:
-            gemms[m.get("up", m.get("weight"))] += 1
+            if "up" in m:
+                gemms[m["up"]] += 1
     gemms[shapes.get("lm_head.weight") or shapes["model.embed_tokens.weight"]] += 1  # tied: the embedding's
     return gemms
 

@@ -17,8 +17,8 @@ ranks follows from where the layer's input and output live in vLLM's Megatron-st
 tests/serving runs TP = 1 and TP = 2 (two CPU processes; a Llama with one KV head per rank and a Qwen2 whose single
 KV head is replicated on both): the same tokens as transformers, log-probabilities within 1e-4.
 
-Layers that read the same input (q/k/v, gate/up) run their down factors as ONE replicated GEMM (the downs
-concatenated), then one GEMM per up: one read of x, fewer kernel launches.
+Layers that read the same input (q/k/v, gate/up) run as ONE GEMM over x (the members' downs, replicated, and the
+dense members' local rows, stacked), then one GEMM per up: one read of x, fewer kernel launches.
 """
 
 from dataclasses import dataclass
@@ -49,6 +49,14 @@ def _shard(shards):
     return tp_rank // (tp_size // shards), shards
 
 
+def _local(shards):
+    """(tp_rank, tp_size) by which a dense member's rows are split on this rank (k/v: see _shard)."""
+    tp_rank, tp_size = _shard(shards)
+    if tp_size is None:
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    return tp_rank, tp_size
+
+
 def _load(param, tensor):
     param.weight_loader(param, tensor)
 
@@ -56,43 +64,66 @@ def _load(param, tensor):
 class FactorizedColumnGroup(nn.Module):
     """Stands in for a fused column-parallel projection (qkv_proj, gate_up_proj) when at least one member is
     factorized: returns (the members' local output shards concatenated, in member order, None), as the fused
-    layer did, so vLLM's attention and MLP code runs unchanged. Dense members keep a column-parallel weight."""
+    layer did, so vLLM's attention and MLP code runs unchanged.
+
+    One GEMM reads x for the whole group: its rows are each factorized member's down (replicated on every rank)
+    and each dense member's local shard of rows, in member order. A dense member's output is then its slice of
+    that product; a factorized member's slice is its code, which its up (column-parallel) maps to the output.
+    Dense members kept as their own layers cost a call each: at keep 0.5 SmolLM2 keeps k and v dense in 24 of 30
+    layers, and a batch-1 oneDNN call costs 15-20 us before it reads a byte (bench/vllm_gemm_floor.py's small
+    shapes), so stacking them saves 48 of the step's 315 calls (BENCHMARKS.md "vLLM on the current default
+    checkpoints")."""
 
     def __init__(self, input_size, members, prefix=""):
         super().__init__()
         self.names = [member.name for member in members]
-        self.factorized = [member.name for member in members if member.rank]
-        self.ranks = [member.rank for member in members if member.rank]
-        self.offsets = dict(zip(self.factorized, [sum(self.ranks[:i]) for i in range(len(self.ranks))]))
-        self.down = ReplicatedLinear(input_size, sum(self.ranks), bias=False, prefix=f"{prefix}.down")
-        self.parts = nn.ModuleDict()
+        self.spans = {}  # member -> (first row in the stacked GEMM, rows, (tp_rank, tp_size) of a dense member)
+        start = 0
         for member in members:
-            tp_rank, tp_size = _shard(member.shards)
-            self.parts[member.name] = ColumnParallelLinear(
-                member.rank or input_size, member.out_size, bias=member.bias, gather_output=False,
-                prefix=f"{prefix}.{member.name}", tp_rank=tp_rank, tp_size=tp_size)
+            split = None if member.rank else _local(member.shards)
+            rows = member.rank or member.out_size // split[1]
+            self.spans[member.name] = (start, rows, split)
+            start += rows
+        self.sizes = [self.spans[name][1] for name in self.names]
+        dense_bias = any(member.bias and not member.rank for member in members)
+        self.down = ReplicatedLinear(input_size, start, bias=dense_bias, prefix=f"{prefix}.down")
+        if dense_bias:
+            self.down.bias.data.zero_()  # the code rows have no bias: a factorized member's is on its up
+        self.ups = nn.ModuleDict()
+        for member in members:
+            if member.rank:
+                tp_rank, tp_size = _shard(member.shards)
+                self.ups[member.name] = ColumnParallelLinear(
+                    member.rank, member.out_size, bias=member.bias, gather_output=False,
+                    prefix=f"{prefix}.{member.name}", tp_rank=tp_rank, tp_size=tp_size)
 
     def forward(self, x):
         z, _ = self.down(x)
-        codes = dict(zip(self.factorized, z.split(self.ranks, dim=-1)))
-        outputs = [self.parts[name](codes[name].contiguous() if name in codes else x)[0] for name in self.names]
+        parts = z.split(self.sizes, dim=-1)
+        outputs = [self.ups[name](part.contiguous())[0] if name in self.ups else part
+                   for name, part in zip(self.names, parts)]
         return torch.cat(outputs, dim=-1), None
 
     def load(self, member, kind, tensor):
         """Load one checkpoint tensor of `member` ("down.weight", "up.weight", "up.bias" when factorized;
         "weight", "bias" when dense); returns the parameter name it filled, relative to this module."""
-        factorized = member in self.offsets
-        if factorized and kind == "down.weight":
-            rank = self.ranks[self.factorized.index(member)]
-            if tuple(tensor.shape) != (rank, self.down.input_size):
-                raise ValueError(f"{member}.down.weight has shape {tuple(tensor.shape)}, the config's rank gives "
-                                 f"{(rank, self.down.input_size)}")
-            self.down.weight.data[self.offsets[member]: self.offsets[member] + rank].copy_(tensor)
+        factorized = member in self.ups
+        start, rows, split = self.spans[member]
+        if kind == ("down.weight" if factorized else "weight"):
+            width = self.down.input_size
+            full = rows if factorized else rows * split[1]
+            if tuple(tensor.shape) != (full, width):
+                raise ValueError(f"{member}.{kind} has shape {tuple(tensor.shape)}, the config gives {(full, width)}")
+            local = tensor if factorized else tensor.narrow(0, split[0] * rows, rows)
+            self.down.weight.data[start: start + rows].copy_(local)
             return "down.weight"
-        if kind in (("up.weight", "up.bias") if factorized else ("weight", "bias")):
+        if kind == "bias" and not factorized:
+            self.down.bias.data[start: start + rows].copy_(tensor.narrow(0, split[0] * rows, rows))
+            return "down.bias"
+        if factorized and kind in ("up.weight", "up.bias"):
             attr = kind.rpartition(".")[2]
-            _load(getattr(self.parts[member], attr), tensor)
-            return f"parts.{member}.{attr}"
+            _load(getattr(self.ups[member], attr), tensor)
+            return f"ups.{member}.{attr}"
         raise ValueError(f"unexpected tensor {member}.{kind}: config.json says this projection is "
                          f"{'factorized' if factorized else 'dense'}")
 
