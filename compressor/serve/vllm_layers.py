@@ -71,8 +71,8 @@ class FactorizedColumnGroup(nn.Module):
     that product; a factorized member's slice is its code, which its up (column-parallel) maps to the output.
     Dense members kept as their own layers cost a call each: at keep 0.5 SmolLM2 keeps k and v dense in 24 of 30
     layers, and a batch-1 oneDNN call costs 15-20 us before it reads a byte (bench/vllm_gemm_floor.py's small
-    shapes), so stacking them saves 48 of the step's 315 calls (BENCHMARKS.md "vLLM on the current default
-    checkpoints")."""
+    shapes), so stacking them takes a decode step from 315 calls to 266 (keep 0.8: 267 to 205; BENCHMARKS.md
+    "vLLM: one GEMM per group")."""
 
     def __init__(self, input_size, members, prefix=""):
         super().__init__()
