@@ -30,6 +30,17 @@ import serve_bench
 MARK = "lowrank-decode-b1: "
 
 
+def decode_rates(run, ids, trials):
+    """Decode tokens/s of `trials` timed runs of `run` (a warmed-up serve_bench.VllmRun), the prefill subtracted."""
+    first = serve_bench.timed(lambda: run(ids, 1), trials)
+    totals = []
+    for _ in range(trials):
+        begin = time.perf_counter()
+        run(ids, serve_bench.NEW + 1)
+        totals.append(time.perf_counter() - begin)
+    return [serve_bench.NEW / (total - first) for total in totals]
+
+
 def one(path, dtype, eager, trials):
     """In this process: load, warm up, time; prints one marked JSON line."""
     start = time.perf_counter()
@@ -37,13 +48,7 @@ def one(path, dtype, eager, trials):
     ids = run.prompts(1, serve_bench.PROMPT)
     run(ids, serve_bench.NEW + 1)  # warm-up: with compile, the graphs for both shapes are built here
     load = time.perf_counter() - start
-    first = serve_bench.timed(lambda: run(ids, 1), trials)
-    totals = []
-    for _ in range(trials):
-        begin = time.perf_counter()
-        run(ids, serve_bench.NEW + 1)
-        totals.append(time.perf_counter() - begin)
-    rates = [serve_bench.NEW / (total - first) for total in totals]
+    rates = decode_rates(run, ids, trials)
     print(MARK + json.dumps({"tokens_per_s": statistics.median(rates), "runs": rates, "load_s": load}), flush=True)
 
 

@@ -20,10 +20,10 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
+import decode_b1
 import serve_bench
 import vllm_gemm_floor
 
@@ -50,13 +50,7 @@ def one(path, trials):
     run = serve_bench.VllmRun(path, "float32", eager=False)
     ids = run.prompts(1, serve_bench.PROMPT)
     run(ids, serve_bench.NEW + 1)  # warm-up, compiles both shapes
-    first = serve_bench.timed(lambda: run(ids, 1), trials)
-    totals = []
-    for _ in range(trials):
-        begin = time.perf_counter()
-        run(ids, serve_bench.NEW + 1)
-        totals.append(time.perf_counter() - begin)
-    rates = [serve_bench.NEW / (total - first) for total in totals]
+    rates = decode_b1.decode_rates(run, ids, trials)
     whole, prefill = gemm_profile(lambda: run(ids, serve_bench.NEW + 1)), gemm_profile(lambda: run(ids, 1))
     print(MARK + json.dumps({"tokens_per_s": statistics.median(rates), "runs": rates,
                              "gemm_ms": (whole[0] - prefill[0]) / serve_bench.NEW,
