@@ -117,7 +117,7 @@ class FactorizedColumnGroup(nn.Module):
             local = tensor if factorized else tensor.narrow(0, split[0] * rows, rows)
             self.down.weight.data[start: start + rows].copy_(local)
             return "down.weight"
-        if kind == "bias" and not factorized:
+        if kind == "bias" and not factorized and self.down.bias is not None:
             self.down.bias.data[start: start + rows].copy_(tensor.narrow(0, split[0] * rows, rows))
             return "down.bias"
         if factorized and kind in ("up.weight", "up.bias"):
