@@ -81,6 +81,11 @@ def step_gemms(path):
     return gemms
 
 
+def bytes_read(gemms):
+    """Bytes a step's float32 GEMMs (a step_gemms Counter) read from their weights."""
+    return sum(o * i * 4 * n for (o, i), n in gemms.items())
+
+
 def microseconds(shape, kernel="onednn"):
     """One row through a weight of `shape`, median of 5 passes over copies filling 128 MB. `kernel`: vLLM's
     "onednn" (packed at load, as vLLM does), torch's F.linear over a "row-major" or "column-major" weight, or
@@ -145,7 +150,7 @@ def main():
     for label, count in counts.items():
         gemm_ms = sum(times[shape] * n for shape, n in count.items()) / 1000
         step_ms = 1000 / statistics.median(r[label]["tokens_per_s"] for r in rounds)
-        models[label] = {"calls": sum(count.values()), "bytes": sum(o * i * 4 * n for (o, i), n in count.items()),
+        models[label] = {"calls": sum(count.values()), "bytes": bytes_read(count),
                          "gemm_ms": gemm_ms, "step_ms": step_ms,
                          "gemms": {f"{o}x{i}": n for (o, i), n in count.items()}}
     kernels = [{"out": o, "in": i, **{k: microseconds((o, i), k) for k in KERNELS}}

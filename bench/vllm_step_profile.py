@@ -99,8 +99,7 @@ def main():
     labels = args.checkpoints.split(",")
     order = ["dense", *labels]
     paths = serve_bench.checkpoints(order)
-    step_bytes = {label: sum(o * i * 4 * n for (o, i), n in vllm_gemm_floor.step_gemms(paths[label]).items())
-                  for label in order}
+    step_bytes = {label: vllm_gemm_floor.bytes_read(vllm_gemm_floor.step_gemms(paths[label])) for label in order}
     rounds = []
     for i in range(args.rounds):
         turn = i % len(order)
