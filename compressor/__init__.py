@@ -4,7 +4,7 @@ The public API is imported lazily, so `import lowrank` (and `lowrank --help`) st
 
     lowrank.compress(model, output, ratio=0.5, method="whiten", ...)   factorize and write a checkpoint
     lowrank.load_pretrained(path, **from_pretrained_kwargs)            load a factorized checkpoint
-    lowrank.decode_layout(model)                                       faster batch-1 decode on CPU (any model)
+    lowrank.decode_layout(model)                                       faster decode on CPU, batch 1-16 (any model)
     lowrank.evaluate(model, baseline=..., data=...)                    perplexity, agreement, speed (a dict)
     lowrank.record_evaluation(evaluation, report_path)                append it to a report's evaluations
     lowrank.read_report(path)                                          a validated report (ReportError if not)

@@ -1,14 +1,16 @@
-"""The decode layout: float32 linear weights with more outputs than inputs stored column-major on CPU (a faster
-batch-1 GEMV there, BENCHMARKS.md "Decode layout"). Only strides may change: never values, names, ties or the files."""
+"""The decode kernel (`lowrank.decode_layout`): linear layers run a decode step's few float32 rows on CPU as
+(weight @ x^T)^T, a faster MKL path there (BENCHMARKS.md "Decode kernel"). Only the modules' classes may change:
+never values, names, ties or the files."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import COMPRESS_FAST
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 import lowrank
-from lowrank.io.modeling_lowrank import LAID_MIN_INPUTS, Projection
+from lowrank.io.modeling_lowrank import DECODE_MAX_ROWS, DECODE_MIN_WEIGHT, DecodeKernel, Projection, decode_linear
 
 
 def ids(samples=1, length=12, seed=3):
@@ -17,7 +19,7 @@ def ids(samples=1, length=12, seed=3):
 
 @pytest.fixture(scope="module")
 def wide_dir(tmp_path_factory, tokenizer):
-    """A tiny Llama wide enough for the layout (it leaves inputs narrower than LAID_MIN_INPUTS alone)."""
+    """A tiny Llama whose q, o, MLP and LM head weights reach DECODE_MIN_WEIGHT (k and v do not)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -37,15 +39,14 @@ def factorized(tmp_path_factory, wide_dir, calib_file):
     return str(out)
 
 
-def wide_weights(model):
-    """{module name: weight} of every linear weight (factors included) that the layout is for."""
-    return {name: module.weight for name, module in model.named_modules()
-            if isinstance(module, (nn.Linear, Projection)) and "weight" in module._parameters
-            and module.weight.shape[0] > module.weight.shape[1] >= LAID_MIN_INPUTS}
+def linears(model):
+    """{module name: module} of every module that owns a linear weight (the factors of factorized layers too)."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, Projection)) and "weight" in module._parameters}
 
 
-def column_major(weight):
-    return weight.stride() == (1, weight.shape[0])
+def on_kernel(model):
+    return all(isinstance(m, DecodeKernel) for m in linears(model).values())
 
 
 def greedy(model, new=6):
@@ -54,69 +55,95 @@ def greedy(model, new=6):
                               pad_token_id=0)
 
 
-def test_load_pretrained_lays_wide_weights_column_major_and_computes_the_same(factorized):
-    laid, plain = lowrank.load_pretrained(factorized), lowrank.load_pretrained(factorized, decode_layout=False)
-    wide = wide_weights(laid)
-    assert any(name.endswith(".up") for name in wide)  # the up factors are what the layout is for
-    assert all(column_major(w) for w in wide.values()), [n for n, w in wide.items() if not column_major(w)]
-    assert all(w.is_contiguous() for w in wide_weights(plain).values())
-    narrow = [p for p in laid.parameters() if p.dim() == 2 and not p.shape[0] > p.shape[1] >= LAID_MIN_INPUTS]
-    assert narrow and all(p.is_contiguous() for p in narrow)  # the down factors keep their rows, and so on
-    if laid.config.tie_word_embeddings:
-        assert laid.lm_head.weight is laid.get_input_embeddings().weight
+@pytest.fixture
+def mm_calls(monkeypatch):
+    """Counts torch.mm calls: decode_linear's own path makes one, F.linear none."""
+    calls, mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or mm(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("shape", [(1, 384), (2, 384), (3, 5, 384), (DECODE_MAX_ROWS, 384)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_linear_takes_its_path_for_few_rows_and_computes_f_linear(shape, bias, mm_calls):
+    torch.manual_seed(0)
+    layer = nn.Linear(384, 512, bias=bias)
+    x = torch.randn(shape, requires_grad=True)
+    out = decode_linear(x, layer.weight, layer.bias)
+    assert len(mm_calls) == 1
+    reference = F.linear(x, layer.weight, layer.bias)
+    assert out.shape == reference.shape and out.is_contiguous()
+    assert torch.allclose(out, reference, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (x, layer.weight))
+    assert all(torch.allclose(a, b, atol=1e-4)
+               for a, b in zip(grads, torch.autograd.grad(reference.square().sum(), (x, layer.weight))))
+
+
+def test_decode_linear_leaves_the_rest_to_f_linear(mm_calls):
+    """More rows than DECODE_MAX_ROWS, small weights, bfloat16, a non-contiguous weight: F.linear, bit for bit."""
+    torch.manual_seed(0)
+    big, small = torch.randn(512, 384), torch.randn(DECODE_MIN_WEIGHT // 384, 383)
+    cases = [(torch.randn(DECODE_MAX_ROWS + 1, 384), big), (torch.randn(1, 383), small),
+             (torch.randn(1, 384, dtype=torch.bfloat16), big.bfloat16()), (torch.randn(1, 512), big.t())]
+    for x, weight in cases:
+        assert torch.equal(decode_linear(x, weight), F.linear(x, weight))
+    assert not mm_calls
+
+
+def test_load_pretrained_runs_the_kernel_and_computes_the_same(factorized, mm_calls):
+    fast, plain = lowrank.load_pretrained(factorized), lowrank.load_pretrained(factorized, decode_layout=False)
+    assert on_kernel(fast) and any(name.endswith(".up") for name in linears(fast))
+    assert not any(isinstance(m, DecodeKernel) for m in plain.modules())
+    if fast.config.tie_word_embeddings:
+        assert fast.lm_head.weight is fast.get_input_embeddings().weight
     with torch.no_grad():
-        for batch in (ids(), ids(samples=3)):  # batch-1 GEMVs and a prefill GEMM
-            assert torch.allclose(laid(batch).logits, plain(batch).logits, atol=1e-5)
-    assert torch.equal(greedy(laid), greedy(plain))
+        for batch in (ids(), ids(samples=3)):  # 12 rows: the kernel's path; 36: F.linear
+            assert torch.allclose(fast(batch).logits, plain(batch).logits, atol=1e-5)
+    assert mm_calls  # the 12-row prefill went through it
+    assert torch.equal(greedy(fast), greedy(plain))
 
 
-def test_the_bundled_file_lays_the_model_out_too(factorized):
-    """Users of trust_remote_code (lm_eval's hf backend) load through the same class: they get the layout."""
-    model = AutoModelForCausalLM.from_pretrained(factorized, trust_remote_code=True)
-    assert all(column_major(w) for w in wide_weights(model).values())
+def test_the_bundled_file_runs_the_kernel_too(factorized):
+    """Users of trust_remote_code (lm_eval's hf backend) load through the same class: they get the kernel."""
+    assert on_kernel(AutoModelForCausalLM.from_pretrained(factorized, trust_remote_code=True))
 
 
-def test_save_pretrained_writes_row_major_files_and_keeps_the_layout(factorized, tmp_path):
-    """transformers' save_pretrained cannot write a transposed view (it raises): the class saves row-major."""
+def test_save_pretrained_writes_the_same_tensors(factorized, tmp_path):
     model = lowrank.load_pretrained(factorized)
     model.save_pretrained(tmp_path / "again")
-    assert all(column_major(w) for w in wide_weights(model).values())
+    assert on_kernel(model)
     again = lowrank.load_pretrained(tmp_path / "again", decode_layout=False)
     state, reloaded = model.state_dict(), again.state_dict()
     assert state.keys() == reloaded.keys()
     assert all(torch.equal(state[k], reloaded[k]) for k in state)
 
 
-def test_eval_lays_out_a_dense_baseline_as_it_does_a_factorized_model(wide_dir, factorized):
-    """`lowrank eval --baseline` times both models: a dense baseline left row-major would flatter the factorized one."""
+def test_eval_runs_a_dense_baseline_on_the_kernel_as_it_does_a_factorized_model(wide_dir, factorized):
+    """`lowrank eval --baseline` times both models: a dense baseline on F.linear would flatter the factorized one."""
     from lowrank.evaluation.subjects import load_subject
 
     for source in (wide_dir, factorized):
-        wide = wide_weights(load_subject(source).model)
-        assert wide and all(column_major(w) for w in wide.values()), source
+        assert on_kernel(load_subject(source).model), source
 
 
 def test_decode_layout_on_a_dense_model_and_back(wide_dir):
     model = AutoModelForCausalLM.from_pretrained(wide_dir)
-    before = greedy(model)
-    wide = wide_weights(model)
-    assert lowrank.decode_layout(model) == len(wide) > 0
-    assert lowrank.decode_layout(model) == 0  # already laid out
-    assert all(column_major(w) for w in wide.values())
+    before, count = greedy(model), len(linears(model))
+    assert lowrank.decode_layout(model) == count > 0
+    assert lowrank.decode_layout(model) == 0  # already on it
+    assert on_kernel(model) and isinstance(model.lm_head, nn.Linear)
     assert torch.equal(greedy(model), before)
-    assert lowrank.decode_layout(model, enable=False) == len(wide)
-    assert all(p.is_contiguous() for p in model.parameters())
+    assert lowrank.decode_layout(model, enable=False) == count
+    assert all(type(m) is nn.Linear for m in linears(model).values())
 
 
-def test_only_wide_float32_weights_move():
-    """bfloat16 and integer weights keep their rows (the layout is measured faster for float32 only), and so do
-    weights with fewer outputs than inputs or fewer inputs than LAID_MIN_INPUTS."""
-    n = LAID_MIN_INPUTS
-    layer, narrow, thin = nn.Linear(n, 2 * n), nn.Linear(2 * n, n), nn.Linear(n - 1, 2 * n)
-    half = nn.Linear(n, 2 * n, dtype=torch.bfloat16)
-    integer = nn.Linear(n, 2 * n)
-    integer.weight = nn.Parameter(torch.zeros(2 * n, n, dtype=torch.int8), requires_grad=False)
-    model = nn.ModuleList([layer, half, integer, narrow, thin])
+def test_a_linear_with_its_own_forward_is_left_alone():
+    """A quantized linear or an adapter layer subclasses nn.Linear with a forward that must keep running."""
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.ModuleList([nn.Linear(4, 4), Scaled(4, 4)])
     assert lowrank.decode_layout(model) == 1
-    assert column_major(layer.weight)
-    assert all(m.weight.is_contiguous() for m in (half, integer, narrow, thin))
+    assert type(model[1]) is Scaled and isinstance(model[0], DecodeKernel)

@@ -4,7 +4,8 @@ A rank-r pair of an m x n matrix holds r(m + n) numbers, so it saves parameters 
 decode step multiplies one token's vector by each matrix, which costs about the bytes read plus a fixed cost per
 call, and the pair makes two calls: near the parameter break-even it is slower than the dense layer, a waste
 (issue 18). `--speed-aware` measures, for every matrix shape the model has, the batch-1 time of the dense
-product and of the factorized one at a few ranks on the device and dtype the model runs in, fits the factorized
+product and of the factorized one (on decode_linear, the kernel `load_pretrained` runs, F.linear where that
+falls back) at a few ranks on the device and dtype the model runs in, fits the factorized
 time as a line in r (bytes grow linearly with r), and takes the largest rank still as fast as dense as the
 matrix's ceiling: the allocation then stores a matrix dense rather than above it (ranks.allocate_global).
 
@@ -39,8 +40,8 @@ def measure_shape(m, n, device, dtype, seed=0):
     base + per_rank * r fitted to the factorized times, and the largest rank whose fitted time is at most the
     dense one (0: never as fast; capped at the parameter break-even rank)."""
     import torch
-    import torch.nn.functional as F
 
+    from ..io.modeling_lowrank import decode_linear  # the kernel lowrank's loaders run a model on
     from .ranks import break_even_rank
 
     generator = torch.Generator().manual_seed(seed)
@@ -48,12 +49,12 @@ def measure_shape(m, n, device, dtype, seed=0):
     weight = torch.randn(m, n, generator=generator).to(device=device, dtype=dtype)
     even = break_even_rank(m, n)
     with torch.no_grad():
-        dense = _time(lambda: F.linear(x, weight))
+        dense = _time(lambda: decode_linear(x, weight))
         ranks, times = [], []
         for fraction in FRACTIONS:
             r = max(1, int(fraction * even))
             down, up = weight[:r].contiguous(), weight[:, :r].contiguous()
-            times.append(_time(lambda down=down, up=up: F.linear(F.linear(x, down), up)))
+            times.append(_time(lambda down=down, up=up: decode_linear(decode_linear(x, down), up)))
             ranks.append(r)
     slope, base = _fit_line(ranks, times)
     ceiling = even if slope <= 0 else max(0, min(even, int((dense - base) / slope)))

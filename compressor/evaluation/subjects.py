@@ -78,7 +78,7 @@ def load_subject(spec, adapter=None, dtype="auto", trust_remote_code=False):
         tokenizer, kind = load_tokenizer(source), "lowrank"
     else:
         model, tokenizer = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
-        decode_layout(model)  # the layout load_pretrained gives a factorized model: speeds compare like with like
+        decode_layout(model)  # the kernel load_pretrained gives a factorized model: speeds compare like with like
         kind = "densified" if config.get("lowrank_densified") else source.kind
     if adapter:
         model = _apply_adapter(model, adapter)

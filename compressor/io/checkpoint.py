@@ -264,10 +264,9 @@ def load_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> "PreTrainedM
     """Load a lowrank checkpoint as a transformers model with LowRankLinear modules (no remote code needed).
 
     Keyword arguments go to `from_pretrained` (dtype, device_map, ...). The model class is the original
-    architecture's (e.g. LlamaForCausalLM), subclassed to hold the factorized layers. `decode_layout=False`
-    keeps every weight row-major; by default the float32 CPU weights with more outputs than inputs, and at least
-    128 inputs (the up factors above all), are stored column-major, the faster layout for batch-1 decode
-    (`lowrank.decode_layout`).
+    architecture's (e.g. LlamaForCausalLM), subclassed to hold the factorized layers. By default its linear
+    layers run a decode step's few float32 rows through a faster CPU kernel (`lowrank.decode_layout`);
+    `decode_layout=False` keeps transformers' F.linear.
     """
     config = read_lowrank_config(path)
     register(config)

@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 
-LAID_MIN_INPUTS = 128  # decode_layout: narrower weights are slower column-major (its docstring)
+DECODE_MAX_ROWS = 16  # decode_linear: more rows gain nothing over F.linear (its docstring)
+DECODE_MIN_WEIGHT = 100_000  # decode_linear: smaller weights lose to its extra ops (its docstring)
 FORMAT_VERSION = 3  # 2: lowrank["sliced"] (per-slice fused layers); 3: lowrank["shared"] (shared-basis experts)
 # transformers 5 renamed PretrainedConfig; the older name keeps this file loadable by transformers 4.x consumers
 CONFIG_BASE = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
@@ -444,35 +445,63 @@ def unpack_named_experts(model, names):
             unpack_experts(model.get_submodule(target))
 
 
-def decode_layout(model: nn.Module, enable: bool = True) -> int:
-    """Store every float32 CPU weight of a linear layer with more outputs than inputs, and at least
-    LAID_MIN_INPUTS inputs, column-major; returns how many weights changed. `enable=False` restores row-major
-    storage (what transformers' save_pretrained needs).
+def decode_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias), computed as (weight @ x^T)^T when x has a decode step's few rows.
 
-    Why: at batch 1 a linear layer is a GEMV, and on CPU (MKL, float32) a GEMV over a row-major (out, in) weight
-    is a dot product per output row, whose per-row reduction costs more than streaming the row when rows are
-    short. The up factor of a factorized layer (out x rank) has the shortest rows of all. Stored as the
-    transposed view of an (in, out) contiguous tensor, the same F.linear streams columns instead: 0.48x the time
-    for 1536 x 128, 0.66x for 576 x 128, 0.61x for a dense 1536 x 576, 0.43-0.74x from 768 x 128 to 11008 x 512.
-    It loses where outputs do not outnumber inputs (1.3-1.7x for 576 x 1536, 256 x 576) and where inputs are
-    fewer than 128 (1.2-1.5x for 192-576 x 32-96), so those keep their rows. Prefill GEMMs move within noise
-    (0.92-1.16x over two runs). bfloat16 gains in some shapes and loses in others (0.78-1.73x), so it is left
-    alone (bench/gemv_layout.py, BENCHMARKS.md "Decode layout"). Values, shapes and parameter names stay; only
-    strides change, so a tied LM head moves with its embedding.
+    Why: on CPU (MKL, float32), F.linear over a few rows is the slow path. One row goes to a GEMV and a few rows to
+    a GEMM whose short side is the output's rows; both stream a weight at 7-14 GB/s on this machine. The same
+    product taken as weight @ x^T, with one row doubled so that it is a GEMM of two columns and not a GEMV,
+    streams at 24-26 GB/s: one row, 0.35-0.55x F.linear's time for 1536 x 576, 576 x 1536, 576 x 576, the
+    49,152 x 576 LM head and the up factors, 0.55-0.89x for down factors (r x 576, r x 1536); 2-16 rows,
+    0.15-0.9x (bench/decode_kernel.py, BENCHMARKS.md "Decode kernel"). Above DECODE_MAX_ROWS rows it stops
+    paying (0.85-1.17x at 64), and under DECODE_MIN_WEIGHT elements the extra copies cost more than they save
+    (1.5-3.4x for 64 x 576 and smaller). bfloat16 goes to oneDNN, not MKL, and keeps F.linear.
+    """
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    if (not 0 < rows <= DECODE_MAX_ROWS or weight.numel() < DECODE_MIN_WEIGHT or weight.dtype != torch.float32
+            or x.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous()):
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, x.shape[-1])
+    if rows == 1:  # two columns: a GEMM, where one would be a GEMV; the fewest ops (each costs 1-2 us here)
+        out = torch.mm(weight, torch.cat((flat, flat)).t()).select(1, 0)
+        out = out.contiguous() if bias is None else out + bias
+    else:
+        out = torch.mm(weight, flat.contiguous().t()).t().contiguous()
+        if bias is not None:
+            out += bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class DecodeKernel:
+    """Mixed into a linear module's class by decode_layout: the module's forward runs decode_linear."""
+
+    def forward(self, x):
+        return decode_linear(x, self.weight, self.bias)
+
+
+_decode_classes: dict = {}  # a linear class -> its class with DecodeKernel mixed in
+
+
+def decode_layout(model: nn.Module, enable: bool = True) -> int:
+    """Run every linear layer of `model` (nn.Linear, and the factors of factorized layers) through decode_linear,
+    the faster CPU path for a decode step's few rows; returns how many modules changed. `enable=False` puts
+    F.linear back. The name is older than the mechanism: up to the twenty-first session this stored wide
+    weights column-major, which the kernel beats at every row count (BENCHMARKS.md "Decode kernel").
+
+    Only each module's class changes (to a subclass: isinstance checks, PEFT's among them, still hold): weights,
+    values, names, ties and files do not. Modules whose class has a forward of its own (a quantized linear, an
+    adapter layer) are left alone. decode_linear decides per call, so a model moved to another dtype or device
+    afterwards falls back to F.linear by itself.
     """
     changed = 0
     for module in model.modules():
-        if not isinstance(module, (nn.Linear, Projection)) or "weight" not in module._parameters:
-            continue  # factorized layers own no weight; their Projections are visited on their own
-        weight = module._parameters["weight"]
-        if (weight is None or weight.dim() != 2 or weight.device.type != "cpu" or weight.dtype != torch.float32
-                or not weight.shape[0] > weight.shape[1] >= LAID_MIN_INPUTS):
-            continue
-        column_major = weight.stride() == (1, weight.shape[0])
-        if enable and not column_major:
-            weight.data = weight.data.t().contiguous().t()
-        elif not enable and not weight.is_contiguous():
-            weight.data = weight.data.contiguous()
+        cls = type(module)
+        if not enable and isinstance(module, DecodeKernel):
+            module.__class__ = cls.__bases__[1]
+        elif enable and cls.forward in (nn.Linear.forward, Projection.forward) and "weight" in module._parameters:
+            if cls not in _decode_classes:
+                _decode_classes[cls] = type("Decode" + cls.__name__, (DecodeKernel, cls), {"__module__": __name__})
+            module.__class__ = _decode_classes[cls]
         else:
             continue
         changed += 1
@@ -523,20 +552,14 @@ def _make_model_class(base, config_class):
 
     @classmethod
     def from_pretrained(cls, *args, decode_layout=True, **kwargs):
-        # On by default: the fast batch-1 path costs one copy of each eligible weight at load, and nothing else.
+        # On by default: the fast decode path changes the linear modules' classes and nothing else.
         model = base.from_pretrained.__func__(cls, *args, **kwargs)
         if decode_layout:
             _decode_layout(model)
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # transformers writes contiguous tensors only: row-major for the save, the decode layout back after it.
-        relaid = _decode_layout(self, enable=False)
-        try:
-            base.save_pretrained(self, save_directory, *args, **kwargs)
-        finally:
-            if relaid:
-                _decode_layout(self)
+        base.save_pretrained(self, save_directory, *args, **kwargs)
         # The checkpoint must stay loadable without lowrank: ship this file with it.
         target = os.path.join(save_directory, "modeling_lowrank.py")
         if os.path.abspath(__file__) != os.path.abspath(target):

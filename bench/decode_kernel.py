@@ -1,0 +1,146 @@
+"""The decode kernel (`lowrank.decode_layout`, modeling_lowrank.decode_linear) against F.linear: one linear layer
+per shape and row count, then whole models decoding at batch 1 and 16.
+
+    python bench/decode_kernel.py              # bench/results/decode-kernel.json: one layer, each kernel
+    python bench/decode_kernel.py --models     # bench/results/decode-kernel-models.json: six models interleaved
+    python bench/decode_kernel.py --render [--models]
+
+Layers: SmolLM2-135M's shapes (576 hidden, 1536 MLP, 192 for k/v, the 49,152 x 576 LM head) and its factors at
+ranks 64-512, float32. Kernels: F.linear over the row-major weight (what transformers runs), F.linear over the
+weight stored column-major (the layout lowrank shipped in the nineteenth to twenty-first sessions), and
+decode_linear over the row-major weight. Each shape is timed over enough distinct copies of the weight to fill
+128 MB, so that every call streams its weight from memory as a decode step does; median of 5 passes; torch's
+default threads. Rows 1-16 are decode steps at batch 1-16, 64 and 512 prefill chunks.
+
+Models (`--models`): the dense SmolLM2 and the default keep 0.8 and keep 0.5 checkpoints (bench/serve_bench.py's),
+float32, each on F.linear (transformers' own path; `load_pretrained(..., decode_layout=False)`) and on the kernel
+(`lowrank.decode_layout`), six models in one process. Each round runs every model once, the order turned by one
+place per round: greedy decode of 64 new tokens after 32-token prompts at batch 1 (ms per token) and batch 16
+(tokens/s), each prompt's prefill timed apart and subtracted. One untimed warm-up round. Ratios are taken within
+each round, against the dense model on F.linear and against the dense model on the kernel; the table gives the
+median over rounds and, in brackets, the lowest and highest round.
+"""
+
+import itertools
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common
+import eager_rounds
+import layout_variants
+import serve_bench
+
+SHAPES = [(1536, 576), (576, 1536), (576, 576), (192, 576), (49152, 576),  # dense
+          (1536, 128), (1536, 256), (576, 128), (576, 256), (1536, 384), (576, 384),  # up factors
+          (128, 576), (256, 576), (384, 576), (128, 1536), (256, 1536), (512, 1536),  # down factors
+          (192, 64), (64, 576)]  # under DECODE_MIN_WEIGHT
+ROWS = (1, 2, 4, 8, 16, 32, 64, 512)
+KERNELS = ("row-major", "column-major", "decode_linear")
+MODELS = [(checkpoint, kernel) for checkpoint in ("dense", "keep 0.8", "keep 0.5") for kernel in ("F.linear", "kernel")]
+
+
+def microseconds(fn, weights, x, passes=5):
+    times = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        for weight in weights:
+            fn(x, weight)
+        times.append((time.perf_counter() - start) / len(weights) * 1e6)
+    return statistics.median(times)
+
+
+def measure(shape, rows):
+    import torch
+    import torch.nn.functional as F
+
+    from lowrank.io.modeling_lowrank import decode_linear
+
+    out_features, in_features = shape
+    copies = max(4, int(128e6 / (out_features * in_features * 4)))
+    generator = torch.Generator().manual_seed(0)
+    plain = [torch.randn(shape, generator=generator) for _ in range(copies)]
+    weights = {"row-major": plain, "column-major": [w.t().contiguous().t() for w in plain], "decode_linear": plain}
+    fns = {"row-major": F.linear, "column-major": F.linear, "decode_linear": decode_linear}
+    x = torch.randn(1, rows, in_features, generator=generator)
+    times = {}
+    with torch.no_grad():
+        for kernel in KERNELS:
+            microseconds(fns[kernel], weights[kernel][:2], x, 1)  # warm-up
+            times[kernel] = round(microseconds(fns[kernel], weights[kernel], x), 2)
+    return {"out": out_features, "in": in_features, "rows": rows, "us": times}
+
+
+def markdown(results):
+    if "rounds" in results:
+        return models_markdown(results)
+    lines = ["| out x in | F.linear us at " + ", ".join(map(str, ROWS)) + " rows | decode_linear / F.linear | "
+             "column-major / F.linear |", "|---|---|---|---|"]
+    cells = {(r["out"], r["in"], r["rows"]): r["us"] for r in results["rows"]}
+    for shape in SHAPES:
+        row = [cells[(*shape, n)] for n in ROWS if (*shape, n) in cells]
+        lines.append(f"| {shape[0]} x {shape[1]} | " + ", ".join(f"{c['row-major']:.0f}" for c in row) + " | "
+                     + " | ".join(", ".join(f"{c[k] / c['row-major']:.2f}" for c in row)
+                                  for k in ("decode_linear", "column-major")) + " |")
+    return "\n".join(lines)
+
+
+def models_markdown(results):
+    rounds = results["rounds"]
+    lines = ["| model | batch 1 ms/token | vs dense F.linear | vs dense kernel | batch 16 tok/s | vs dense F.linear "
+             "| vs dense kernel |", "|---|---|---|---|---|---|---|"]
+
+    def ratio(label, base, key):
+        flip = key == "b1_ms_per_token"  # a time: the base over the model
+        x = [(r[base][key] / r[label][key]) if flip else (r[label][key] / r[base][key]) for r in rounds]
+        return f"{statistics.median(x):.2f}x ({min(x):.2f}-{max(x):.2f})"
+
+    for label in (f"{checkpoint}, {kernel}" for checkpoint, kernel in MODELS):
+        cells = []
+        for key, digits in (("b1_ms_per_token", 2), ("b16_tokens_per_s", 1)):
+            cells += [f"{statistics.median(r[label][key] for r in rounds):.{digits}f}",
+                      ratio(label, "dense, F.linear", key), ratio(label, "dense, kernel", key)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_models(args):
+    import lowrank
+
+    common.prepare()
+    paths = serve_bench.checkpoints(sorted({checkpoint for checkpoint, _ in MODELS}))
+    runs = {}
+    for checkpoint, kernel in MODELS:
+        run = serve_bench.EagerRun(paths[checkpoint], "float32", "row-major")
+        if kernel == "kernel":
+            lowrank.decode_layout(run.model)
+        runs[f"{checkpoint}, {kernel}"] = run
+    turns = itertools.count()
+    return eager_rounds.interleaved(__doc__, args.out, runs, lambda r: layout_variants.one_round(r, next(turns)),
+                                    args.rounds)
+
+
+def main():
+    models = "--models" in sys.argv
+    parser = common.bench_parser(__doc__, "decode-kernel-models.json" if models else "decode-kernel.json", "")
+    parser.add_argument("--models", action="store_true", help="whole models, interleaved (else one layer)")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    if common.rendered(args, markdown):
+        return
+    if args.models:
+        print(markdown(run_models(args)))
+        return
+    import torch
+
+    rows = [measure(shape, n) for shape in SHAPES for n in ROWS]
+    result = {"protocol": __doc__.split("\n\n")[2], "machine": common.machine(), "threads": torch.get_num_threads(),
+              "load_average": os.getloadavg(), "rows": rows}
+    print(common.save(args.out, result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
