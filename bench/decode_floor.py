@@ -20,7 +20,8 @@ generate() with cache_implementation="static" and a CompileConfig that transform
 on accelerators only by default): the first call of each length compiles (about 45 s here) and is not timed.
 Four models: the dense one as transformers loads it ("dense") and with `lowrank.decode_layout` ("dense_laid"), the
 factorized one row-major (`load_pretrained(..., decode_layout=False)`, "factorized_rowmajor") and as
-`load_pretrained` loads it by default ("factorized": wide weights column-major). The ceiling is computed for each
+`load_pretrained` loads it by default ("factorized": wide weights column-major up to the twenty-first session,
+the decode kernel since, BENCHMARKS.md "Decode kernel"). The ceiling is computed for each
 layout from its own dense split. Results: bench/results/decode-floor.json.
 """
 

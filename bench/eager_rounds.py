@@ -6,7 +6,8 @@ fresh processes, measured in one process in rounds so that every ratio compares 
 
 Models (bench/serve_bench.py's checkpoints and loader): the dense model as transformers loads it, the same with
 `lowrank.decode_layout`, and the default keep 0.8 and keep 0.5 checkpoints as `lowrank.load_pretrained` loads
-them, keep 0.5 also row-major (`decode_layout=False`). Float32. Each round runs every model once, in turn: a
+them, keep 0.5 also with `decode_layout=False` (transformers' F.linear; "row-major" dates from the column-major
+layout `decode_layout` applied up to the twenty-first session). Float32. Each round runs every model once, in turn: a
 prefill of 1 and of 8 prompts of 512 tokens (one new token) and a greedy decode of 64 new tokens for 16 prompts
 of 32 tokens (their prefill, timed apart, subtracted). One untimed warm-up round. The ratio to dense is taken
 within each round; the table gives the median over rounds and, in brackets, the lowest and highest round.

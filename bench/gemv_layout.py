@@ -1,5 +1,6 @@
 """One linear layer's time in each weight layout: row-major (out, in), as transformers stores it, against the
-transposed view of an (in, out) contiguous tensor (`lowrank.decode_layout`). The same F.linear call either way.
+transposed view of an (in, out) contiguous tensor (what `lowrank.decode_layout` did up to the twenty-first
+session; bench/decode_kernel.py measures what replaced it). The same F.linear call either way.
 
     python bench/gemv_layout.py              # bench/results/gemv-layout.json, then its table
     python bench/gemv_layout.py --render     # the table only

@@ -1,4 +1,4 @@
-"""Which weights should `lowrank.decode_layout` store column-major? Batch-1 and batch-16 eager decode under four
+"""Which weights should `lowrank.decode_layout` store column-major (its mechanism up to the twenty-first session)? Batch-1 and batch-16 eager decode under four
 choices, interleaved in one process.
 
     python bench/layout_variants.py              # bench/results/layout-variants.json, then its table
@@ -32,13 +32,23 @@ MODELS = [("dense", layout) for layout in ("row-major", "all")] + [
     (f"keep {keep}", layout) for keep in (0.8, 0.5) for layout in LAYOUTS]
 
 
-def lay_out(model, layout):
-    """Apply `layout` to a model loaded row-major; returns it."""
-    import lowrank
+def column_major(model):
+    """The rule `lowrank.decode_layout` applied up to the twenty-first session (the decode kernel replaced it):
+    every float32 linear weight with more outputs than inputs and at least 128 inputs stored column-major."""
+    from torch import nn
 
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if (isinstance(module, nn.Linear) or type(module).__name__ == "Projection") and weight is not None \
+                and weight.dim() == 2 and weight.shape[0] > weight.shape[1] >= 128 and weight.is_contiguous():
+            weight.data = weight.data.t().contiguous().t()
+
+
+def lay_out(model, layout):
+    """Apply `layout` to a model loaded row-major (F.linear); returns it."""
     if layout == "row-major":
         return model
-    lowrank.decode_layout(model)
+    column_major(model)
     if layout in ("factors", "factors+head"):
         # By parameter, not module: a tied LM head shares its weight with the embedding module.
         keep = {id(m.weight) for m in model.modules() if type(m).__name__ == "Projection"}

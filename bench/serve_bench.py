@@ -10,9 +10,10 @@ method and allocation on the protocol's calibration (16 x 512 tokens, seed 0) at
 once into bench/work/serve/, and keep 0.8 with `--speed-aware` (ranks capped at the measured batch-1 break-even;
 `--refine-steps 0`, since refinement moves no rank and so no speed). bfloat16 runs load the same float32 files in
 bfloat16 (both engines cast at load). Eager transformers loads a factorized checkpoint with `lowrank.load_pretrained`,
-in its default decode layout (wide weights column-major, BENCHMARKS.md "Decode layout"); two eager-only rows show
-what that layout does on its own: "dense decode-layout" (the dense model with `lowrank.decode_layout` applied) and
-"keep 0.5 row-major" (`load_pretrained(..., decode_layout=False)`).
+with its default `decode_layout` (up to the twenty-first session wide weights stored column-major, BENCHMARKS.md
+"Decode layout"; since then the decode kernel, "Decode kernel"); two eager-only rows show what it does on its own:
+"dense decode-layout" (the dense model with `lowrank.decode_layout` applied) and "keep 0.5 row-major"
+(`load_pretrained(..., decode_layout=False)`: transformers' F.linear).
 
 Figures, each the median of --trials (default 2) timed runs after one warm-up, every (engine, checkpoint, dtype)
 in a fresh process, the three checkpoints of one setting run back to back:
