@@ -133,12 +133,16 @@ def main():
     if args.models:
         print(markdown(run_models(args)))
         return
+    save_layers(__doc__, args.out, [measure(shape, n) for shape in SHAPES for n in ROWS], markdown)
+
+
+def save_layers(doc, out, rows, markdown):
+    """Save one-layer timings (`rows`) under the protocol of `doc`, then print their table (gemv_layout too)."""
     import torch
 
-    rows = [measure(shape, n) for shape in SHAPES for n in ROWS]
-    result = {"protocol": __doc__.split("\n\n")[2], "machine": common.machine(), "threads": torch.get_num_threads(),
+    result = {"protocol": doc.split("\n\n")[2], "machine": common.machine(), "threads": torch.get_num_threads(),
               "load_average": os.getloadavg(), "rows": rows}
-    print(common.save(args.out, result))
+    print(common.save(out, result))
     print(markdown(result))
 
 

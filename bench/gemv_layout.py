@@ -14,12 +14,11 @@ decode step, a GEMV), 16 (batched decode) and 512 (a prefill GEMM); more shapes 
 """
 
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
+import decode_kernel
 
 SHAPES = [(1536, 576), (576, 1536), (576, 576), (192, 576), (1536, 128), (1536, 256), (576, 128), (576, 256),
           (192, 64), (128, 576), (256, 576), (256, 1536)]
@@ -33,13 +32,7 @@ DTYPES = ("float32", "bfloat16")
 def microseconds(weights, x, passes=5):
     import torch.nn.functional as F
 
-    times = []
-    for _ in range(passes):
-        start = time.perf_counter()
-        for weight in weights:
-            F.linear(x, weight)
-        times.append((time.perf_counter() - start) / len(weights) * 1e6)
-    return statistics.median(times)
+    return decode_kernel.microseconds(F.linear, weights, x, passes)
 
 
 def measure(shape, rows, dtype):
@@ -84,10 +77,7 @@ def main():
 
     rows = [measure(shape, n, getattr(torch, dtype)) for dtype in args.dtypes.split(",") for n in ROWS
             for shape in SHAPES + (EDGES if n == 1 else [])]
-    result = {"protocol": __doc__.split("\n\n")[2], "machine": common.machine(), "threads": torch.get_num_threads(),
-              "load_average": os.getloadavg(), "rows": rows}
-    print(common.save(args.out, result))
-    print(markdown(result))
+    decode_kernel.save_layers(__doc__, args.out, rows, markdown)
 
 
 if __name__ == "__main__":
