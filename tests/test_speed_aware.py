@@ -52,7 +52,7 @@ def test_the_fitted_line_and_the_expected_times():
 
 
 def test_a_measured_ceiling_is_a_rank_the_matrix_can_have():
-    entry = speed.measure_shape(96, 48, "cpu", torch.float32)
+    entry = speed.measure_shape(96, 48, "cpu", torch.float32, torch.nn.functional.linear)
     assert 0 <= entry["ceiling"] <= break_even_rank(96, 48)
     assert entry["dense_us"] > 0 and entry["per_rank_us"] == entry["per_rank_us"]  # finite, not NaN
 

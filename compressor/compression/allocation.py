@@ -88,13 +88,14 @@ def speed_profile(model, shapes, config, progress=SILENT):
     runs on, in the dtype the output is written in (what it will be served in); it must cover every shape the
     allocation ranks."""
     from ..io.loading import torch_dtype
+    from ..io.modeling_lowrank import decode_linear  # the kernel load_pretrained runs the model on
 
     if config.speed_profile is not None:
         profile = speed_timings.read_profile(config.speed_profile)
     else:
         progress.log("--speed-aware: timing batch-1 matrix products of each layer shape (dense and factorized)")
         dtype = next(model.parameters()).dtype if config.dtype == "auto" else torch_dtype(config.dtype)
-        profile = speed_timings.measure_profile(shapes, config.device, dtype)
+        profile = speed_timings.measure_profile(shapes, config.device, dtype, decode_linear)
     missing = sorted({speed_timings.shape_key(m, n) for m, n in shapes.values()} - set(profile["shapes"]))
     if missing:
         raise UsageError(f"the speed profile {config.speed_profile} has no timings for the shapes {', '.join(missing)}"

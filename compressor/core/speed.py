@@ -4,8 +4,8 @@ A rank-r pair of an m x n matrix holds r(m + n) numbers, so it saves parameters 
 decode step multiplies one token's vector by each matrix, which costs about the bytes read plus a fixed cost per
 call, and the pair makes two calls: near the parameter break-even it is slower than the dense layer, a waste
 (issue 18). `--speed-aware` measures, for every matrix shape the model has, the batch-1 time of the dense
-product and of the factorized one (on decode_linear, the kernel `load_pretrained` runs, F.linear where that
-falls back) at a few ranks on the device and dtype the model runs in, fits the factorized
+product and of the factorized one (on the kernel it is given: compression passes decode_linear, what
+`load_pretrained` runs) at a few ranks on the device and dtype the model runs in, fits the factorized
 time as a line in r (bytes grow linearly with r), and takes the largest rank still as fast as dense as the
 matrix's ceiling: the allocation then stores a matrix dense rather than above it (ranks.allocate_global).
 
@@ -35,13 +35,13 @@ def _time(fn):
     return statistics.median(samples)
 
 
-def measure_shape(m, n, device, dtype, seed=0):
+def measure_shape(m, n, device, dtype, linear, seed=0):
     """{"dense_us", "base_us", "per_rank_us", "ceiling"} of an m x n matrix: the batch-1 dense time, the line
     base + per_rank * r fitted to the factorized times, and the largest rank whose fitted time is at most the
-    dense one (0: never as fast; capped at the parameter break-even rank)."""
+    dense one (0: never as fast; capped at the parameter break-even rank). `linear(x, weight)` is the kernel
+    timed: the one the model will run on."""
     import torch
 
-    from ..io.modeling_lowrank import decode_linear  # the kernel lowrank's loaders run a model on
     from .ranks import break_even_rank
 
     generator = torch.Generator().manual_seed(seed)
@@ -49,12 +49,12 @@ def measure_shape(m, n, device, dtype, seed=0):
     weight = torch.randn(m, n, generator=generator).to(device=device, dtype=dtype)
     even = break_even_rank(m, n)
     with torch.no_grad():
-        dense = _time(lambda: decode_linear(x, weight))
+        dense = _time(lambda: linear(x, weight))
         ranks, times = [], []
         for fraction in FRACTIONS:
             r = max(1, int(fraction * even))
             down, up = weight[:r].contiguous(), weight[:, :r].contiguous()
-            times.append(_time(lambda down=down, up=up: decode_linear(decode_linear(x, down), up)))
+            times.append(_time(lambda down=down, up=up: linear(linear(x, down), up)))
             ranks.append(r)
     slope, base = _fit_line(ranks, times)
     ceiling = even if slope <= 0 else max(0, min(even, int((dense - base) / slope)))
@@ -69,14 +69,14 @@ def _fit_line(xs, ys):
     return slope, my - slope * mx
 
 
-def measure_profile(shapes, device, dtype):
+def measure_profile(shapes, device, dtype, linear):
     """The speed profile of a model: every distinct shape of `shapes` ({name: (m, n)}) measured once."""
     import torch
 
     profile = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
                "shapes": {}}
     for m, n in sorted(set(shapes.values())):
-        profile["shapes"][shape_key(m, n)] = measure_shape(m, n, device, dtype)
+        profile["shapes"][shape_key(m, n)] = measure_shape(m, n, device, dtype, linear)
     return profile
 
 
