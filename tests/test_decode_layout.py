@@ -87,6 +87,9 @@ def test_decode_linear_leaves_the_rest_to_f_linear(mm_calls):
              (torch.randn(1, 384, dtype=torch.bfloat16), big.bfloat16()), (torch.randn(1, 512), big.t())]
     for x, weight in cases:
         assert torch.equal(decode_linear(x, weight), F.linear(x, weight))
+    x, bias = torch.randn(1, 384), torch.randn(512)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear's autocast rules, output dtype included
+        assert torch.equal(decode_linear(x, big, bias), F.linear(x, big, bias))
     assert not mm_calls
 
 

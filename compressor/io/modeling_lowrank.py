@@ -462,7 +462,8 @@ def decode_linear(x, weight, bias=None):
     """
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
     if (not 0 < rows <= DECODE_MAX_ROWS or weight.numel() < DECODE_MIN_WEIGHT or weight.dtype != torch.float32
-            or x.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous()):
+            or x.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous()
+            or torch.is_autocast_enabled("cpu")):  # autocast casts F.linear's bias too; keep its rules whole
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:  # two columns: a GEMM, where one would be a GEMV; the fewest ops (each costs 1-2 us here)
