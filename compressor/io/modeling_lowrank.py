@@ -445,6 +445,13 @@ def unpack_named_experts(model, names):
             unpack_experts(model.get_submodule(target))
 
 
+def _cpu_autocast():
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch before 2.4, which a consumer of the bundled file may have
+        return torch.is_autocast_cpu_enabled()
+
+
 def decode_linear(x, weight, bias=None):
     """F.linear(x, weight, bias), computed as (weight @ x^T)^T when x has a decode step's few rows.
 
@@ -457,13 +464,13 @@ def decode_linear(x, weight, bias=None):
     0.23-0.84x; 8 rows 0.37-0.81x, but 1.34-1.45x for weights with 1536 inputs; 16 rows 0.83-1.16x; from 32 rows
     on it stops paying (0.92-1.12x), hence DECODE_MAX_ROWS. Under DECODE_MIN_WEIGHT elements its extra ops (a
     copy in, a copy out, 1-2 us each) cost what it saves (576 x 128, 128 x 576: 1.0x), so those keep F.linear.
-    bfloat16 keeps F.linear: there the same trick is slower (0.86-1.54x, mostly above 1). Over whole models (SmolLM2, batch 1): dense
-    1.77x, keep 0.5 1.87x against F.linear.
+    bfloat16 keeps F.linear: there the same trick is slower (0.86-1.54x, mostly above 1). Over whole models
+    (SmolLM2, batch 1): dense 1.77x, keep 0.5 1.87x against F.linear.
     """
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
     if (not 0 < rows <= DECODE_MAX_ROWS or weight.numel() < DECODE_MIN_WEIGHT or weight.dtype != torch.float32
             or x.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous()
-            or torch.is_autocast_enabled("cpu")):  # autocast casts F.linear's bias too; keep its rules whole
+            or _cpu_autocast()):  # autocast casts F.linear's bias too: keep its rules whole
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:  # two columns: a GEMM, where one would be a GEMV; the fewest ops (each costs 1-2 us here)
