@@ -460,10 +460,11 @@ def decode_linear(x, weight, bias=None):
     product taken as weight @ x^T, with one row doubled so that it is a GEMM of two columns and not a GEMV, streams
     at 24-26 GB/s. Times against F.linear, each weight streamed from memory (bench/decode_kernel.py, BENCHMARKS.md
     "Decode kernel"): one row 0.35-0.51x for 1536 x 576, 576 x 1536, 576 x 576 and the 49,152 x 576 LM head,
-    0.36-0.61x for up factors (1536 x r, 576 x r), 0.57-0.90x for down factors (r x 576, r x 1536); 2-4 rows
-    0.23-0.84x; 8 rows 0.37-0.81x, but 1.34-1.45x for weights with 1536 inputs; 16 rows 0.83-1.16x; from 32 rows
-    on it stops paying (0.92-1.12x), hence DECODE_MAX_ROWS. Under DECODE_MIN_WEIGHT elements its extra ops (a
-    copy in, a copy out, 1-2 us each) cost what it saves (576 x 128, 128 x 576: 1.0x), so those keep F.linear.
+    0.70x for 192 x 576, 0.36-0.61x for up factors (1536 x r, 576 x r), 0.57-0.90x for down factors (r x 576,
+    r x 1536); 2-4 rows 0.23-0.84x; 8 rows 0.37-0.81x, but 1.14-1.45x for 256 x 576 and the weights with 1536
+    inputs; 16 rows 0.83-1.16x; from 32 rows on it stops paying (0.90-1.12x), hence DECODE_MAX_ROWS. Under
+    DECODE_MIN_WEIGHT elements its extra ops (a copy in, a copy out, 1-2 us each) cost what it saves (576 x 128,
+    128 x 576: 1.0x), so those keep F.linear.
     bfloat16 keeps F.linear: there the same trick is slower (0.86-1.54x, mostly above 1). Over whole models
     (SmolLM2, batch 1): dense 1.77x, keep 0.5 1.87x against F.linear.
     """
