@@ -150,3 +150,20 @@ def test_a_linear_with_its_own_forward_is_left_alone():
     model = nn.ModuleList([nn.Linear(4, 4), Scaled(4, 4)])
     assert lowrank.decode_layout(model) == 1
     assert type(model[1]) is Scaled and isinstance(model[0], DecodeKernel)
+
+
+def test_peft_adapters_run_on_the_kernel(factorized, mm_calls):
+    """A LoRA on every linear: its base layers keep the kernel, and one token's logits match F.linear's."""
+    peft = pytest.importorskip("peft")
+    logits = {}
+    for kernel in (True, False):
+        torch.manual_seed(0)  # the same adapter weights both times
+        model = peft.get_peft_model(lowrank.load_pretrained(factorized, decode_layout=kernel),
+                                    peft.LoraConfig(target_modules="all-linear", r=4, init_lora_weights=False))
+        bases = [m.base_layer for m in model.modules() if hasattr(m, "lora_A")]
+        assert bases and all(isinstance(b, DecodeKernel) == kernel for b in bases if "weight" in b._parameters)
+        calls = len(mm_calls)
+        with torch.no_grad():
+            logits[kernel] = model(ids(length=1)).logits
+        assert (len(mm_calls) > calls) == kernel
+    assert torch.allclose(logits[True], logits[False], atol=1e-5)
