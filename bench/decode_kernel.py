@@ -3,7 +3,8 @@ per shape and row count, then whole models decoding at batch 1 and 16.
 
     python bench/decode_kernel.py              # bench/results/decode-kernel.json: one layer, each kernel
     python bench/decode_kernel.py --models     # bench/results/decode-kernel-models.json: six models interleaved
-    python bench/decode_kernel.py --render [--models]
+    python bench/decode_kernel.py --models --batches 4,8 --rounds 3 --out decode-kernel-batches.json
+    python bench/decode_kernel.py --render [--models] [--out ...]
 
 Layers: SmolLM2-135M's shapes (576 hidden, 1536 MLP, 192 for k/v, the 49,152 x 576 LM head) and its factors at
 ranks 64-512, float32. Kernels: F.linear over the row-major weight (what transformers runs), F.linear over the
@@ -18,7 +19,8 @@ float32, each on F.linear (transformers' own path; `load_pretrained(..., decode_
 place per round: greedy decode of 64 new tokens after 32-token prompts at batch 1 (ms per token) and batch 16
 (tokens/s), each prompt's prefill timed apart and subtracted. One untimed warm-up round. Ratios are taken within
 each round, against the dense model on F.linear and against the dense model on the kernel; the table gives the
-median over rounds and, in brackets, the lowest and highest round.
+median over rounds and, in brackets, the lowest and highest round. `--batches 4,8`: decode tokens/s at those
+batch sizes instead, the same way.
 """
 
 import itertools
@@ -39,6 +41,7 @@ SHAPES = [(1536, 576), (576, 1536), (576, 576), (192, 576), (49152, 576),  # den
           (192, 64), (64, 576)]  # under DECODE_MIN_WEIGHT
 ROWS = (1, 2, 4, 8, 16, 32, 64, 512)
 KERNELS = ("row-major", "column-major", "decode_linear")
+NEW = layout_variants.NEW
 MODELS = [(checkpoint, kernel) for checkpoint in ("dense", "keep 0.8", "keep 0.5") for kernel in ("F.linear", "kernel")]
 
 
@@ -75,7 +78,8 @@ def measure(shape, rows):
 
 def markdown(results):
     if "rounds" in results:
-        return models_markdown(results)
+        return models_markdown(results) if "b1_ms_per_token" in results["rounds"][0]["dense, F.linear"] \
+            else batches_markdown(results)
     lines = ["| out x in | F.linear us at " + ", ".join(map(str, ROWS)) + " rows | decode_linear / F.linear | "
              "column-major / F.linear |", "|---|---|---|---|"]
     cells = {(r["out"], r["in"], r["rows"]): r["us"] for r in results["rows"]}
@@ -106,6 +110,33 @@ def models_markdown(results):
     return "\n".join(lines)
 
 
+def batch_round(runs, turn, batches):
+    """One round of `--batches`: decode tokens/s per batch size, the order turned by `turn` places."""
+    labels = list(runs)
+    figures = {}
+    for label in labels[turn % len(labels):] + labels[:turn % len(labels)]:
+        run, figures[label] = runs[label], {}
+        for batch in batches:
+            ids = run.prompts(batch, serve_bench.PROMPT)
+            first = eager_rounds.seconds(run, ids, 1)
+            figures[label][f"b{batch}_tokens_per_s"] = batch * NEW / (eager_rounds.seconds(run, ids, NEW + 1) - first)
+    return figures
+
+
+def batches_markdown(results):
+    rounds, keys = results["rounds"], [k for k in results["rounds"][0]["dense, F.linear"]]
+    lines = ["| model | " + " | ".join(f"batch {k[1:].split('_')[0]} tok/s (vs dense F.linear, vs dense kernel)"
+                                       for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for label in (f"{checkpoint}, {kernel}" for checkpoint, kernel in MODELS):
+        cells = []
+        for key in keys:
+            x, y = ([r[label][key] / r[base][key] for r in rounds] for base in ("dense, F.linear", "dense, kernel"))
+            cells.append(f"{statistics.median(r[label][key] for r in rounds):.1f} ({statistics.median(x):.2f}x, "
+                         f"{statistics.median(y):.2f}x; {min(y):.2f}-{max(y):.2f})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_models(args):
     import lowrank
 
@@ -118,7 +149,13 @@ def run_models(args):
             lowrank.decode_layout(run.model)
         runs[f"{checkpoint}, {kernel}"] = run
     turns = itertools.count()
-    return eager_rounds.interleaved(__doc__, args.out, runs, lambda r: layout_variants.one_round(r, next(turns)),
+    parts = __doc__.split("\n\n")
+    doc = "\n\n".join(parts[:2] + parts[3:4])  # interleaved() records paragraph 2: the models' protocol
+    if args.batches:
+        batches = [int(b) for b in args.batches.split(",")]
+        return eager_rounds.interleaved(doc, args.out, runs, lambda r: batch_round(r, next(turns), batches),
+                                        args.rounds)
+    return eager_rounds.interleaved(doc, args.out, runs, lambda r: layout_variants.one_round(r, next(turns)),
                                     args.rounds)
 
 
@@ -127,6 +164,7 @@ def main():
     parser = common.bench_parser(__doc__, "decode-kernel-models.json" if models else "decode-kernel.json", "")
     parser.add_argument("--models", action="store_true", help="whole models, interleaved (else one layer)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", help="with --models: decode tokens/s at these batch sizes instead (e.g. 4,8)")
     args = parser.parse_args()
     if common.rendered(args, markdown):
         return
