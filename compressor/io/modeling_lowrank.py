@@ -264,7 +264,14 @@ def slice_modules(model, sliced):
 # lists the unpacked modules, which a checkpoint rebuilds before its factorized layers are swapped in.
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
-_unpacked_classes: dict = {}
+_mixed_classes: dict = {}  # (mixin, class) -> the class with the mixin in front, made once
+
+
+def mixed_class(mixin, cls, prefix):
+    """`cls` with `mixin` first in its bases, named prefix + its name (UnpackedQwen3MoeExperts, DecodeLinear)."""
+    if (mixin, cls) not in _mixed_classes:
+        _mixed_classes[mixin, cls] = type(prefix + cls.__name__, (mixin, cls), {"__module__": __name__})
+    return _mixed_classes[mixin, cls]
 
 
 def is_packed_experts(module):
@@ -394,10 +401,7 @@ def share_modules(model, shared):
 
 
 def unpacked_class(cls, copies=False):
-    if cls not in _unpacked_classes:
-        mixin = UnpackedRoutedCopies if copies else UnpackedExperts
-        _unpacked_classes[cls] = type("Unpacked" + cls.__name__, (mixin, cls), {"__module__": __name__})
-    return _unpacked_classes[cls]
+    return mixed_class(UnpackedRoutedCopies if copies else UnpackedExperts, cls, "Unpacked")
 
 
 def unpack_experts(module):
@@ -491,9 +495,6 @@ class DecodeKernel:
         return decode_linear(x, self.weight, self.bias)
 
 
-_decode_classes: dict = {}  # a linear class -> its class with DecodeKernel mixed in
-
-
 def decode_layout(model: nn.Module, enable: bool = True) -> int:
     """Run every linear layer of `model` (nn.Linear, and the factors of factorized layers) through decode_linear,
     the faster CPU path for a decode step's few rows; returns how many modules changed. `enable=False` puts
@@ -511,9 +512,7 @@ def decode_layout(model: nn.Module, enable: bool = True) -> int:
         if not enable and isinstance(module, DecodeKernel):
             module.__class__ = cls.__bases__[1]
         elif enable and cls.forward in (nn.Linear.forward, Projection.forward) and "weight" in module._parameters:
-            if cls not in _decode_classes:
-                _decode_classes[cls] = type("Decode" + cls.__name__, (DecodeKernel, cls), {"__module__": __name__})
-            module.__class__ = _decode_classes[cls]
+            module.__class__ = mixed_class(DecodeKernel, cls, "Decode")
         else:
             continue
         changed += 1
