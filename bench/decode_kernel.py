@@ -15,7 +15,8 @@ default threads. Rows 1-16 are decode steps at batch 1-16, 64 and 512 prefill ch
 
 Models (`--models`): the dense SmolLM2 and the default keep 0.8 and keep 0.5 checkpoints (bench/serve_bench.py's),
 float32, each on F.linear (transformers' own path; `load_pretrained(..., decode_layout=False)`) and on the kernel
-(`lowrank.decode_layout`), six models in one process. Each round runs every model once, the order turned by one
+(`lowrank.decode_layout`), six models in one process, grouped downs off (`lowrank.group_downs`, the load default
+since the twenty-third session; bench/grouped_downs.py measures them). Each round runs every model once, the order turned by one
 place per round: greedy decode of 64 new tokens after 32-token prompts at batch 1 (ms per token) and batch 16
 (tokens/s), each prompt's prefill timed apart and subtracted. One untimed warm-up round. Ratios are taken within
 each round, against the dense model on F.linear and against the dense model on the kernel; the table gives the
@@ -147,6 +148,7 @@ def run_models(args):
         run = serve_bench.EagerRun(paths[checkpoint], "float32", "row-major")
         if kernel == "kernel":
             lowrank.decode_layout(run.model)
+        lowrank.group_downs(run.model, enable=False)  # the kernel alone, as measured (grouped_downs.py adds it)
         runs[f"{checkpoint}, {kernel}"] = run
     turns = itertools.count()
     parts = __doc__.split("\n\n")

@@ -5,6 +5,7 @@ The public API is imported lazily, so `import lowrank` (and `lowrank --help`) st
     lowrank.compress(model, output, ratio=0.5, method="whiten", ...)   factorize and write a checkpoint
     lowrank.load_pretrained(path, **from_pretrained_kwargs)            load a factorized checkpoint
     lowrank.decode_layout(model)                                       faster decode on CPU, batch 1-16 (any model)
+    lowrank.group_downs(model)                                         q/k/v, gate/up first GEMMs as one (factorized)
     lowrank.evaluate(model, baseline=..., data=...)                    perplexity, agreement, speed (a dict)
     lowrank.record_evaluation(evaluation, report_path)                append it to a report's evaluations
     lowrank.read_report(path)                                          a validated report (ReportError if not)
@@ -25,6 +26,7 @@ _API = {
     "CompressConfig": ("lowrank.compression.config", "CompressConfig"),
     "LowRankLinear": ("lowrank.io.modeling_lowrank", "LowRankLinear"),
     "decode_layout": ("lowrank.io.modeling_lowrank", "decode_layout"),
+    "group_downs": ("lowrank.io.modeling_lowrank", "group_downs"),
     "evaluate": ("lowrank.evaluation.api", "evaluate"),
     "record_evaluation": ("lowrank.evaluation.api", "record"),
     "read_report": ("lowrank.report.files", "read_report"),

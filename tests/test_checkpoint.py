@@ -123,7 +123,7 @@ def test_remote_code_load_without_lowrank(llama_out, tmp_path):
                          env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "REFUSED" in run.stdout and "LOADED-WITHOUT-FLAG" not in run.stdout
-    assert "LowRankLlamaModel LowRankLinear False" in run.stdout
+    assert "LowRankLlamaModel GroupedLowRankLinear False" in run.stdout  # factorized, grouped downs (the default)
     assert "Do you wish to run the custom code" not in run.stdout + run.stderr
     assert f"TOKENS {AutoTokenizer.from_pretrained(llama_out, trust_remote_code=True)('hello world')['input_ids']}" \
         in run.stdout

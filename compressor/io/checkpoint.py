@@ -266,7 +266,9 @@ def load_pretrained(path: str | os.PathLike[str], **kwargs: Any) -> "PreTrainedM
     Keyword arguments go to `from_pretrained` (dtype, device_map, ...). The model class is the original
     architecture's (e.g. LlamaForCausalLM), subclassed to hold the factorized layers. By default its linear
     layers run a decode step's few float32 rows through a faster CPU kernel (`lowrank.decode_layout`);
-    `decode_layout=False` keeps transformers' F.linear.
+    `decode_layout=False` keeps transformers' F.linear. Also by default, the layers of an input group (q/k/v,
+    gate/up) with a factorized member run their first GEMMs as one (`lowrank.group_downs`); `group_downs=False`
+    keeps one GEMM per factor.
     """
     config = read_lowrank_config(path)
     register(config)

@@ -265,13 +265,21 @@ def slice_modules(model, sliced):
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 _mixed_classes: dict = {}  # (mixin, class) -> the class with the mixin in front, made once
+_prefixes: dict = {}  # mixin -> the prefix of its classes' names
 
 
 def mixed_class(mixin, cls, prefix):
     """`cls` with `mixin` first in its bases, named prefix + its name (UnpackedQwen3MoeExperts, DecodeLinear)."""
     if (mixin, cls) not in _mixed_classes:
         _mixed_classes[mixin, cls] = type(prefix + cls.__name__, (mixin, cls), {"__module__": __name__})
+        _prefixes[mixin] = prefix
     return _mixed_classes[mixin, cls]
+
+
+def unmixed_class(cls, mixin):
+    """`cls` without `mixin`, keeping the mixins mixed_class put around it (GroupedDecodeLinear -> GroupedLinear)."""
+    outer, inner = cls.__bases__
+    return inner if outer is mixin else mixed_class(outer, unmixed_class(inner, mixin), _prefixes[outer])
 
 
 def is_packed_experts(module):
@@ -456,6 +464,14 @@ def _cpu_autocast():
         return torch.is_autocast_cpu_enabled()
 
 
+def decode_rows(x):
+    """x's rows if decode_linear may take its own path for it (float32 on CPU, 1-16 rows, no autocast), else 0."""
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    if 0 < rows <= DECODE_MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu" and not _cpu_autocast():
+        return rows  # autocast casts F.linear's bias too: under it, its rules apply whole
+    return 0
+
+
 def decode_linear(x, weight, bias=None):
     """F.linear(x, weight, bias), computed as (weight @ x^T)^T when x has a decode step's few rows.
 
@@ -472,10 +488,9 @@ def decode_linear(x, weight, bias=None):
     bfloat16 keeps F.linear: there the same trick is slower (0.86-1.54x, mostly above 1). Over whole models
     (SmolLM2, batch 1): dense 1.77x, keep 0.5 1.87x against F.linear.
     """
-    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-    if (not 0 < rows <= DECODE_MAX_ROWS or weight.numel() < DECODE_MIN_WEIGHT or weight.dtype != torch.float32
-            or x.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous()
-            or _cpu_autocast()):  # autocast casts F.linear's bias too: keep its rules whole
+    rows = decode_rows(x)
+    if (not rows or weight.numel() < DECODE_MIN_WEIGHT or weight.dtype != torch.float32
+            or weight.device.type != "cpu" or not weight.is_contiguous()):
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:  # two columns: a GEMM, where one would be a GEMV; the fewest ops (each costs 1-2 us here)
@@ -508,14 +523,165 @@ def decode_layout(model: nn.Module, enable: bool = True) -> int:
     """
     changed = 0
     for module in model.modules():
-        cls = type(module)
-        if not enable and isinstance(module, DecodeKernel):
-            module.__class__ = cls.__bases__[1]
+        grouped = isinstance(module, GroupedInput)  # the kernel goes beneath the group's forward
+        cls = unmixed_class(type(module), GroupedInput) if grouped else type(module)
+        if not enable and issubclass(cls, DecodeKernel):
+            cls = unmixed_class(cls, DecodeKernel)
         elif enable and cls.forward in (nn.Linear.forward, Projection.forward) and "weight" in module._parameters:
-            module.__class__ = mixed_class(DecodeKernel, cls, "Decode")
+            cls = mixed_class(DecodeKernel, cls, "Decode")
         else:
             continue
+        module.__class__ = mixed_class(GroupedInput, cls, "Grouped") if grouped else cls
         changed += 1
+    return changed
+
+
+# ---- layers that read one input ----------------------------------------------------------------------------------
+# Sibling layers that read the same input: transformers calls them one by one (q_proj(x), k_proj(x), v_proj(x)).
+INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("w1", "w3"))
+
+
+def _first(member):
+    """The module that makes a member's first GEMM: a factorized layer's down, a dense layer itself."""
+    return member.down if isinstance(member, LowRankLinear) else member
+
+
+def _version(x):
+    return None if x.is_inference() else x._version  # inference tensors keep no version counter
+
+
+class InputGroup:
+    """The members of one input group (q/k/v or gate/up, at least one factorized) run their first GEMMs as one.
+
+    Why: a factorized layer makes two GEMMs where the dense one made one, and each call costs some microseconds
+    beside its arithmetic (a module call, the kernel's copies). One GEMM over the stacked first factors (a factorized
+    member's down, a dense member's whole weight, as the vLLM plugin stacks them) makes one call in place of two or
+    three. The arithmetic does not shrink: MKL takes as long over the stack as over its parts. So the gain is
+    small, and only where those costs weigh: on the decode kernel's path (decode_rows), where a SmolLM2 decode
+    step at batch 1 runs 1.028x faster at keep 0.8 and 1.022x at keep 0.5, at batch 16 1.014x and 1.001x (paired
+    over 400 and 200 steps, bench/grouped_downs.py, BENCHMARKS.md "Grouped downs"). On F.linear the same grouping was 0.98x at batch 1, and a 512-token prefill
+    0.99-1.00x: there the members run alone. A group of dense layers only is not made: it has no extra call to
+    pay back.
+
+    The stacked weight is the storage: the members' parameters become views of its row blocks (no second copy;
+    in-place writes, load_state_dict's and an optimizer's, reach it). If they stop being its views (`.to()`,
+    `param.data = ...`), it is stacked again at the next call. The first member called with a new input computes
+    every member's part; the others take theirs while the input is the same tensor, unchanged, and the parts are
+    dropped once all were served. A member called with another input while parts wait (cross-attention's k/v
+    read the encoder's states; a layer a model skips) switches the group off: each member then runs alone. So
+    does training the members' weights (their gradients need their own GEMMs), for that call.
+    """
+
+    def __init__(self, members):
+        self.members, self.enabled = members, True
+        self.owners = [_first(m) for m in members]  # the modules whose `weight` is stacked
+        self.everyone = frozenset(range(len(members)))
+        self.stack, self.pointers, self.widths, self.state = None, None, None, None  # state: (input, version,
+        # parts, indices still waiting)
+
+    def weights(self):
+        return [owner._parameters["weight"] for owner in self.owners]  # read each time: a load may swap them
+
+    def restack(self, weights):
+        """Stack the members' weights and make them views of the stack; False if they cannot be stacked."""
+        if len({(w.dtype, w.device, w.shape[1:]) for w in weights}) > 1 or weights[0].device.type == "meta":
+            return False
+        with torch.no_grad():
+            self.stack = torch.cat([w.detach() for w in weights])
+        self.widths = [w.shape[0] for w in weights]
+        for weight, view in zip(weights, self.stack.split(self.widths)):
+            weight.data = view
+        self.pointers = [w.data_ptr() for w in weights]
+        return True
+
+    def part(self, member, x):
+        """`member`'s share of the stacked GEMM over x, or None: the member runs alone (as it does off the kernel's
+        path, where grouping measured no gain: see the class docstring)."""
+        index = self.members.index(member)
+        if not (self.enabled and isinstance(self.owners[index], DecodeKernel) and decode_rows(x)):
+            return None
+        weights = None
+        if torch.is_grad_enabled():
+            weights = self.weights()
+            if any(w.requires_grad for w in weights):
+                return None
+        state = self.state  # one read: a consistent snapshot
+        if state is not None and state[0] is x and state[1] == _version(x):
+            waiting = state[3] - {index}
+            self.state = (*state[:3], waiting) if waiting else None
+            return state[2][index]
+        weights = weights or self.weights()
+        # parts still waiting for another input: the members do not share theirs
+        if state is not None or not ([w.data_ptr() for w in weights] == self.pointers or self.restack(weights)):
+            self.enabled, self.state = False, None
+            return None
+        parts = decode_linear(x, self.stack).split(self.widths, -1)
+        self.state = (x, _version(x), parts, self.everyone - {index})
+        return parts[index]
+
+    def release(self):
+        """Give each member's weight its own storage again."""
+        for weight in self.weights():
+            weight.data = weight.data.clone()
+        self.stack = self.pointers = self.state = None
+
+
+class GroupedInput:
+    """Mixed into an input group member's class by group_downs: its first GEMM comes from the group's."""
+
+    input_group: InputGroup
+
+    def forward(self, x):
+        part = self.input_group.part(self, x)
+        if part is None:
+            return super().forward(x)
+        if isinstance(self, LowRankLinear):
+            return self._modules["up"](part)
+        bias = self._parameters["bias"]
+        return part if bias is None else part + bias
+
+
+def _group_member(module):
+    """The layer a group can take (a PEFT layer's base layer), or None: a factorized layer, or a plain linear one."""
+    module = getattr(module, "base_layer", module)
+    plain = unmixed_class(type(module), GroupedInput) if isinstance(module, GroupedInput) else type(module)
+    if isinstance(module, LowRankLinear) or (
+            plain.forward in (nn.Linear.forward, DecodeKernel.forward) and "weight" in module._parameters):
+        parts = [module] + list(module.children())
+        return None if any(hasattr(p, "_hf_hook") for p in parts) else module  # accelerate moves its weights
+    return None
+
+
+def group_downs(model: nn.Module, enable: bool = True) -> int:
+    """Run the first GEMMs of each input group of `model` (q/k/v, gate/up: INPUT_GROUPS) as one GEMM, where at
+    least one member is factorized (InputGroup says why and how); returns how many groups changed. `enable=False`
+    gives each member its own forward and its own storage back.
+
+    Names, values and modules stay: PEFT sees the same layers, and an adapter on a member keeps the grouping (its
+    base layer is called with the same input). save_pretrained writes the same files; safetensors' save_file
+    refuses tensors that share storage, so call group_downs(model, enable=False) before it.
+    """
+    if not enable:
+        groups = {id(m.input_group): m.input_group for m in model.modules() if isinstance(m, GroupedInput)}
+        for group in groups.values():
+            group.release()
+            for member in group.members:
+                member.__class__ = unmixed_class(type(member), GroupedInput)
+                del member.input_group
+        return len(groups)
+    changed = 0
+    for parent in list(model.modules()):
+        for names in INPUT_GROUPS:
+            found = [parent._modules[name] for name in names if parent._modules.get(name) is not None]
+            members = [m for m in map(_group_member, found) if m is not None]
+            if (len(members) < 2 or not any(isinstance(m, LowRankLinear) for m in members)
+                    or len({m.in_features for m in members}) > 1 or any(isinstance(m, GroupedInput) for m in members)):
+                continue
+            group = InputGroup(members)
+            for member in members:
+                member.__class__ = mixed_class(GroupedInput, type(member), "Grouped")
+                member.input_group = group
+            changed += 1
     return changed
 
 
@@ -538,7 +704,7 @@ def _init_factors(model, module):
 
 
 _classes: dict = {}  # name -> generated class, so that each is made once
-_decode_layout = decode_layout  # the name the classes' from_pretrained argument hides
+_decode_layout, _group_downs = decode_layout, group_downs  # the names the classes' from_pretrained arguments hide
 
 
 def _make_config_class(base):
@@ -562,11 +728,13 @@ def _make_model_class(base, config_class):
             base._init_weights(self, module)
 
     @classmethod
-    def from_pretrained(cls, *args, decode_layout=True, **kwargs):
-        # On by default: the fast decode path changes the linear modules' classes and nothing else.
+    def from_pretrained(cls, *args, decode_layout=True, group_downs=True, **kwargs):
+        # On by default: both change the linear modules' classes (and where the grouped weights live), no values.
         model = base.from_pretrained.__func__(cls, *args, **kwargs)
         if decode_layout:
             _decode_layout(model)
+        if group_downs:
+            _group_downs(model)
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):

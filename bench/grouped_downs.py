@@ -1,0 +1,129 @@
+"""Grouped downs (`lowrank.group_downs`, on by default in `load_pretrained`) against one GEMM per factor: eager
+transformers decode steps and prefill, whole models, paired.
+
+    python bench/grouped_downs.py              # bench/results/grouped-downs.json
+    python bench/grouped_downs.py --render
+
+Models: the dense SmolLM2 on the decode kernel (`lowrank.decode_layout`), and the default keep 0.8 and keep 0.5
+checkpoints (bench/serve_bench.py's) on the kernel with and without grouping, keep 0.5 also on F.linear with and
+without; float32, seven models in one process. What is timed is one forward pass of the model, not generate():
+a decode step of one new token on the KV cache of a 32-token prompt (the cache cropped back after each step) at
+batch 1 and batch 16, and the prefill of one 512-token prompt. Each repetition runs every model once, the order
+reversed every other repetition; 400 repetitions at batch 1, 200 at batch 16, 40 of the prefill. The figures are
+the median time per model and, for each grouped model, the median over repetitions of the ungrouped model's time
+over the grouped one's in the same repetition (a paired ratio), also given for each half of the repetitions.
+Whole generate() rounds (64 tokens, five rounds) scattered the same ratio over 0.92-1.09 on this machine, which
+hides an effect of a few percent.
+
+Grouping: the layers of an input group (q/k/v, gate/up) with at least one factorized member run their first GEMMs
+(the factorized members' downs and the dense members' weights, stacked) as one GEMM, then each factorized
+member's up (modeling_lowrank.InputGroup).
+"""
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common
+import serve_bench
+
+MODELS = [("dense", "kernel"), ("keep 0.8", "kernel"), ("keep 0.8", "kernel, grouped"), ("keep 0.5", "kernel"),
+          ("keep 0.5", "kernel, grouped"), ("keep 0.5", "F.linear"), ("keep 0.5", "F.linear, grouped")]
+MEASURES = {"decode_b1": (1, 400), "decode_b16": (16, 200), "prefill_512": (1, 40)}  # name: (batch, repetitions)
+PROMPT = 32
+
+
+def load(paths):
+    import lowrank
+
+    runs = {}
+    for checkpoint, kernel in MODELS:
+        run = serve_bench.EagerRun(paths[checkpoint], "float32", "row-major")  # F.linear, grouped (the default)
+        if kernel.startswith("kernel"):
+            lowrank.decode_layout(run.model)
+        if not kernel.endswith("grouped"):
+            lowrank.group_downs(run.model, enable=False)
+        runs[f"{checkpoint}, {kernel}"] = run
+    return runs
+
+
+def steps(runs, measure):
+    """{label: [seconds per repetition]} of one measure, the models interleaved."""
+    import torch
+
+    batch, repetitions = MEASURES[measure]
+    calls = {}
+    with torch.no_grad():
+        for label, run in runs.items():
+            if measure.startswith("prefill"):
+                ids = run.prompts(batch, 512)
+                calls[label] = lambda run=run, ids=ids: run.model(ids)
+                continue
+            ids = run.prompts(batch, PROMPT)
+            cache = run.model(ids, use_cache=True).past_key_values
+            position = torch.full((batch, 1), PROMPT)
+
+            def step(run=run, cache=cache, token=ids[:, -1:], position=position):
+                run.model(token, cache=cache, use_cache=True, position_ids=position)
+                cache.crop(-1)
+
+            calls[label] = step
+        times = {label: [] for label in runs}
+        for repetition in range(repetitions + 1):  # the first is a warm-up
+            for label in (list(runs) if repetition % 2 else list(runs)[::-1]):
+                start = time.perf_counter()
+                calls[label]()
+                if repetition:
+                    times[label].append(time.perf_counter() - start)
+    return times
+
+
+def summary(times):
+    out = {}
+    for label, seconds in times.items():
+        out[label] = {"median_ms": statistics.median(seconds) * 1000}
+        base = label.removesuffix(", grouped")
+        if base != label:
+            ratios = [a / b for a, b in zip(times[base], seconds)]
+            half = len(ratios) // 2
+            out[label].update(paired_speedup=statistics.median(ratios),
+                              halves=[statistics.median(ratios[:half]), statistics.median(ratios[half:])])
+    return out
+
+
+def markdown(results):
+    lines = ["| model | " + " | ".join(f"{m} ms (grouping's paired speed-up; halves)" for m in MEASURES) + " |",
+             "|---|" + "---|" * len(MEASURES)]
+    for checkpoint, kernel in MODELS:
+        label, cells = f"{checkpoint}, {kernel}", []
+        for measure in MEASURES:
+            row = results["measures"][measure][label]
+            cell = f"{row['median_ms']:.2f}"
+            if "paired_speedup" in row:
+                cell += f" ({row['paired_speedup']:.3f}x; {row['halves'][0]:.3f}, {row['halves'][1]:.3f})"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = common.bench_parser(__doc__, "grouped-downs.json", "")
+    args = parser.parse_args()
+    if common.rendered(args, markdown):
+        return
+    common.prepare()
+    runs = load(serve_bench.checkpoints(sorted({checkpoint for checkpoint, _ in MODELS})))
+    measures = {}
+    for measure in MEASURES:
+        measures[measure] = summary(steps(runs, measure))
+        print(measure, measures[measure], flush=True)
+    result = {"protocol": __doc__.split("\n\n")[2], "machine": common.machine(), "load_average": os.getloadavg(),
+              "measures": measures}
+    print(common.save(args.out, result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
