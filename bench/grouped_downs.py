@@ -6,12 +6,14 @@ transformers decode steps and prefill, whole models, paired.
 
 Models: the dense SmolLM2 on the decode kernel (`lowrank.decode_layout`), and the default keep 0.8 and keep 0.5
 checkpoints (bench/serve_bench.py's) on the kernel with and without grouping, keep 0.5 also on F.linear with and
-without; float32, seven models in one process. What is timed is one forward pass of the model, not generate():
+without (a control: up to 1d3b196 its groups checked each call and never acted; since then group_downs makes no
+group off the kernel, and the two are the same model); float32, seven models in one process. What is timed is one forward pass of the model, not generate():
 a decode step of one new token on the KV cache of a 32-token prompt (the cache cropped back after each step) at
-batch 1 and batch 16, and the prefill of one 512-token prompt. Each repetition runs every model once, the order
-reversed every other repetition; 400 repetitions at batch 1, 200 at batch 16, 40 of the prefill. The figures are
-the median time per model and, for each grouped model, the median over repetitions of the ungrouped model's time
-over the grouped one's in the same repetition (a paired ratio), also given for each half of the repetitions.
+batch 1, 4, 8 and 16, and the prefill of one 512-token prompt. Each repetition runs every model once, the order
+reversed every other repetition; 400 repetitions at batch 1, 200 at batch 4-16, 40 of the prefill. The figures
+are the median time per model and, for each grouped model, the median over repetitions of the ungrouped model's
+time over the grouped one's in the same repetition (a paired ratio), also given for each half of the repetitions.
+A second table gives each model's speed against the dense model on the kernel (the ratio of median times).
 Whole generate() rounds (64 tokens, five rounds) scattered the same ratio over 0.92-1.09 on this machine, which
 hides an effect of a few percent.
 
@@ -31,8 +33,10 @@ import serve_bench
 
 MODELS = [("dense", "kernel"), ("keep 0.8", "kernel"), ("keep 0.8", "kernel, grouped"), ("keep 0.5", "kernel"),
           ("keep 0.5", "kernel, grouped"), ("keep 0.5", "F.linear"), ("keep 0.5", "F.linear, grouped")]
-MEASURES = {"decode_b1": (1, 400), "decode_b16": (16, 200), "prefill_512": (1, 40)}  # name: (batch, repetitions)
+MEASURES = {"decode_b1": (1, 400), "decode_b4": (4, 200), "decode_b8": (8, 200), "decode_b16": (16, 200),
+            "prefill_512": (1, 40)}  # name: (batch, repetitions)
 PROMPT = 32
+DENSE = "dense, kernel"
 
 
 def load(paths):
@@ -94,16 +98,23 @@ def summary(times):
 
 
 def markdown(results):
-    lines = ["| model | " + " | ".join(f"{m} ms (grouping's paired speed-up; halves)" for m in MEASURES) + " |",
-             "|---|" + "---|" * len(MEASURES)]
+    measures = results["measures"]
+    lines = ["| model | " + " | ".join(f"{m} ms (grouping's paired speed-up; halves)" for m in measures) + " |",
+             "|---|" + "---|" * len(measures)]
     for checkpoint, kernel in MODELS:
         label, cells = f"{checkpoint}, {kernel}", []
-        for measure in MEASURES:
-            row = results["measures"][measure][label]
+        for measure in measures:
+            row = measures[measure][label]
             cell = f"{row['median_ms']:.2f}"
             if "paired_speedup" in row:
                 cell += f" ({row['paired_speedup']:.3f}x; {row['halves'][0]:.3f}, {row['halves'][1]:.3f})"
             cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| model | " + " | ".join(f"{m} vs dense, kernel" for m in measures) + " |",
+              "|---|" + "---|" * len(measures)]
+    for checkpoint, kernel in MODELS[1:]:
+        label = f"{checkpoint}, {kernel}"
+        cells = [f"{m[DENSE]['median_ms'] / m[label]['median_ms']:.3f}x" for m in measures.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

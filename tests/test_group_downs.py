@@ -84,16 +84,26 @@ def test_writes_and_dtype_changes_reach_the_grouped_gemm(factorized):
         assert group.stack.data_ptr() != old[id(group)] and group.weights()[0].data_ptr() == group.stack.data_ptr()
 
 
-def test_off_the_kernel_the_members_run_alone(factorized, gemms):
-    """Grouping measured no gain on F.linear (BENCHMARKS.md "Grouped downs"): a model loaded without the kernel
-    makes every member's own GEMMs, and its weights are never stacked."""
-    grouped = lowrank.load_pretrained(factorized, decode_layout=False)
-    plain = lowrank.load_pretrained(factorized, decode_layout=False, group_downs=False)
+def test_off_the_kernel_no_group_is_made(factorized, gemms):
+    """Grouping measured no gain on F.linear, and its per-call check a cost (BENCHMARKS.md "Grouped downs"): a
+    model loaded without the kernel, or in bfloat16 (which the kernel leaves to F.linear), gets no group."""
+    assert not groups(lowrank.load_pretrained(factorized, decode_layout=False))
+    assert not groups(lowrank.load_pretrained(factorized, dtype=torch.bfloat16))
+    model = lowrank.load_pretrained(factorized, decode_layout=False)
+    assert group_downs(model) == 0
+    lowrank.decode_layout(model)
+    assert group_downs(model) > 0  # on the kernel now
+
+
+def test_a_grouped_model_moved_off_the_kernels_path_runs_each_member_alone(factorized, gemms):
+    grouped, plain = lowrank.load_pretrained(factorized), lowrank.load_pretrained(factorized, group_downs=False)
+    for model in (grouped, plain):
+        lowrank.decode_layout(model, enable=False)
     counts = []
     for model in (grouped, plain):
         start = len(gemms)
-        counts.append(logits(model, ids(length=1)))
-        counts[-1] = len(gemms) - start
+        logits(model, ids(length=1))
+        counts.append(len(gemms) - start)
     assert counts[0] == counts[1] and groups(grouped) and all(g.stack is None for g in groups(grouped))
 
 

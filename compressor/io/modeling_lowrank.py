@@ -558,10 +558,10 @@ class InputGroup:
     member's down, a dense member's whole weight, as the vLLM plugin stacks them) makes one call in place of two or
     three. The arithmetic does not shrink: MKL takes as long over the stack as over its parts. So the gain is
     small, and only where those costs weigh: on the decode kernel's path (decode_rows), where a SmolLM2 decode
-    step at batch 1 runs 1.028x faster at keep 0.8 and 1.022x at keep 0.5, at batch 16 1.014x and 1.001x (paired
-    over 400 and 200 steps, bench/grouped_downs.py, BENCHMARKS.md "Grouped downs"). On F.linear the same grouping was 0.98x at batch 1, and a 512-token prefill
-    0.99-1.00x: there the members run alone. A group of dense layers only is not made: it has no extra call to
-    pay back.
+    step runs 1.016-1.028x faster at batch 1 (keep 0.8 and keep 0.5, two runs) and 1.000-1.029x at batch 4-16
+    (paired over 200-400 steps, bench/grouped_downs.py, BENCHMARKS.md "Grouped downs"). On F.linear the same
+    grouping was 0.98x at batch 1, and a 512-token prefill 0.99-1.00x: there the members run alone. A group of
+    dense layers only is not made: it has no extra call to pay back.
 
     The stacked weight is the storage: the members' parameters become views of its row blocks (no second copy;
     in-place writes, load_state_dict's and an optimizer's, reach it). If they stop being its views (`.to()`,
@@ -621,7 +621,7 @@ class InputGroup:
 
     def release(self):
         """Give each member's weight its own storage again."""
-        for weight in self.weights():
+        for weight in self.weights() if self.stack is not None else []:
             weight.data = weight.data.clone()
         self.stack = self.pointers = self.state = None
 
@@ -642,20 +642,27 @@ class GroupedInput:
 
 
 def _group_member(module):
-    """The layer a group can take (a PEFT layer's base layer), or None: a factorized layer, or a plain linear one."""
+    """The layer a group can take (a PEFT layer's base layer), or None. It must be a factorized layer or a plain
+    linear one, on the decode kernel with float32 CPU weights: elsewhere a group would never act, and its check on
+    every call cost a model on F.linear 0.3-1.2% (BENCHMARKS.md "Grouped downs")."""
     module = getattr(module, "base_layer", module)
     plain = unmixed_class(type(module), GroupedInput) if isinstance(module, GroupedInput) else type(module)
-    if isinstance(module, LowRankLinear) or (
-            plain.forward in (nn.Linear.forward, DecodeKernel.forward) and "weight" in module._parameters):
-        parts = [module] + list(module.children())
-        return None if any(hasattr(p, "_hf_hook") for p in parts) else module  # accelerate moves its weights
-    return None
+    if not isinstance(module, LowRankLinear) and not (
+            plain.forward is DecodeKernel.forward and "weight" in module._parameters):
+        return None
+    first = _first(module)
+    weight = first._parameters.get("weight")
+    if (not isinstance(first, DecodeKernel) or weight is None or weight.dtype != torch.float32
+            or weight.device.type != "cpu" or any(hasattr(p, "_hf_hook") for p in [module, *module.children()])):
+        return None  # (accelerate's hooks move the weights on every call)
+    return module
 
 
 def group_downs(model: nn.Module, enable: bool = True) -> int:
     """Run the first GEMMs of each input group of `model` (q/k/v, gate/up: INPUT_GROUPS) as one GEMM, where at
     least one member is factorized (InputGroup says why and how); returns how many groups changed. `enable=False`
-    gives each member its own forward and its own storage back.
+    gives each member its own forward and its own storage back. It takes layers on the decode kernel with float32
+    CPU weights only (decode_layout first; after moving a model to float32 on CPU, call it again).
 
     Names, values and modules stay: PEFT sees the same layers, and an adapter on a member keeps the grouping (its
     base layer is called with the same input). save_pretrained writes the same files; safetensors' save_file
