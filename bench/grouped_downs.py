@@ -44,11 +44,12 @@ def load(paths):
 
     runs = {}
     for checkpoint, kernel in MODELS:
-        run = serve_bench.EagerRun(paths[checkpoint], "float32", "row-major")  # F.linear, grouped (the default)
+        run = serve_bench.EagerRun(paths[checkpoint], "float32", "row-major")  # F.linear: group_downs makes no group
         if kernel.startswith("kernel"):
             lowrank.decode_layout(run.model)
-        if not kernel.endswith("grouped"):
-            lowrank.group_downs(run.model, enable=False)
+        if kernel.endswith("grouped"):
+            made = lowrank.group_downs(run.model)  # off the kernel: none (the control)
+            assert made > 0 or not kernel.startswith("kernel"), f"{checkpoint}: no group was made"
         runs[f"{checkpoint}, {kernel}"] = run
     return runs
 

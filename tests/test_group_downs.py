@@ -80,6 +80,8 @@ def test_writes_and_dtype_changes_reach_the_grouped_gemm(factorized):
         grouped.to(dtype)
         plain.to(dtype)
         assert torch.allclose(logits(grouped, ids(length=1)), logits(plain, ids(length=1)), atol=1e-5)
+        if dtype == torch.float64:  # the float32 stack is let go, not kept beside the new weights
+            assert all(g.stack is None for g in groups(grouped))
     for group in groups(grouped):  # new storage, stacked again: the weights are views of the new stack
         assert group.stack.data_ptr() != old[id(group)] and group.weights()[0].data_ptr() == group.stack.data_ptr()
 
@@ -221,3 +223,24 @@ def test_members_with_biases_and_a_member_left_out():
         after = [m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
     assert attn.q_proj.input_group.stack is not None  # the grouped path ran
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(before, after))
+
+
+def test_inference_mode_runs_each_member_alone_and_leaves_the_weights_normal(factorized, gemms):
+    """Under torch.inference_mode x has no version counter, and a stack made there would turn the parameters into
+    inference tensors (then load_state_dict and optimizers fail outside it): the members run alone."""
+    grouped, plain = lowrank.load_pretrained(factorized), lowrank.load_pretrained(factorized, group_downs=False)
+    counts, outs = [], []
+    for model in (grouped, plain):
+        start = len(gemms)
+        with torch.inference_mode():
+            outs.append(model(ids(length=1)).logits.clone())
+        counts.append(len(gemms) - start)
+    assert counts[0] == counts[1] and torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert not any(p.is_inference() for p in grouped.parameters())
+    grouped.load_state_dict(plain.state_dict())  # in place, into the (not yet made) stack's weights
+    logits(grouped, ids(length=1))  # now stacked, outside inference mode
+    with torch.inference_mode():
+        assert torch.allclose(grouped(ids(length=1)).logits, outs[1], atol=1e-5)
+    assert not any(p.is_inference() for p in grouped.parameters())
+    grouped.load_state_dict(plain.state_dict())
+    assert torch.allclose(logits(grouped, ids(length=1)), outs[1], atol=1e-5)

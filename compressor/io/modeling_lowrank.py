@@ -546,10 +546,6 @@ def _first(member):
     return member.down if isinstance(member, LowRankLinear) else member
 
 
-def _version(x):
-    return None if x.is_inference() else x._version  # inference tensors keep no version counter
-
-
 class InputGroup:
     """The members of one input group (q/k/v or gate/up, at least one factorized) run their first GEMMs as one.
 
@@ -565,11 +561,14 @@ class InputGroup:
 
     The stacked weight is the storage: the members' parameters become views of its row blocks (no second copy;
     in-place writes, load_state_dict's and an optimizer's, reach it). If they stop being its views (`.to()`,
-    `param.data = ...`), it is stacked again at the next call. The first member called with a new input computes
-    every member's part; the others take theirs while the input is the same tensor, unchanged, and the parts are
-    dropped once all were served. A member called with another input while parts wait (cross-attention's k/v
-    read the encoder's states; a layer a model skips) switches the group off: each member then runs alone. So
-    does training the members' weights (their gradients need their own GEMMs), for that call.
+    `param.data = ...`), the next call on the kernel's path stacks them again, and any other call lets the old
+    stack go. The first member called with a new input computes every member's part; the others take theirs while
+    the input is the same tensor, unchanged (its version counter), and the parts are dropped once all were served.
+    A member called with another input while parts wait (cross-attention's k/v read the encoder's states; a layer
+    a model skips; two threads sharing the model) switches the group off for good: each member then runs alone.
+    Members also run alone while the weights need gradients (their gradients need their own GEMMs) and under
+    torch.inference_mode (x has no version counter there). Not checked: a write to the weights between two
+    members' calls on the same input, which no forward pass makes.
     """
 
     def __init__(self, members):
@@ -598,7 +597,12 @@ class InputGroup:
         """`member`'s share of the stacked GEMM over x, or None: the member runs alone (as it does off the kernel's
         path, where grouping measured no gain: see the class docstring)."""
         index = self.members.index(member)
-        if not (self.enabled and isinstance(self.owners[index], DecodeKernel) and decode_rows(x)):
+        if not (self.enabled and isinstance(self.owners[index], DecodeKernel) and decode_rows(x)) or (
+                torch.is_inference_mode_enabled() or x.is_inference()):
+            # off the kernel's path; or under inference mode, where x has no version counter to check and a stack
+            # made there would turn the parameters into inference tensors. Let go of a stack no longer in use.
+            if self.stack is not None and [w.data_ptr() for w in self.weights()] != self.pointers:
+                self.stack = self.pointers = self.state = None
             return None
         weights = None
         if torch.is_grad_enabled():
@@ -606,7 +610,7 @@ class InputGroup:
             if any(w.requires_grad for w in weights):
                 return None
         state = self.state  # one read: a consistent snapshot
-        if state is not None and state[0] is x and state[1] == _version(x):
+        if state is not None and state[0] is x and state[1] == x._version:
             waiting = state[3] - {index}
             self.state = (*state[:3], waiting) if waiting else None
             return state[2][index]
@@ -616,7 +620,7 @@ class InputGroup:
             self.enabled, self.state = False, None
             return None
         parts = decode_linear(x, self.stack).split(self.widths, -1)
-        self.state = (x, _version(x), parts, self.everyone - {index})
+        self.state = (x, x._version, parts, self.everyone - {index})
         return parts[index]
 
     def release(self):
