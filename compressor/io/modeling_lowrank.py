@@ -554,10 +554,10 @@ class InputGroup:
     member's down, a dense member's whole weight, as the vLLM plugin stacks them) makes one call in place of two or
     three. The arithmetic does not shrink: MKL takes as long over the stack as over its parts. So the gain is
     small, and only where those costs weigh: on the decode kernel's path (decode_rows), where a SmolLM2 decode
-    step runs 1.016-1.028x faster at batch 1 (keep 0.8 and keep 0.5, two runs) and 1.000-1.029x at batch 4-16
+    step runs 1.013-1.025x faster at batch 1 (keep 0.8 and keep 0.5, two runs) and 0.998-1.029x at batch 4-16
     (paired over 200-400 steps, bench/grouped_downs.py, BENCHMARKS.md "Grouped downs"). On F.linear the same
-    grouping was 0.98x at batch 1, and a 512-token prefill 0.99-1.00x: there the members run alone. A group of
-    dense layers only is not made: it has no extra call to pay back.
+    grouping measured 0.98x at batch 1, and a 512-token prefill 0.99-1.00x: there the members run alone. A group
+    of dense layers only is not made: it has no extra call to pay back.
 
     The stacked weight is the storage: the members' parameters become views of its row blocks (no second copy;
     in-place writes, load_state_dict's and an optimizer's, reach it). If they stop being its views (`.to()`,
