@@ -47,11 +47,14 @@ EAGER_ONLY = {"dense decode-layout": "decode", "keep 0.5 row-major": "row-major"
 
 
 def checkpoints(labels=None):
-    """{label: path}: the dense model, the default compress output at each keep and keep 0.8 --speed-aware
-    (made once; `labels` picks some)."""
+    """{label: path}: the dense model, the default compress output at each keep and keep 0.8 --speed-aware, timed
+    on lowrank's kernel or (vllm-speed-aware) on vLLM's (made once; `labels` picks some)."""
     plans = {"dense": None, **{f"keep {keep}": (keep, []) for keep in KEEPS},
              f"keep {SPEED_AWARE} speed-aware": (SPEED_AWARE, ["--speed-aware", "--refine-steps", "0"])}
-    plans.update({"dense decode-layout": None, "keep 0.5 row-major": (0.5, [])})
+    vllm_profile = os.path.join(common.RESULTS, "speed-profile-vllm.json")  # bench/speed_profile.py --kernel vllm
+    plans.update({"dense decode-layout": None, "keep 0.5 row-major": (0.5, []),
+                  f"keep {SPEED_AWARE} vllm-speed-aware": (SPEED_AWARE, ["--speed-aware", "--speed-profile",
+                                                                         vllm_profile])})
     paths = {}
     for label, plan in plans.items():
         if labels and label not in labels:
@@ -60,7 +63,8 @@ def checkpoints(labels=None):
             paths[label] = common.MODEL_DIR
             continue
         keep, flags = plan
-        out = os.path.join(common.WORK, "serve", f"smollm2-default-{keep}" + ("-speed" if flags else ""))
+        suffix = ("-vllm-speed" if "--speed-profile" in flags else "-speed") if flags else ""
+        out = os.path.join(common.WORK, "serve", f"smollm2-default-{keep}{suffix}")
         os.makedirs(os.path.dirname(out), exist_ok=True)
         if not os.path.exists(os.path.join(out, "config.json")):
             common.run_lowrank(["compress", common.MODEL_DIR, "--ratio", str(keep), "-o", out, "--overwrite",

