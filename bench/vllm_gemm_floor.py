@@ -122,14 +122,19 @@ def microseconds(shape, kernel="onednn"):
         laid = weights if kernel == "row-major" else [w.t().contiguous().t() for w in weights]
         calls = [functools.partial(lambda w, x: F.linear(x, w), w) for w in laid]
     x = torch.randn(1, shape[1], generator=generator)
-    times = []
     with torch.no_grad():
-        calls[0](x)
-        for _ in range(5):
-            start = time.perf_counter()
-            for call in calls:
-                call(x)
-            times.append((time.perf_counter() - start) / copies * 1e6)
+        return median_us(lambda i: calls[i](x), copies)
+
+
+def median_us(call, copies):
+    """Microseconds of one call(i), median of 5 passes over i = 0 .. copies - 1 after one warm-up call."""
+    call(0)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for i in range(copies):
+            call(i)
+        times.append((time.perf_counter() - start) / copies * 1e6)
     return statistics.median(times)
 
 
@@ -167,21 +172,10 @@ def row_sweep():
         sweep[f"{shape[0]}x{shape[1]}"] = row = {}
         for rows in ROWS:
             x = torch.randn(rows, shape[1], generator=generator)
-
-            def timed(call):
-                call(0)
-                times = []
-                for _ in range(5):
-                    start = time.perf_counter()
-                    for i in range(copies):
-                        call(i)
-                    times.append((time.perf_counter() - start) / copies * 1e6)
-                return statistics.median(times)
-
             with torch.no_grad():
-                onednn = timed(lambda i: ops.onednn_mm(handles[i], x, None))
-                direct = timed(lambda i: decode_linear(x, weights[i]))
-                wrapped = timed(lambda i: op(x, weights[i]))
+                onednn = median_us(lambda i: ops.onednn_mm(handles[i], x, None), copies)
+                direct = median_us(lambda i: decode_linear(x, weights[i]), copies)
+                wrapped = median_us(lambda i: op(x, weights[i]), copies)
             row[rows] = (onednn, direct / onednn, wrapped / onednn)
     return sweep
 

@@ -62,10 +62,10 @@ def test_each_timing_reads_every_copy_of_its_weights_from_memory():
     seen = []
     speed._time(seen.append, copies=100)  # more copies than speed.CALLS: every one is still read each sample
     assert set(seen) == set(range(100))
-    weights = speed._copies(torch.Generator().manual_seed(0), (576, 576), 4, "cpu", torch.float32)
+    weights = speed._copies(torch.Generator().manual_seed(0), (576, 576), "cpu", torch.float32)
     assert len(weights) * 576 * 576 * 4 >= speed.STREAM_BYTES  # more than the L3 cache holds
     assert len({w.data_ptr() for w in weights}) == len(weights) and not torch.equal(weights[0], weights[1])
-    assert len(speed._copies(torch.Generator(), (4, 4), 4, "cpu", torch.float32)) == speed.MAX_COPIES
+    assert len(speed._copies(torch.Generator(), (4, 4), "cpu", torch.float32)) == speed.MAX_COPIES
 
 
 def test_a_measured_ceiling_is_a_rank_the_matrix_can_have():

@@ -39,9 +39,10 @@ def _time(fn, copies):
     return statistics.median(samples)
 
 
-def _copies(generator, shape, itemsize, device, dtype):
+def _copies(generator, shape, device, dtype):
     import torch
 
+    itemsize = torch.empty(0, dtype=dtype).element_size()
     count = min(MAX_COPIES, max(1, -(-STREAM_BYTES // (shape[0] * shape[1] * itemsize))))
     return [torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(count)]
 
@@ -57,9 +58,8 @@ def measure_shape(m, n, device, dtype, linear, seed=0):
     from .ranks import break_even_rank
 
     generator = torch.Generator().manual_seed(seed)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
     x = torch.randn(1, n, generator=generator).to(device=device, dtype=dtype)
-    dense_weights = _copies(generator, (m, n), itemsize, device, dtype)
+    dense_weights = _copies(generator, (m, n), device, dtype)
     even = break_even_rank(m, n)
     with torch.no_grad():
         dense = _time(lambda i: linear(x, dense_weights[i]), len(dense_weights))
@@ -67,8 +67,8 @@ def measure_shape(m, n, device, dtype, linear, seed=0):
         ranks, times = [], []
         for fraction in FRACTIONS:
             r = max(1, int(fraction * even))
-            pairs = list(zip(_copies(generator, (r, n), itemsize, device, dtype),
-                             _copies(generator, (m, r), itemsize, device, dtype)))
+            pairs = list(zip(_copies(generator, (r, n), device, dtype),
+                             _copies(generator, (m, r), device, dtype)))
             times.append(_time(lambda i, pairs=pairs: linear(linear(x, pairs[i][0]), pairs[i][1]), len(pairs)))
             ranks.append(r)
     slope, base = _fit_line(ranks, times)
