@@ -62,13 +62,15 @@ def _load(param, tensor):
 
 
 def _product(layer, x):
-    """layer(x)'s output for a linear layer whose forward is its GEMM alone (replicated, column-parallel without
-    gather, row-parallel at TP 1). On CPU vLLM keeps the kernel it chose for the weight at load in `cpu_linear`;
-    calling it skips the module call, forward and quant-method layers: 16.5 us a call instead of 19.3 (bfloat16,
-    one row, in the engine), which a factorized model pays on every extra call (keep 0.8: 205 oneDNN calls a
-    decode step against dense's 121) when vLLM runs eagerly. Elsewhere: the module call."""
+    """layer(x)'s output for one of the plugin's linear layers (replicated, column-parallel without gather,
+    row-parallel). On CPU vLLM keeps the kernel it chose for the weight at load in `cpu_linear`; calling it skips
+    the module call, forward and quant-method layers, which a factorized model pays on every extra call (keep 0.8:
+    205 oneDNN calls a decode step against dense's 121) when vLLM runs eagerly (bench/vllm_call_cost.py).
+    Elsewhere, and for a row-parallel layer at TP > 1 (its forward all-reduces): the module call."""
     linear = getattr(layer, "cpu_linear", None)
-    return layer(x)[0] if linear is None else linear(x, layer.weight, layer.bias)
+    if linear is None or (isinstance(layer, RowParallelLinear) and layer.tp_size > 1):
+        return layer(x)[0]
+    return linear(x, layer.weight, layer.bias)
 
 
 class FactorizedColumnGroup(nn.Module):
@@ -109,7 +111,7 @@ class FactorizedColumnGroup(nn.Module):
 
     def forward(self, x):
         # A part is a column slice (rows strided, last dim contiguous): oneDNN and vLLM's other CPU kernels read it
-        # in place. A copy first made a 16-row bfloat16 up 18.4 us instead of 15.6 (576 x 147, oneDNN).
+        # in place, as fast as a copy would be read, without the copy (bench/vllm_call_cost.py).
         parts = _product(self.down, x).split(self.sizes, dim=-1)
         outputs = [_product(self.ups[name], part) if name in self.ups else part
                    for name, part in zip(self.names, parts)]
@@ -150,8 +152,7 @@ class FactorizedRow(nn.Module):
         self.up = ReplicatedLinear(rank, output_size, bias=bias, prefix=f"{prefix}.up")
 
     def forward(self, x):
-        z = self.down(x)[0] if self.down.tp_size > 1 else _product(self.down, x)  # TP > 1: forward all-reduces
-        return _product(self.up, z), None
+        return _product(self.up, _product(self.down, x)), None
 
     def load(self, member, kind, tensor):
         if kind not in ("down.weight", "up.weight", "up.bias"):
