@@ -1,6 +1,6 @@
 """The decode kernel (`lowrank.decode_layout`): linear layers run a decode step's few float32 rows on CPU as
-(weight @ x^T)^T, a faster MKL path there (BENCHMARKS.md "Decode kernel"). Only the modules' classes may change:
-never values, names, ties or the files."""
+(weight @ x^T)^T, a faster MKL path there (BENCHMARKS.md "Decode kernel"), and one or two bfloat16 rows on torch's
+own GEMV instead of oneDNN's. Only the modules' classes may change: never values, names, ties or the files."""
 
 import pytest
 import torch
@@ -10,7 +10,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import lowrank
-from lowrank.io.modeling_lowrank import DECODE_MAX_ROWS, DECODE_MIN_WEIGHT, DecodeKernel, Projection, decode_linear
+from lowrank.io.modeling_lowrank import (DECODE_MAX_ROWS, DECODE_MIN_WEIGHT, NATIVE_MAX_ROWS, DecodeKernel, Projection,
+                                        decode_linear)
+
+BF16 = torch.bfloat16
 
 
 def ids(samples=1, length=12, seed=3):
@@ -80,17 +83,71 @@ def test_decode_linear_takes_its_path_for_few_rows_and_computes_f_linear(shape, 
 
 
 def test_decode_linear_leaves_the_rest_to_f_linear(mm_calls):
-    """More rows than DECODE_MAX_ROWS, small weights, bfloat16, a non-contiguous weight: F.linear, bit for bit."""
+    """More rows than DECODE_MAX_ROWS, small weights, a non-contiguous weight, more bfloat16 rows than
+    NATIVE_MAX_ROWS, float16, mixed dtypes: F.linear, bit for bit."""
     torch.manual_seed(0)
     big, small = torch.randn(512, 384), torch.randn(DECODE_MIN_WEIGHT // 384, 383)
-    cases = [(torch.randn(DECODE_MAX_ROWS + 1, 384), big), (torch.randn(1, 383), small),
-             (torch.randn(1, 384, dtype=torch.bfloat16), big.bfloat16()), (torch.randn(1, 512), big.t())]
+    cases = [(torch.randn(DECODE_MAX_ROWS + 1, 384), big), (torch.randn(1, 383), small), (torch.randn(1, 512), big.t()),
+             (torch.randn(NATIVE_MAX_ROWS + 1, 384, dtype=BF16), big.to(BF16)),
+             (torch.randn(1, 384, dtype=torch.float16), big.half()), (torch.randn(1, 384, dtype=BF16), big)]
     for x, weight in cases:
+        if x.dtype != weight.dtype:  # F.linear's own error
+            with pytest.raises(RuntimeError, match="dtype"):
+                decode_linear(x, weight)
+            continue
         assert torch.equal(decode_linear(x, weight), F.linear(x, weight))
     x, bias = torch.randn(1, 384), torch.randn(512)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear's autocast rules, output dtype included
         assert torch.equal(decode_linear(x, big, bias), F.linear(x, big, bias))
     assert not mm_calls
+
+
+@pytest.fixture
+def onednn_at_linear(monkeypatch):
+    """Whether oneDNN was on at each F.linear call (decode_linear's bfloat16 path switches it off for its own)."""
+    seen, linear = [], F.linear
+    monkeypatch.setattr(F, "linear", lambda *a, **k: seen.append(torch._C._get_mkldnn_enabled()) or linear(*a, **k))
+    return seen
+
+
+@pytest.mark.parametrize("shape", [(1, 384), (1, 1, 384), (NATIVE_MAX_ROWS, 384)])
+def test_bfloat16_rows_run_on_torchs_own_kernels_and_compute_f_linear(shape, onednn_at_linear):
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(512, 384, dtype=BF16), torch.randn(512, dtype=BF16), torch.randn(shape, dtype=BF16)
+    out = decode_linear(x, weight, bias)
+    assert onednn_at_linear == [False] and torch._C._get_mkldnn_enabled()  # off for the call only
+    exact = F.linear(x.double(), weight.double(), bias.double())
+    assert out.dtype == BF16 and out.shape == exact.shape
+    # float32 accumulation: within the two roundings to bfloat16 (product, then with the bias) of the exact value
+    assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -7 + 2 ** -7).all()
+
+
+def test_the_bfloat16_path_leaves_onednn_as_it_found_it(onednn_at_linear):
+    """Switched off by the user: it stays off. A failing call: oneDNN is back on all the same."""
+    weight = torch.randn(512, 384, dtype=BF16)
+    with torch.backends.mkldnn.flags(enabled=False):
+        decode_linear(torch.randn(1, 384, dtype=BF16), weight)
+        assert not torch._C._get_mkldnn_enabled()
+    with pytest.raises(RuntimeError):
+        decode_linear(torch.randn(1, 383, dtype=BF16), weight)
+    assert torch._C._get_mkldnn_enabled() and onednn_at_linear == [False, False]
+
+
+def test_a_bfloat16_model_on_the_kernel_is_as_accurate_as_on_f_linear(factorized, onednn_at_linear):
+    """One bfloat16 decode step: the kernel's logits are no further from the float32 model's than F.linear's are;
+    more rows than NATIVE_MAX_ROWS keep F.linear (oneDNN on)."""
+    exact = lowrank.load_pretrained(factorized, decode_layout=False)
+    fast = lowrank.load_pretrained(factorized, dtype=BF16)
+    plain = lowrank.load_pretrained(factorized, dtype=BF16, decode_layout=False)
+    assert on_kernel(fast)
+    with torch.no_grad():
+        batch = ids(length=1)
+        reference = exact(batch).logits
+        errors = [(model(batch).logits.float() - reference).abs().mean() for model in (fast, plain)]
+        assert errors[0] <= 1.25 * errors[1] and False in onednn_at_linear
+        del onednn_at_linear[:]
+        fast(ids(samples=1, length=NATIVE_MAX_ROWS + 1))
+    assert onednn_at_linear and all(onednn_at_linear)
 
 
 def test_load_pretrained_runs_the_kernel_and_computes_the_same(factorized, mm_calls):

@@ -9,7 +9,7 @@ from test_decode_layout import factorized, greedy, ids, wide_dir  # noqa: F401 (
 from transformers import AutoModelForCausalLM
 
 import lowrank
-from lowrank.io.modeling_lowrank import DecodeKernel, GroupedInput, LowRankLinear, group_downs
+from lowrank.io.modeling_lowrank import NATIVE_MAX_ROWS, DecodeKernel, GroupedInput, LowRankLinear, group_downs
 
 
 @pytest.fixture
@@ -88,13 +88,30 @@ def test_writes_and_dtype_changes_reach_the_grouped_gemm(factorized):
 
 def test_off_the_kernel_no_group_is_made(factorized, gemms):
     """Grouping measured no gain on F.linear, and its per-call check a cost (BENCHMARKS.md "Grouped downs"): a
-    model loaded without the kernel, or in bfloat16 (which the kernel leaves to F.linear), gets no group."""
+    model loaded without the kernel, or in float16 (which the kernel leaves to F.linear), gets no group."""
     assert not groups(lowrank.load_pretrained(factorized, decode_layout=False))
-    assert not groups(lowrank.load_pretrained(factorized, dtype=torch.bfloat16))
+    assert not groups(lowrank.load_pretrained(factorized, dtype=torch.float16))
     model = lowrank.load_pretrained(factorized, decode_layout=False)
     assert group_downs(model) == 0
     lowrank.decode_layout(model)
     assert group_downs(model) > 0  # on the kernel now
+
+
+def test_a_bfloat16_model_is_grouped_beyond_the_native_rows(factorized, gemms):
+    """bfloat16 decode steps group from NATIVE_MAX_ROWS + 1 rows on (oneDNN), not below (torch's own GEMV, where
+    grouping measured slower: modeling_lowrank.group_rows), and compute the same either way."""
+    grouped = lowrank.load_pretrained(factorized, dtype=torch.bfloat16)
+    plain = lowrank.load_pretrained(factorized, dtype=torch.bfloat16, group_downs=False)
+    found = groups(grouped)
+    assert found and not groups(plain)
+    saved = sum(len(g.members) - 1 for g in found)
+    for batch, fewer in ((ids(length=NATIVE_MAX_ROWS), 0), (ids(samples=16, length=1), saved)):
+        start = len(gemms)
+        reference = logits(plain, batch)
+        middle = len(gemms)
+        assert torch.allclose(logits(grouped, batch).float(), reference.float(), atol=2e-2)
+        assert (middle - start) - (len(gemms) - middle) == fewer
+    assert all(g.stack.dtype == torch.bfloat16 for g in found)
 
 
 def test_a_grouped_model_moved_off_the_kernels_path_runs_each_member_alone(factorized, gemms):

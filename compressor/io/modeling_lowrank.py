@@ -27,6 +27,7 @@ import transformers
 
 DECODE_MAX_ROWS = 16  # decode_linear: more rows gain nothing over F.linear (its docstring)
 DECODE_MIN_WEIGHT = 100_000  # decode_linear: smaller weights lose to its extra ops (its docstring)
+NATIVE_MAX_ROWS = 2  # native_linear: bfloat16 rows beyond this lose to oneDNN (its docstring)
 FORMAT_VERSION = 3  # 2: lowrank["sliced"] (per-slice fused layers); 3: lowrank["shared"] (shared-basis experts)
 # transformers 5 renamed PretrainedConfig; the older name keeps this file loadable by transformers 4.x consumers
 CONFIG_BASE = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
@@ -465,17 +466,19 @@ def _cpu_autocast():
 
 
 def decode_rows(x):
-    """x's rows if decode_linear may take its own path for it (float32 on CPU, 1-16 rows, no autocast), else 0."""
+    """x's rows if decode_linear may take its own path for it (float32 or bfloat16 on CPU, 1-16 rows, no autocast),
+    else 0."""
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-    if 0 < rows <= DECODE_MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu" and not _cpu_autocast():
+    if (0 < rows <= DECODE_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+            and not _cpu_autocast()):
         return rows  # autocast casts F.linear's bias too: under it, its rules apply whole
     return 0
 
 
 def decode_linear(x, weight, bias=None):
-    """F.linear(x, weight, bias), computed as (weight @ x^T)^T when x has a decode step's few rows.
+    """F.linear(x, weight, bias), computed on a faster CPU path when x has a decode step's few rows.
 
-    Why: on CPU (MKL, float32), F.linear over a few rows is the slow path. One row goes to a GEMV and a few rows
+    Why, float32: on CPU (MKL), F.linear over a few rows is the slow path. One row goes to a GEMV and a few rows
     to a GEMM whose short side is the output's rows; on this machine both stream a weight at 7-14 GB/s. The same
     product taken as weight @ x^T, with one row doubled so that it is a GEMM of two columns and not a GEMV, streams
     at 24-26 GB/s. Times against F.linear, each weight streamed from memory (bench/decode_kernel.py, BENCHMARKS.md
@@ -484,13 +487,17 @@ def decode_linear(x, weight, bias=None):
     r x 1536); 2-4 rows 0.23-0.84x; 8 rows 0.37-0.81x, but 1.14-1.45x for 256 x 576 and the weights with 1536
     inputs; 16 rows 0.83-1.16x; from 32 rows on it stops paying (0.90-1.12x), hence DECODE_MAX_ROWS. Under
     DECODE_MIN_WEIGHT elements its extra ops (a copy in, a copy out, 1-2 us each) cost what it saves (576 x 128,
-    128 x 576: 1.0x), so those keep F.linear.
-    bfloat16 keeps F.linear: there the same trick is slower (0.86-1.54x, mostly above 1). Over whole models
-    (SmolLM2, batch 1): dense 1.77x, keep 0.5 1.87x against F.linear.
+    128 x 576: 1.0x), so those keep F.linear. Over whole models (SmolLM2, batch 1): dense 1.77x, keep 0.5 1.87x
+    against F.linear.
+    bfloat16 takes another path (native_linear, up to NATIVE_MAX_ROWS rows): there the trick above is slower than
+    F.linear (0.86-1.54x, mostly above 1), and F.linear's own cost is elsewhere.
     """
     rows = decode_rows(x)
-    if (not rows or weight.numel() < DECODE_MIN_WEIGHT or weight.dtype != torch.float32
-            or weight.device.type != "cpu" or not weight.is_contiguous()):
+    if not rows or weight.dtype != x.dtype or weight.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    if x.dtype == torch.bfloat16:
+        return native_linear(x, weight, bias) if rows <= NATIVE_MAX_ROWS else F.linear(x, weight, bias)
+    if weight.numel() < DECODE_MIN_WEIGHT or not weight.is_contiguous():
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:  # two columns: a GEMM, where one would be a GEMV; the fewest ops (each costs 1-2 us here)
@@ -501,6 +508,31 @@ def decode_linear(x, weight, bias=None):
         if bias is not None:
             out += bias
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def native_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) on torch's own CPU kernels, with oneDNN switched off for the call: for bfloat16
+    rows up to NATIVE_MAX_ROWS.
+
+    Why: for bfloat16 on a CPU with AVX512, F.linear goes to oneDNN's matmul, which reorders the plain weight
+    into its blocked layout on every call: a second pass over the weight. torch's own bfloat16 GEMV reads it once
+    (accumulating in float32). Against F.linear, each weight streamed from memory (bench/decode_kernel.py
+    --dtype bfloat16, BENCHMARKS.md "Decode kernel in bfloat16"): one row 0.26-0.66x over SmolLM2's shapes and
+    factors, LM head included; two rows 0.43-0.93x; from four rows on it loses (0.43-1.96x at four, 1.0-4.7x at
+    sixteen: it takes one pass over the weight per row). oneDNN over a weight reordered once (inductor's CPU path)
+    is 0.5-0.9x F.linear at 1-32 rows, but needs a second copy of every weight, which an in-place write through
+    `.data` (PEFT's merge makes one) would leave stale; so it is not used.
+    The switch is process-wide (torch has no other); it is turned back on at once, and only by the call that
+    turned it off: a model run in another thread meanwhile computes the same on torch's kernels, and a user who
+    switched oneDNN off keeps it off.
+    """
+    if not torch._C._get_mkldnn_enabled():
+        return F.linear(x, weight, bias)
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return F.linear(x, weight, bias)
+    finally:
+        torch._C._set_mkldnn_enabled(True)
 
 
 class DecodeKernel:
@@ -546,6 +578,15 @@ def _first(member):
     return member.down if isinstance(member, LowRankLinear) else member
 
 
+def group_rows(x):
+    """x's rows if its input group runs one stacked GEMM for it (InputGroup), else 0: on the decode kernel's path,
+    but for bfloat16 only beyond NATIVE_MAX_ROWS. Paired over whole SmolLM2 decode steps in bfloat16 (keep 0.8 and
+    keep 0.5, bench/grouped_downs.py --dtype bfloat16), grouping measured 0.975-0.981x at batch 1, where the members
+    run on torch's GEMV, and 1.020-1.042x at batch 4-16, where they run on oneDNN."""
+    rows = decode_rows(x)
+    return 0 if rows <= NATIVE_MAX_ROWS and x.dtype == torch.bfloat16 else rows
+
+
 class InputGroup:
     """The members of one input group (q/k/v or gate/up, at least one factorized) run their first GEMMs as one.
 
@@ -553,7 +594,7 @@ class InputGroup:
     beside its arithmetic (a module call, the kernel's copies). One GEMM over the stacked first factors (a factorized
     member's down, a dense member's whole weight, as the vLLM plugin stacks them) makes one call in place of two or
     three. The arithmetic does not shrink: MKL takes as long over the stack as over its parts. So the gain is
-    small, and only where those costs weigh: on the decode kernel's path (decode_rows), where a SmolLM2 decode
+    small, and only where those costs weigh: on the decode kernel's path (group_rows), where a SmolLM2 decode
     step runs 1.013-1.025x faster at batch 1 (keep 0.8 and keep 0.5, two runs) and 0.998-1.029x at batch 4-16
     (paired over 200-400 steps, bench/grouped_downs.py, BENCHMARKS.md "Grouped downs"). On F.linear the same
     grouping measured 0.98x at batch 1, and a 512-token prefill 0.99-1.00x: there the members run alone. A group
@@ -597,7 +638,7 @@ class InputGroup:
         """`member`'s share of the stacked GEMM over x, or None: the member runs alone (as it does off the kernel's
         path, where grouping measured no gain: see the class docstring)."""
         index = self.members.index(member)
-        if not (self.enabled and isinstance(self.owners[index], DecodeKernel) and decode_rows(x)) or (
+        if not (self.enabled and isinstance(self.owners[index], DecodeKernel) and group_rows(x)) or (
                 torch.is_inference_mode_enabled() or x.is_inference()):
             # off the kernel's path; or under inference mode, where x has no version counter to check and a stack
             # made there would turn the parameters into inference tensors. Let go of a stack no longer in use.
@@ -647,8 +688,8 @@ class GroupedInput:
 
 def _group_member(module):
     """The layer a group can take (a PEFT layer's base layer), or None. It must be a factorized layer or a plain
-    linear one, on the decode kernel with float32 CPU weights: elsewhere a group would never act, and its check on
-    every call cost a model on F.linear 0.3-1.2% (BENCHMARKS.md "Grouped downs")."""
+    linear one, on the decode kernel with float32 or bfloat16 CPU weights: elsewhere a group would never act, and
+    its check on every call cost a model on F.linear 0.3-1.2% (BENCHMARKS.md "Grouped downs")."""
     module = getattr(module, "base_layer", module)
     plain = unmixed_class(type(module), GroupedInput) if isinstance(module, GroupedInput) else type(module)
     if not isinstance(module, LowRankLinear) and not (
@@ -656,7 +697,7 @@ def _group_member(module):
         return None
     first = _first(module)
     weight = first._parameters.get("weight")
-    if (not isinstance(first, DecodeKernel) or weight is None or weight.dtype != torch.float32
+    if (not isinstance(first, DecodeKernel) or weight is None or weight.dtype not in (torch.float32, torch.bfloat16)
             or weight.device.type != "cpu" or any(hasattr(p, "_hf_hook") for p in [module, *module.children()])):
         return None  # (accelerate's hooks move the weights on every call)
     return module
@@ -666,7 +707,7 @@ def group_downs(model: nn.Module, enable: bool = True) -> int:
     """Run the first GEMMs of each input group of `model` (q/k/v, gate/up: INPUT_GROUPS) as one GEMM, where at
     least one member is factorized (InputGroup says why and how); returns how many groups changed. `enable=False`
     gives each member its own forward and its own storage back. It takes layers on the decode kernel with float32
-    CPU weights only (decode_layout first; after moving a model to float32 on CPU, call it again).
+    or bfloat16 CPU weights only (decode_layout first; after moving a model to one of those on CPU, call it again).
 
     Names, values and modules stay: PEFT sees the same layers, and an adapter on a member keeps the grouping (its
     base layer is called with the same input). save_pretrained writes the same files; safetensors' save_file
