@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
 import serve_bench
 
-MODELS = [("dense", "F.linear"), ("dense", "kernel"), ("keep 0.8", "kernel"), ("keep 0.8", "kernel, grouped"), ("keep 0.5", "kernel"),
+MODELS = [("dense", "F.linear"), ("dense", "kernel"),
+          ("keep 0.8", "kernel"), ("keep 0.8", "kernel, grouped"), ("keep 0.5", "kernel"),
           ("keep 0.5", "kernel, grouped"), ("keep 0.5", "F.linear"), ("keep 0.5", "F.linear, grouped")]
 MEASURES = {"decode_b1": (1, 400), "decode_b4": (4, 200), "decode_b8": (8, 200), "decode_b16": (16, 200),
             "prefill_512": (1, 40)}  # name: (batch, repetitions)
@@ -115,7 +116,7 @@ def markdown(results):
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for base in (DENSE, "dense, F.linear"):
-        if (base, "") == (DENSE, "") or ("dense", "F.linear") in models:
+        if base == DENSE or ("dense", "F.linear") in models:
             lines += ["", "| model | " + " | ".join(f"{m} vs {base}" for m in measures) + " |",
                       "|---|" + "---|" * len(measures)]
             for label in (f"{c}, {k}" for c, k in models if f"{c}, {k}" != base):

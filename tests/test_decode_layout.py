@@ -224,3 +224,11 @@ def test_peft_adapters_run_on_the_kernel(factorized, mm_calls):
             logits[kernel] = model(ids(length=1)).logits
         assert (len(mm_calls) > calls) == kernel
     assert torch.allclose(logits[True], logits[False], atol=1e-5)
+
+
+def test_torch_compile_traces_f_linear_through_the_kernel():
+    """torch.compile sees F.linear: no global switch, no graph break, even with fullgraph=True."""
+    compiled = torch.compile(lambda x, w: decode_linear(x, w), backend="eager", fullgraph=True)
+    for dtype in (BF16, torch.float32):
+        x, weight = torch.randn(1, 384, dtype=dtype), torch.randn(512, 384, dtype=dtype)
+        assert torch.equal(compiled(x, weight), F.linear(x, weight))

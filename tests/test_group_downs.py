@@ -105,7 +105,8 @@ def test_a_bfloat16_model_is_grouped_beyond_the_native_rows(factorized, gemms):
     found = groups(grouped)
     assert found and not groups(plain)
     saved = sum(len(g.members) - 1 for g in found)
-    for batch, fewer in ((ids(length=NATIVE_MAX_ROWS), 0), (ids(samples=16, length=1), saved)):
+    for batch, fewer in ((ids(length=1), 0), (ids(length=NATIVE_MAX_ROWS), 0),
+                         (ids(samples=NATIVE_MAX_ROWS + 1, length=1), saved), (ids(samples=16, length=1), saved)):
         start = len(gemms)
         reference = logits(plain, batch)
         middle = len(gemms)

@@ -465,6 +465,13 @@ def _cpu_autocast():
         return torch.is_autocast_cpu_enabled()
 
 
+def _compiling():
+    """Whether torch.compile is tracing: it should see F.linear, not the kernel's tricks or a global switch."""
+    compiler = getattr(torch, "compiler", None)
+    check = getattr(compiler, "is_compiling", None)  # torch 2.3 and later
+    return bool(check and check())
+
+
 def decode_rows(x):
     """x's rows if decode_linear may take its own path for it (float32 or bfloat16 on CPU, 1-16 rows, no autocast),
     else 0."""
@@ -493,7 +500,7 @@ def decode_linear(x, weight, bias=None):
     F.linear (0.86-1.54x, mostly above 1), and F.linear's own cost is elsewhere.
     """
     rows = decode_rows(x)
-    if not rows or weight.dtype != x.dtype or weight.device.type != "cpu":
+    if not rows or weight.dtype != x.dtype or weight.device.type != "cpu" or _compiling():
         return F.linear(x, weight, bias)
     if x.dtype == torch.bfloat16:
         return native_linear(x, weight, bias) if rows <= NATIVE_MAX_ROWS else F.linear(x, weight, bias)
@@ -516,15 +523,20 @@ def native_linear(x, weight, bias=None):
 
     Why: for bfloat16 on a CPU with AVX512, F.linear goes to oneDNN's matmul, which reorders the plain weight
     into its blocked layout on every call: a second pass over the weight. torch's own bfloat16 GEMV reads it once
-    (accumulating in float32). Against F.linear, each weight streamed from memory (bench/decode_kernel.py
-    --dtype bfloat16, BENCHMARKS.md "Decode kernel in bfloat16"): one row 0.26-0.66x over SmolLM2's shapes and
-    factors, LM head included; two rows 0.43-0.93x; from four rows on it loses (0.43-1.96x at four, 1.0-4.7x at
-    sixteen: it takes one pass over the weight per row). oneDNN over a weight reordered once (inductor's CPU path)
-    is 0.5-0.9x F.linear at 1-32 rows, but needs a second copy of every weight, which an in-place write through
-    `.data` (PEFT's merge makes one) would leave stale; so it is not used.
-    The switch is process-wide (torch has no other); it is turned back on at once, and only by the call that
-    turned it off: a model run in another thread meanwhile computes the same on torch's kernels, and a user who
-    switched oneDNN off keeps it off.
+    (accumulating in float32). Against F.linear, each weight streamed from memory, one run (bench/decode_kernel.py
+    --dtype bfloat16, BENCHMARKS.md "Eager transformers in bfloat16"; its "native" and "decode_linear" columns
+    time the same product at 1-2 rows and differ by up to 1.7x, the bench's noise): one row 0.35-0.71x over
+    SmolLM2's shapes and factors, LM head included (decode_linear column); two rows 0.30-0.92x; from four rows on
+    it loses (0.42-2.24x at four, 1.04-5.2x at sixteen: it takes one pass over the weight per row). oneDNN over a
+    weight reordered once (inductor's CPU path) is mostly 0.4-0.9x F.linear at 1-32 rows, but needs a second copy
+    of every weight, which an in-place write through `.data` (PEFT's merge makes one) would leave stale; so it is
+    not used. Measured with torch 2.13 only.
+    The switch is process-wide: torch reaches its own bfloat16 GEMV no other way (aten::mv goes to oneDNN too).
+    It is turned back on at once, by the call that turned it off. With one thread, a user who switched oneDNN off
+    keeps it off. Other threads running torch meanwhile get torch's own kernels for those microseconds: the same
+    products, rounded alike but not bit for bit, slower for large ones, and a thread that sets the switch itself
+    in that window can see its setting undone. A server running other work beside a bfloat16 model in threads
+    should load the model with decode_layout=False. Under torch.compile, F.linear is traced instead.
     """
     if not torch._C._get_mkldnn_enabled():
         return F.linear(x, weight, bias)
@@ -550,8 +562,8 @@ def decode_layout(model: nn.Module, enable: bool = True) -> int:
 
     Only each module's class changes (to a subclass: isinstance checks, PEFT's among them, still hold): weights,
     values, names, ties and files do not. Modules whose class has a forward of its own (a quantized linear, an
-    adapter layer) are left alone. decode_linear decides per call, so a model moved to another dtype or device
-    afterwards falls back to F.linear by itself.
+    adapter layer) are left alone. decode_linear decides per call, so a model moved to a dtype other than float32
+    and bfloat16, or to another device, afterwards falls back to F.linear by itself.
     """
     changed = 0
     for module in model.modules():
@@ -584,7 +596,7 @@ def group_rows(x):
     keep 0.5, bench/grouped_downs.py --dtype bfloat16), grouping measured 0.975-0.981x at batch 1, where the members
     run on torch's GEMV, and 1.020-1.042x at batch 4-16, where they run on oneDNN."""
     rows = decode_rows(x)
-    return 0 if rows <= NATIVE_MAX_ROWS and x.dtype == torch.bfloat16 else rows
+    return 0 if rows <= NATIVE_MAX_ROWS and x.dtype == torch.bfloat16 or _compiling() else rows
 
 
 class InputGroup:
@@ -594,9 +606,9 @@ class InputGroup:
     beside its arithmetic (a module call, the kernel's copies). One GEMM over the stacked first factors (a factorized
     member's down, a dense member's whole weight, as the vLLM plugin stacks them) makes one call in place of two or
     three. The arithmetic does not shrink: MKL takes as long over the stack as over its parts. So the gain is
-    small, and only where those costs weigh: on the decode kernel's path (group_rows), where a SmolLM2 decode
-    step runs 1.013-1.025x faster at batch 1 (keep 0.8 and keep 0.5, two runs) and 0.998-1.029x at batch 4-16
-    (paired over 200-400 steps, bench/grouped_downs.py, BENCHMARKS.md "Grouped downs"). On F.linear the same
+    small, and only where those costs weigh: on the decode kernel's path (group_rows; bfloat16: see there), where
+    a float32 SmolLM2 decode step runs 1.013-1.025x faster at batch 1 (keep 0.8 and keep 0.5, two runs) and
+    0.998-1.029x at batch 4-16 (paired over 200-400 steps, bench/grouped_downs.py, BENCHMARKS.md "Grouped downs"). On F.linear the same
     grouping measured 0.98x at batch 1, and a 512-token prefill 0.99-1.00x: there the members run alone. A group
     of dense layers only is not made: it has no extra call to pay back.
 
