@@ -465,18 +465,17 @@ def _cpu_autocast():
         return torch.is_autocast_cpu_enabled()
 
 
-def _compiling():
-    """Whether torch.compile is tracing: it should see F.linear, not the kernel's tricks or a global switch."""
-    compiler = getattr(torch, "compiler", None)
-    check = getattr(compiler, "is_compiling", None)  # torch 2.3 and later
-    return bool(check and check())
+# Whether torch.compile is tracing (torch 2.3 and later; never, before): it should see F.linear, not the kernel's
+# tricks or a global switch. Looked up once: decode_linear asks on every call.
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+DECODE_DTYPES = (torch.float32, torch.bfloat16)  # the dtypes decode_linear has a path for (its docstring)
 
 
 def decode_rows(x):
     """x's rows if decode_linear may take its own path for it (float32 or bfloat16 on CPU, 1-16 rows, no autocast),
     else 0."""
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-    if (0 < rows <= DECODE_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+    if (0 < rows <= DECODE_MAX_ROWS and x.dtype in DECODE_DTYPES and x.device.type == "cpu"
             and not _cpu_autocast()):
         return rows  # autocast casts F.linear's bias too: under it, its rules apply whole
     return 0
@@ -608,9 +607,9 @@ class InputGroup:
     three. The arithmetic does not shrink: MKL takes as long over the stack as over its parts. So the gain is
     small, and only where those costs weigh: on the decode kernel's path (group_rows; bfloat16: see there), where
     a float32 SmolLM2 decode step runs 1.013-1.025x faster at batch 1 (keep 0.8 and keep 0.5, two runs) and
-    0.998-1.029x at batch 4-16 (paired over 200-400 steps, bench/grouped_downs.py, BENCHMARKS.md "Grouped downs"). On F.linear the same
-    grouping measured 0.98x at batch 1, and a 512-token prefill 0.99-1.00x: there the members run alone. A group
-    of dense layers only is not made: it has no extra call to pay back.
+    0.998-1.029x at batch 4-16 (paired over 200-400 steps, bench/grouped_downs.py, BENCHMARKS.md "Grouped
+    downs"). On F.linear the same grouping measured 0.98x at batch 1, and a 512-token prefill 0.99-1.00x: there
+    the members run alone. A group of dense layers only is not made: it has no extra call to pay back.
 
     The stacked weight is the storage: the members' parameters become views of its row blocks (no second copy;
     in-place writes, load_state_dict's and an optimizer's, reach it). If they stop being its views (`.to()`,
@@ -709,7 +708,7 @@ def _group_member(module):
         return None
     first = _first(module)
     weight = first._parameters.get("weight")
-    if (not isinstance(first, DecodeKernel) or weight is None or weight.dtype not in (torch.float32, torch.bfloat16)
+    if (not isinstance(first, DecodeKernel) or weight is None or weight.dtype not in DECODE_DTYPES
             or weight.device.type != "cpu" or any(hasattr(p, "_hf_hook") for p in [module, *module.children()])):
         return None  # (accelerate's hooks move the weights on every call)
     return module
