@@ -57,35 +57,46 @@ def load(paths, dtype="float32"):
     return runs
 
 
+def decode_step(run, batch):
+    """One decode step of `batch` new tokens on the KV cache of a PROMPT-token prompt, the cache cropped back after
+    it (call under torch.no_grad)."""
+    import torch
+
+    ids = run.prompts(batch, PROMPT)
+    cache = run.model(ids, use_cache=True).past_key_values
+    position = torch.full((batch, 1), PROMPT)
+
+    def step():
+        run.model(ids[:, -1:], cache=cache, use_cache=True, position_ids=position)
+        cache.crop(-1)
+
+    return step
+
+
+def interleaved(calls, repetitions):
+    """{label: [seconds per repetition]}: every call once a repetition, the order reversed every other one; the
+    first repetition is a warm-up."""
+    times = {label: [] for label in calls}
+    for repetition in range(repetitions + 1):
+        for label in (list(calls) if repetition % 2 else list(calls)[::-1]):
+            start = time.perf_counter()
+            calls[label]()
+            if repetition:
+                times[label].append(time.perf_counter() - start)
+    return times
+
+
 def steps(runs, measure):
     """{label: [seconds per repetition]} of one measure, the models interleaved."""
     import torch
 
     batch, repetitions = MEASURES[measure]
-    calls = {}
     with torch.no_grad():
-        for label, run in runs.items():
-            if measure.startswith("prefill"):
-                ids = run.prompts(batch, 512)
-                calls[label] = lambda run=run, ids=ids: run.model(ids)
-                continue
-            ids = run.prompts(batch, PROMPT)
-            cache = run.model(ids, use_cache=True).past_key_values
-            position = torch.full((batch, 1), PROMPT)
-
-            def step(run=run, cache=cache, token=ids[:, -1:], position=position):
-                run.model(token, cache=cache, use_cache=True, position_ids=position)
-                cache.crop(-1)
-
-            calls[label] = step
-        times = {label: [] for label in runs}
-        for repetition in range(repetitions + 1):  # the first is a warm-up
-            for label in (list(runs) if repetition % 2 else list(runs)[::-1]):
-                start = time.perf_counter()
-                calls[label]()
-                if repetition:
-                    times[label].append(time.perf_counter() - start)
-    return times
+        if measure.startswith("prefill"):
+            calls = {label: lambda run=run, ids=run.prompts(batch, 512): run.model(ids) for label, run in runs.items()}
+        else:
+            calls = {label: decode_step(run, batch) for label, run in runs.items()}
+        return interleaved(calls, repetitions)
 
 
 def summary(times):

@@ -52,8 +52,9 @@ def checkpoints(labels=None):
     plans = {"dense": None, **{f"keep {keep}": (keep, []) for keep in KEEPS},
              f"keep {SPEED_AWARE} speed-aware": (SPEED_AWARE, ["--speed-aware", "--refine-steps", "0"])}
     plans.update({"dense decode-layout": None, "keep 0.5 row-major": (0.5, [])})
-    for tag, profile in (("vllm", "speed-profile-vllm.json"), ("vllm-bf16", "speed-profile-vllm-bfloat16.json")):
-        # bench/speed_profile.py --kernel vllm [--dtype bfloat16]
+    for tag, profile in (("vllm", "speed-profile-vllm.json"), ("vllm-bf16", "speed-profile-vllm-bfloat16.json"),
+                         ("bf16-b8", "speed-profile-decode-bfloat16-b8.json")):
+        # bench/speed_profile.py --kernel vllm [--dtype bfloat16]; --dtype bfloat16 --rows 8 (lowrank's kernel)
         plans[f"keep {SPEED_AWARE} {tag}-speed-aware"] = (SPEED_AWARE, [
             "--speed-aware", "--speed-profile", os.path.join(common.RESULTS, profile)])
     paths = {}

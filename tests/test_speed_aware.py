@@ -48,7 +48,7 @@ def test_the_fitted_line_and_the_expected_times():
     shapes = {"a": (64, 32), "b": (32, 64)}
     assert speed.ceilings(profile, shapes) == {"a": 16, "b": 11}
     assert speed.expected_times(profile, shapes, {"a": 4, "b": None}) == (22.0, 4.0 + 12.0)
-    assert speed.summary(profile, shapes, {"a": 4, "b": 3})["targets_batch1_us"]["speedup"] == round(22 / 8, 3)
+    assert speed.summary(profile, shapes, {"a": 4, "b": 3})["targets_us"]["speedup"] == round(22 / 8, 3)
 
 
 def test_a_pair_whose_time_does_not_grow_is_as_fast_as_dense_at_every_rank_or_at_none():
@@ -72,6 +72,17 @@ def test_a_measured_ceiling_is_a_rank_the_matrix_can_have():
     entry = speed.measure_shape(96, 48, "cpu", torch.float32, torch.nn.functional.linear)
     assert 0 <= entry["ceiling"] <= break_even_rank(96, 48)
     assert entry["dense_us"] > 0 and entry["per_rank_us"] == entry["per_rank_us"]  # finite, not NaN
+
+
+def test_products_are_timed_at_the_rows_asked():
+    seen = set()
+
+    def linear(x, weight):
+        seen.add(x.shape[0])
+        return torch.nn.functional.linear(x, weight)
+
+    profile = speed.measure_profile({"a": (48, 32)}, "cpu", torch.float32, linear, rows=6)
+    assert seen == {6} and profile["rows"] == 6  # the dense product, the downs and the ups alike
 
 
 def test_unreadable_profiles_are_refused_in_one_line(tmp_path):
@@ -105,7 +116,8 @@ def test_speed_aware_compress_obeys_its_profile_and_reruns_byte_identical_from_i
     assert factorized
     for layer in factorized:
         assert layer["rank"] <= max(profile["shapes"][speed.shape_key(*layer["shape"])]["ceiling"], 1), layer
-    expected = report["speed"]["targets_batch1_us"]
+    assert report["speed"]["rows"] == profile["rows"] == 1  # batch 1 unless --speed-batch says otherwise
+    expected = report["speed"]["targets_us"]
     ratio = expected["dense"] / expected["factorized"]
     # the report rounds the times to 0.1 us and the speed-up to 0.001: the ratio of the rounded times can differ
     # by those roundings and no more (CI once saw 0.735 against 0.73414: within them, outside a flat rel=1e-3)
@@ -119,9 +131,31 @@ def test_speed_aware_compress_obeys_its_profile_and_reruns_byte_identical_from_i
     assert json.loads((again / "compression_report.json").read_text())["speed"]["profile"] == profile
 
 
+def test_speed_batch_times_that_many_rows_and_a_profile_keeps_its_own(llama_dir, calib_file, tmp_path, capsys):
+    first, again, other = tmp_path / "first", tmp_path / "again", tmp_path / "other"
+    code, _, err = run(compress_args(llama_dir, calib_file, first, "--speed-aware", "--speed-batch", "4"), capsys)
+    assert code == 0, err
+    report = json.loads((first / "compression_report.json").read_text())
+    assert report["speed"]["rows"] == report["speed"]["profile"]["rows"] == 4
+    assert json.loads((first / "config.json").read_text())["lowrank"]["settings"]["speed_batch"] == 4
+    from lowrank.report.compression import speed_rows
+
+    assert "batch-4 products" in speed_rows(report)[0][1]
+    recorded = str(first / "compression_report.json")
+    code, _, err = run(compress_args(llama_dir, calib_file, again, "--speed-aware", "--speed-batch", "4",
+                                     "--speed-profile", recorded), capsys)
+    assert code == 0, err
+    assert weights_and_config(first) == weights_and_config(again)
+    code, _, err = run(compress_args(llama_dir, calib_file, other, "--speed-aware", "--speed-batch", "8",
+                                     "--speed-profile", recorded), capsys)
+    assert_clean_failure(code, err, 2, "was timed at 4 rows", str(other))
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--speed-aware", "--alloc", "uniform"], "--speed-aware caps the ranks"),
     (["--speed-profile", "x.json"], "pass --speed-aware too"),
+    (["--speed-batch", "4"], "pass --speed-aware too"),
+    (["--speed-aware", "--speed-batch", "0"], "--speed-batch must be"),
 ])
 def test_speed_aware_refusals(llama_dir, calib_file, tmp_path, capsys, extra, message):
     out = tmp_path / "out"

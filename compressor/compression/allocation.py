@@ -92,10 +92,15 @@ def speed_profile(model, shapes, config, progress=SILENT):
 
     if config.speed_profile is not None:
         profile = speed_timings.read_profile(config.speed_profile)
+        timed = profile.get("rows", 1)
+        if config.speed_batch not in (1, timed):
+            raise UsageError(f"the speed profile {config.speed_profile} was timed at {timed} rows, not the "
+                             f"--speed-batch {config.speed_batch} asked: drop one of the two options")
     else:
-        progress.log("--speed-aware: timing batch-1 matrix products of each layer shape (dense and factorized)")
+        progress.log(f"--speed-aware: timing {config.speed_batch}-row matrix products of each layer shape (dense "
+                     "and factorized)")
         dtype = next(model.parameters()).dtype if config.dtype == "auto" else torch_dtype(config.dtype)
-        profile = speed_timings.measure_profile(shapes, config.device, dtype, decode_linear)
+        profile = speed_timings.measure_profile(shapes, config.device, dtype, decode_linear, config.speed_batch)
     missing = sorted({speed_timings.shape_key(m, n) for m, n in shapes.values()} - set(profile["shapes"]))
     if missing:
         raise UsageError(f"the speed profile {config.speed_profile} has no timings for the shapes {', '.join(missing)}"

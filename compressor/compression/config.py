@@ -26,6 +26,7 @@ REFINE_TARGETS = ("block", "model")  # refinement fits the original block's outp
 # original model's outputs at this depth (sequential.WalkOptions)
 EXPERT_MODES = ("per-expert", "shared-basis")  # MoE expert matrices: own factors, or a basis per layer (shared_basis.py)
 # Options that change how a run is carried out, not what it writes: left out of the resume fingerprint.
+MAX_SPEED_BATCH = 256  # --speed-batch: rows of a decode step; beyond this it is a prefill, which is not timed
 RUN_ONLY = ("device", "offload_budget", "offload_dir", "overwrite", "resume", "trust_remote_code", "verify")
 
 
@@ -64,6 +65,7 @@ class CompressConfig:
     refine_batch: int | None = None  # windows per refinement step (refine.py); None: auto (plan.resolve_refine)
     speed_aware: bool = False  # no factorized rank above the measured speed break-even (core/speed.py)
     speed_profile: str | None = None  # the timings of an earlier --speed-aware run (its report), not new ones
+    speed_batch: int = 1  # --speed-aware times products of this many rows (a decode step at this batch)
     damp: float = 1e-4  # whiten: damping relative to mean(diag G)
     alpha: float = 0.5  # asvd: exponent of the activation scale
 
@@ -99,6 +101,11 @@ class CompressConfig:
         self._validate_experts(method)
         if self.speed_profile is not None and not self.speed_aware:
             raise UsageError("--speed-profile gives --speed-aware its timings: pass --speed-aware too")
+        if not (isinstance(self.speed_batch, int) and 1 <= self.speed_batch <= MAX_SPEED_BATCH):
+            raise UsageError(f"--speed-batch must be a whole number of rows from 1 to {MAX_SPEED_BATCH} (a decode "
+                             f"step's batch), got {self.speed_batch}")
+        if self.speed_batch != 1 and not self.speed_aware:
+            raise UsageError("--speed-batch sets the rows --speed-aware times: pass --speed-aware too")
         if self.speed_aware and self.alloc in ("uniform", "sensitivity"):
             raise UsageError(f"--speed-aware caps the ranks --alloc fisher or global chooses; --alloc {self.alloc} "
                              "has no such choice: use --alloc auto, fisher or global")
@@ -188,6 +195,7 @@ class CompressConfig:
                 "ignore": self.ignore,
                 "fused": self.fused, **({"experts": self.experts} if self.experts != "per-expert" else {}),
                 **({"speed_aware": True} if self.speed_aware else {}),
+                **({"speed_batch": self.speed_batch} if self.speed_batch != 1 else {}),
                 **({"refine_target": self.refine_target, "refine_batch": self.refine_batch} if self.refine_steps
                    else {})}
 

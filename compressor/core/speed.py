@@ -3,11 +3,12 @@
 A rank-r pair of an m x n matrix holds r(m + n) numbers, so it saves parameters below r = mn / (m + n). But a
 decode step multiplies one token's vector by each matrix, which costs about the bytes read plus a fixed cost per
 call, and the pair makes two calls: near the parameter break-even it is slower than the dense layer, a waste
-(issue 18). `--speed-aware` measures, for every matrix shape the model has, the batch-1 time of the dense
-product and of the factorized one (on the kernel it is given: compression passes decode_linear, what
-`load_pretrained` runs) at a few ranks on the device and dtype the model runs in, fits the factorized
-time as a line in r (bytes grow linearly with r), and takes the largest rank still as fast as dense as the
-matrix's ceiling: the allocation then stores a matrix dense rather than above it (ranks.allocate_global).
+(issue 18). `--speed-aware` measures, for every matrix shape the model has, the batch-1 time (or, with
+`--speed-batch N`, the time at N rows: a server's batched decode step) of the dense product and of the factorized
+one (on the kernel it is given: compression passes decode_linear, what `load_pretrained` runs) at a few ranks on
+the device and dtype the model runs in, fits the factorized time as a line in r (bytes grow linearly with r), and
+takes the largest rank still as fast as dense as the matrix's ceiling: the allocation then stores a matrix dense
+rather than above it (ranks.allocate_global).
 
 Timings differ between runs, so the ceilings of a run are recorded (report, config.json); `--speed-profile`
 reads them back, which makes a rerun byte-identical.
@@ -47,8 +48,8 @@ def _copies(generator, shape, device, dtype):
     return [torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(count)]
 
 
-def measure_shape(m, n, device, dtype, linear, seed=0):
-    """{"dense_us", "base_us", "per_rank_us", "ceiling"} of an m x n matrix: the batch-1 dense time, the line
+def measure_shape(m, n, device, dtype, linear, seed=0, rows=1):
+    """{"dense_us", "base_us", "per_rank_us", "ceiling"} of an m x n matrix: the dense time at `rows` rows, the line
     base + per_rank * r fitted to the factorized times, and the largest rank whose fitted time is at most the
     dense one (0: never as fast; capped at the parameter break-even rank). `linear(x, weight)` is the kernel
     timed: the one the model will run on. Weights are streamed from memory (_time): timed on one cache-resident
@@ -58,7 +59,7 @@ def measure_shape(m, n, device, dtype, linear, seed=0):
     from .ranks import break_even_rank
 
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, n, generator=generator).to(device=device, dtype=dtype)
+    x = torch.randn(rows, n, generator=generator).to(device=device, dtype=dtype)
     dense_weights = _copies(generator, (m, n), device, dtype)
     even = break_even_rank(m, n)
     with torch.no_grad():
@@ -92,14 +93,16 @@ def _fit_line(xs, ys):
     return slope, my - slope * mx
 
 
-def measure_profile(shapes, device, dtype, linear):
-    """The speed profile of a model: every distinct shape of `shapes` ({name: (m, n)}) measured once."""
+def measure_profile(shapes, device, dtype, linear, rows=1):
+    """The speed profile of a model: every distinct shape of `shapes` ({name: (m, n)}) measured once, at `rows`
+    rows (1: a batch-1 decode step; a server's batch: its decode step, where a call's fixed cost can weigh more
+    than the bytes a factor pair saves: bench/batched_floor.py)."""
     import torch
 
     profile = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-               "shapes": {}}
+               "rows": rows, "shapes": {}}
     for m, n in sorted(set(shapes.values())):
-        profile["shapes"][shape_key(m, n)] = measure_shape(m, n, device, dtype, linear)
+        profile["shapes"][shape_key(m, n)] = measure_shape(m, n, device, dtype, linear, rows=rows)
     return profile
 
 
@@ -109,7 +112,8 @@ def ceilings(profile, shapes):
 
 
 def expected_times(profile, shapes, ranks):
-    """(dense, factorized) batch-1 microseconds summed over the matrices `ranks` names ({name: rank or None})."""
+    """(dense, factorized) microseconds at the profile's rows, summed over the matrices `ranks` names
+    ({name: rank or None})."""
     dense = factorized = 0.0
     for name, rank in ranks.items():
         entry = profile["shapes"][shape_key(*shapes[name])]
@@ -119,10 +123,12 @@ def expected_times(profile, shapes, ranks):
 
 
 def summary(profile, shapes, ranks):
-    """The report's `speed`: the profile and what it predicts for these ranks (batch-1 products of the targets)."""
+    """The report's `speed`: the profile and what it predicts for these ranks (the targets' products at the
+    profile's rows; a profile from before `rows` was recorded was timed at one)."""
     dense, factorized = expected_times(profile, shapes, ranks)
-    return {"profile": profile, "targets_batch1_us": {"dense": round(dense, 1), "factorized": round(factorized, 1),
-                                                      "speedup": round(dense / factorized, 3) if factorized else None}}
+    return {"profile": profile, "rows": profile.get("rows", 1),
+            "targets_us": {"dense": round(dense, 1), "factorized": round(factorized, 1),
+                           "speedup": round(dense / factorized, 3) if factorized else None}}
 
 
 def read_profile(path):

@@ -498,11 +498,16 @@ def decode_linear(x, weight, bias=None):
     bfloat16 takes another path (native_linear, up to NATIVE_MAX_ROWS rows): there the trick above is slower than
     F.linear (0.86-1.54x, mostly above 1), and F.linear's own cost is elsewhere.
     """
-    rows = decode_rows(x)
-    if not rows or weight.dtype != x.dtype or weight.device.type != "cpu" or _compiling():
+    # The cheapest test first: bfloat16 beyond NATIVE_MAX_ROWS (batched decode) ends on F.linear, and every check
+    # before that is Python paid on each of a step's ~210 calls (bench/grouped_downs.py: "dense, kernel" against
+    # "dense, F.linear" at batch 4-16 in bfloat16 is that Python alone).
+    shape, bf16 = x.shape, x.dtype == torch.bfloat16
+    rows = x.numel() // shape[-1] if shape and shape[-1] else 0
+    if (not 0 < rows <= (NATIVE_MAX_ROWS if bf16 else DECODE_MAX_ROWS) or not decode_rows(x)
+            or weight.dtype != x.dtype or weight.device.type != "cpu" or _compiling()):
         return F.linear(x, weight, bias)
-    if x.dtype == torch.bfloat16:
-        return native_linear(x, weight, bias) if rows <= NATIVE_MAX_ROWS else F.linear(x, weight, bias)
+    if bf16:
+        return native_linear(x, weight, bias)
     if weight.numel() < DECODE_MIN_WEIGHT or not weight.is_contiguous():
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
@@ -594,8 +599,10 @@ def group_rows(x):
     but for bfloat16 only beyond NATIVE_MAX_ROWS. Paired over whole SmolLM2 decode steps in bfloat16 (keep 0.8 and
     keep 0.5, bench/grouped_downs.py --dtype bfloat16), grouping measured 0.975-0.981x at batch 1, where the members
     run on torch's GEMV, and 1.020-1.042x at batch 4-16, where they run on oneDNN."""
-    rows = decode_rows(x)
-    return 0 if rows <= NATIVE_MAX_ROWS and x.dtype == torch.bfloat16 or _compiling() else rows
+    shape = x.shape
+    if x.dtype == torch.bfloat16 and shape and x.numel() <= NATIVE_MAX_ROWS * shape[-1] or _compiling():
+        return 0  # the cheapest test first: at batch 1 it is the group's only work on each member's call
+    return decode_rows(x)
 
 
 class InputGroup:
@@ -648,12 +655,13 @@ class InputGroup:
     def part(self, member, x):
         """`member`'s share of the stacked GEMM over x, or None: the member runs alone (as it does off the kernel's
         path, where grouping measured no gain: see the class docstring)."""
-        index = self.members.index(member)
-        if not (self.enabled and isinstance(self.owners[index], DecodeKernel) and group_rows(x)) or (
+        index = self.members.index(member) if self.enabled and group_rows(x) else None
+        if index is None or not isinstance(self.owners[index], DecodeKernel) or (
                 torch.is_inference_mode_enabled() or x.is_inference()):
             # off the kernel's path; or under inference mode, where x has no version counter to check and a stack
-            # made there would turn the parameters into inference tensors. Let go of a stack no longer in use.
-            if self.stack is not None and [w.data_ptr() for w in self.weights()] != self.pointers:
+            # made there would turn the parameters into inference tensors. Let go of a stack no longer in use: if
+            # the first weight is still its view, the stack lives on through it anyway (one check, not one a member).
+            if self.stack is not None and self.owners[0]._parameters["weight"].data_ptr() != self.pointers[0]:
                 self.stack = self.pointers = self.state = None
             return None
         weights = None

@@ -163,13 +163,14 @@ def compression_rows(report):
 
 
 def speed_rows(report):
-    """--speed-aware: the batch-1 time of the targeted layers' products that its timings predict."""
+    """--speed-aware: the time of the targeted layers' products (at the rows timed) that its timings predict."""
     speed = report.get("speed")
     if not speed:
         return []
-    t, profile = speed["targets_batch1_us"], speed["profile"]
-    return [("expected speed", f"targeted layers' batch-1 products {t['dense'] / 1000:.2f} ms -> "
-                               f"{t['factorized'] / 1000:.2f} ms per token ({t['speedup']:.2f}x), timed in "
+    t, profile = speed.get("targets_us") or speed["targets_batch1_us"], speed["profile"]  # (older reports)
+    rows = speed.get("rows", 1)
+    return [("expected speed", f"targeted layers' batch-{rows} products {t['dense'] / 1000:.2f} ms -> "
+                               f"{t['factorized'] / 1000:.2f} ms per step ({t['speedup']:.2f}x), timed in "
                                f"{profile['dtype']} on {profile['device']} with {profile['threads']} threads")]
 
 
