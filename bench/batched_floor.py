@@ -55,10 +55,13 @@ def profiled(step, itemsize):
     out = {"mm_calls": 0.0, "mm_ms": 0.0, "mm_weight_mb": 0.0, "other_aten_ms": 0.0}
     for event in prof.key_averages(group_by_input_shape=True):
         if event.key == "aten::mm":
-            k, n = event.input_shapes[1][-2:]  # (rows, k) @ (k, n): the weight is the second operand
+            # (p, q) @ (q, r): F.linear multiplies x (rows, q) by the weight's transpose, the float32 kernel the
+            # weight (p, q) by x^T (q, rows); the weight's other side is the longer one (a factor of rank below the
+            # rows would be counted at the rows: a few KB too many)
+            (p, q), r = event.input_shapes[0][-2:], event.input_shapes[1][-1]
             out["mm_calls"] += event.count
             out["mm_ms"] += event.self_cpu_time_total / 1000
-            out["mm_weight_mb"] += event.count * k * n * itemsize / 1e6
+            out["mm_weight_mb"] += event.count * q * max(p, r) * itemsize / 1e6
         elif event.key.startswith("aten::"):
             out["other_aten_ms"] += event.self_cpu_time_total / 1000
     out["python_and_rest_ms"] = seconds * 1000 - out["mm_ms"] - out["other_aten_ms"]

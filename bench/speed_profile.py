@@ -48,6 +48,8 @@ def main():
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--rows", type=int, default=1, help="rows per product (compress --speed-batch)")
     args = parser.parse_args()
+    if args.rows < 1:
+        parser.error("--rows must be at least 1")
     import torch
     import transformers
 

@@ -118,6 +118,7 @@ def test_speed_aware_compress_obeys_its_profile_and_reruns_byte_identical_from_i
         assert layer["rank"] <= max(profile["shapes"][speed.shape_key(*layer["shape"])]["ceiling"], 1), layer
     assert report["speed"]["rows"] == profile["rows"] == 1  # batch 1 unless --speed-batch says otherwise
     expected = report["speed"]["targets_us"]
+    assert report["speed"]["targets_batch1_us"] == expected  # the version-1 report's name, still written
     ratio = expected["dense"] / expected["factorized"]
     # the report rounds the times to 0.1 us and the speed-up to 0.001: the ratio of the rounded times can differ
     # by those roundings and no more (CI once saw 0.735 against 0.73414: within them, outside a flat rel=1e-3)
@@ -137,18 +138,29 @@ def test_speed_batch_times_that_many_rows_and_a_profile_keeps_its_own(llama_dir,
     assert code == 0, err
     report = json.loads((first / "compression_report.json").read_text())
     assert report["speed"]["rows"] == report["speed"]["profile"]["rows"] == 4
+    assert "targets_batch1_us" not in report["speed"]  # not batch-1 times
     assert json.loads((first / "config.json").read_text())["lowrank"]["settings"]["speed_batch"] == 4
     from lowrank.report.compression import speed_rows
 
     assert "batch-4 products" in speed_rows(report)[0][1]
     recorded = str(first / "compression_report.json")
-    code, _, err = run(compress_args(llama_dir, calib_file, again, "--speed-aware", "--speed-batch", "4",
-                                     "--speed-profile", recorded), capsys)
+    code, _, err = run(compress_args(llama_dir, calib_file, again, "--speed-aware", "--speed-profile", recorded),
+                       capsys)  # the profile's own rows: config.json records 4, as the first run did
     assert code == 0, err
     assert weights_and_config(first) == weights_and_config(again)
     code, _, err = run(compress_args(llama_dir, calib_file, other, "--speed-aware", "--speed-batch", "8",
                                      "--speed-profile", recorded), capsys)
     assert_clean_failure(code, err, 2, "was timed at 4 rows", str(other))
+
+
+def test_speed_batch_is_a_whole_number_of_rows():
+    from lowrank.compression.config import MAX_SPEED_BATCH, CompressConfig
+
+    for bad in (True, 2.0, 0, MAX_SPEED_BATCH + 1):
+        with pytest.raises(UsageError, match="--speed-batch"):
+            CompressConfig(speed_aware=True, speed_batch=bad)
+    assert "speed_batch" not in CompressConfig(speed_aware=True).fingerprint_fields()  # journals from before match
+    assert CompressConfig(speed_aware=True, speed_batch=8).fingerprint_fields()["speed_batch"] == 8
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -333,6 +333,8 @@ class _Job:
         """The report, the model card and the rest of the checkpoint; then publish."""
         result.layers = self.layers
         config, requested = result.config, self.requested
+        if self.loss_curve is not None and self.loss_curve.speed is not None:  # a --speed-profile's own rows
+            config = config.resolved(speed_batch=self.loss_curve.speed.get("rows", 1))
         ranks, sliced, shared = stored_ranks(self.layers)
         block = {
             "format_version": 3 if shared else 2 if sliced else 1,  # an older lowrank refuses what it cannot rebuild

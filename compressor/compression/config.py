@@ -25,8 +25,8 @@ COMPUTE_DTYPES = ("auto", "float32")
 REFINE_TARGETS = ("block", "model")  # refinement fits the original block's outputs on the compressed stream, or the
 # original model's outputs at this depth (sequential.WalkOptions)
 EXPERT_MODES = ("per-expert", "shared-basis")  # MoE expert matrices: own factors, or a basis per layer (shared_basis.py)
-# Options that change how a run is carried out, not what it writes: left out of the resume fingerprint.
 MAX_SPEED_BATCH = 256  # --speed-batch: rows of a decode step; beyond this it is a prefill, which is not timed
+# Options that change how a run is carried out, not what it writes: left out of the resume fingerprint.
 RUN_ONLY = ("device", "offload_budget", "offload_dir", "overwrite", "resume", "trust_remote_code", "verify")
 
 
@@ -101,9 +101,10 @@ class CompressConfig:
         self._validate_experts(method)
         if self.speed_profile is not None and not self.speed_aware:
             raise UsageError("--speed-profile gives --speed-aware its timings: pass --speed-aware too")
-        if not (isinstance(self.speed_batch, int) and 1 <= self.speed_batch <= MAX_SPEED_BATCH):
-            raise UsageError(f"--speed-batch must be a whole number of rows from 1 to {MAX_SPEED_BATCH} (a decode "
-                             f"step's batch), got {self.speed_batch}")
+        check_int("--speed-batch", self.speed_batch, 1)
+        if self.speed_batch > MAX_SPEED_BATCH:
+            raise UsageError(f"--speed-batch is a decode step's batch, at most {MAX_SPEED_BATCH} rows, got "
+                             f"{self.speed_batch}")
         if self.speed_batch != 1 and not self.speed_aware:
             raise UsageError("--speed-batch sets the rows --speed-aware times: pass --speed-aware too")
         if self.speed_aware and self.alloc in ("uniform", "sensitivity"):
@@ -186,7 +187,8 @@ class CompressConfig:
 
     def fingerprint_fields(self) -> dict:
         """What the resume journal compares: every field that changes the bytes written."""
-        return {k: v for k, v in asdict(self).items() if k not in RUN_ONLY}
+        return {k: v for k, v in asdict(self).items()
+                if k not in RUN_ONLY and not (k == "speed_batch" and v == 1)}  # (so journals from before it match)
 
     def recorded(self) -> dict:
         """The settings block of the checkpoint's config.json (names and order are part of the format)."""

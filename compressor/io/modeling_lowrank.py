@@ -498,13 +498,15 @@ def decode_linear(x, weight, bias=None):
     bfloat16 takes another path (native_linear, up to NATIVE_MAX_ROWS rows): there the trick above is slower than
     F.linear (0.86-1.54x, mostly above 1), and F.linear's own cost is elsewhere.
     """
-    # The cheapest test first: bfloat16 beyond NATIVE_MAX_ROWS (batched decode) ends on F.linear, and every check
+    if _compiling():  # first: torch.compile would otherwise guard (and recompile) on the row tests below
+        return F.linear(x, weight, bias)
+    # Then the cheapest test: bfloat16 beyond NATIVE_MAX_ROWS (batched decode) ends on F.linear, and every check
     # before that is Python paid on each of a step's ~210 calls (bench/grouped_downs.py: "dense, kernel" against
     # "dense, F.linear" at batch 4-16 in bfloat16 is that Python alone).
     shape, bf16 = x.shape, x.dtype == torch.bfloat16
     rows = x.numel() // shape[-1] if shape and shape[-1] else 0
     if (not 0 < rows <= (NATIVE_MAX_ROWS if bf16 else DECODE_MAX_ROWS) or not decode_rows(x)
-            or weight.dtype != x.dtype or weight.device.type != "cpu" or _compiling()):
+            or weight.dtype != x.dtype or weight.device.type != "cpu"):
         return F.linear(x, weight, bias)
     if bf16:
         return native_linear(x, weight, bias)
@@ -598,9 +600,12 @@ def group_rows(x):
     """x's rows if its input group runs one stacked GEMM for it (InputGroup), else 0: on the decode kernel's path,
     but for bfloat16 only beyond NATIVE_MAX_ROWS. Paired over whole SmolLM2 decode steps in bfloat16 (keep 0.8 and
     keep 0.5, bench/grouped_downs.py --dtype bfloat16), grouping measured 0.975-0.981x at batch 1, where the members
-    run on torch's GEMV, and 1.020-1.042x at batch 4-16, where they run on oneDNN."""
+    run on torch's GEMV, and 1.020-1.042x at batch 4-16, where they run on oneDNN (1.001-1.011x since the kernel's
+    own checks cost less there: BENCHMARKS.md "Batched bfloat16 decode")."""
+    if _compiling():
+        return 0
     shape = x.shape
-    if x.dtype == torch.bfloat16 and shape and x.numel() <= NATIVE_MAX_ROWS * shape[-1] or _compiling():
+    if x.dtype == torch.bfloat16 and shape and x.numel() <= NATIVE_MAX_ROWS * shape[-1]:
         return 0  # the cheapest test first: at batch 1 it is the group's only work on each member's call
     return decode_rows(x)
 
@@ -621,7 +626,7 @@ class InputGroup:
     The stacked weight is the storage: the members' parameters become views of its row blocks (no second copy;
     in-place writes, load_state_dict's and an optimizer's, reach it). If they stop being its views (`.to()`,
     `param.data = ...`), the next call on the kernel's path stacks them again, and any other call lets the old
-    stack go. The first member called with a new input computes every member's part; the others take theirs while
+    stack go once the first member's weight is no longer its view (until then it lives on through that view). The first member called with a new input computes every member's part; the others take theirs while
     the input is the same tensor, unchanged (its version counter), and the parts are dropped once all were served.
     A member called with another input while parts wait (cross-attention's k/v read the encoder's states; a layer
     a model skips; two threads sharing the model) switches the group off for good: each member then runs alone.
