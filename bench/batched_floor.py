@@ -2,6 +2,7 @@
 
     python bench/batched_floor.py                     # bench/results/batched-floor-bfloat16.json
     python bench/batched_floor.py --dtype float32     # bench/results/batched-floor-float32.json
+    python bench/batched_floor.py --prefill           # batched-floor-prefill-bfloat16.json (or --dtype float32)
     python bench/batched_floor.py --render
 
 Issue 18 asks that keep 0.8 be nowhere slower than dense. In bfloat16 at batch 4-16, eager transformers runs every
@@ -19,6 +20,9 @@ bfloat16 run), all in one process. For each batch (a decode step of one new toke
   steps less those two is Python (module calls, transformers' own code) and the profiler's own cost;
 - F.linear over a 64 x 64 weight (in the cache) at the batch's rows, median of 5 x 400 calls: the cost of a
   call that reads next to nothing.
+`--prefill`: the same for one 512-token prompt's forward with the logits of its last token only (what generate()
+computes before the first new token), in place of the decode steps; there the multiply-adds of the mm calls
+(GMAC, from their shapes) say more than their weights' bytes.
 (A least-squares split of mm time into a cost per call and one per MB over these models was tried and dropped:
 the two move together, and the fit swung from -48 to +81 us per call between runs.)
 """
@@ -35,6 +39,7 @@ import serve_bench
 
 MODELS = ("dense", "keep 0.8", "keep 0.5", "keep 0.8 bf16-b8-speed-aware")
 BATCHES = (1, 4, 8, 16)
+PREFILL = 512  # --prefill: one prompt of this many tokens
 WALL_REPS, PROFILED_STEPS, ROUNDS, SMALL_CALLS = 60, 4, 10, 2000  # decode steps: grouped_downs.decode_step
 
 
@@ -52,7 +57,7 @@ def profiled(step, itemsize):
         for _ in range(PROFILED_STEPS):
             step()
         seconds = time.perf_counter() - start
-    out = {"mm_calls": 0.0, "mm_ms": 0.0, "mm_weight_mb": 0.0, "other_aten_ms": 0.0}
+    out = {"mm_calls": 0.0, "mm_ms": 0.0, "mm_weight_mb": 0.0, "mm_gmac": 0.0, "other_aten_ms": 0.0}
     for event in prof.key_averages(group_by_input_shape=True):
         if event.key == "aten::mm":
             # (p, q) @ (q, r): F.linear multiplies x (rows, q) by the weight's transpose, the float32 kernel the
@@ -62,6 +67,7 @@ def profiled(step, itemsize):
             out["mm_calls"] += event.count
             out["mm_ms"] += event.self_cpu_time_total / 1000
             out["mm_weight_mb"] += event.count * q * max(p, r) * itemsize / 1e6
+            out["mm_gmac"] += event.count * p * q * r / 1e9
         elif event.key.startswith("aten::"):
             out["other_aten_ms"] += event.self_cpu_time_total / 1000
     out["python_and_rest_ms"] = seconds * 1000 - out["mm_ms"] - out["other_aten_ms"]
@@ -94,11 +100,18 @@ def small_call_us(rows, dtype):
     return round(statistics.median(samples), 2)
 
 
+def prefill_step(run):
+    ids = run.prompts(1, PREFILL)
+    return lambda: run.model(ids, logits_to_keep=1)
+
+
 def measure(runs, batch, dtype):
+    """`batch`: a decode step's batch, or PREFILL (the prefill of one prompt of that many tokens)."""
     import torch
 
     with torch.no_grad():
-        steps = {label: grouped_downs.decode_step(run, batch) for label, run in runs.items()}
+        steps = {label: prefill_step(run) if batch == PREFILL else grouped_downs.decode_step(run, batch)
+                 for label, run in runs.items()}
         times = wall(steps)
         split = profiles(steps, dtype.itemsize)
         models = {label: {"wall_ms": round(times[label], 3), **split[label]} for label in steps}
@@ -108,22 +121,25 @@ def measure(runs, batch, dtype):
 
 
 def markdown(result):
-    lines = ["| batch | model | step ms | vs dense | mm calls | mm ms | weight MB | other aten ms | rest ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| batch | model | step ms | vs dense | mm calls | mm ms | weight MB | mm GMAC | other aten ms | "
+             "rest ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for batch, measured in result["batches"].items():
         for label, row in measured["models"].items():
             lines.append(f"| {batch} | {label} | {row['wall_ms']:.1f} | {row['speedup']:.3f}x | "
                          f"{row['mm_calls']:.0f} | {row['mm_ms']:.1f} | {row['mm_weight_mb']:.0f} | "
-                         f"{row['other_aten_ms']:.1f} | {row['python_and_rest_ms']:.1f} |")
+                         f"{row.get('mm_gmac', float('nan')):.2f} | {row['other_aten_ms']:.1f} | "
+                         f"{row['python_and_rest_ms']:.1f} |")
     lines += ["", "| batch | F.linear, 64 x 64 weight, us per call |", "|---|---|"]
     lines += [f"| {batch} | {measured['small_call_us']} |" for batch, measured in result["batches"].items()]
     return "\n".join(lines)
 
 
 def main():
-    f32 = any("float32" in arg for arg in sys.argv)
-    parser = common.bench_parser(__doc__, f"batched-floor-{'float32' if f32 else 'bfloat16'}.json", "")
+    f32, prefill = (any(word in arg for arg in sys.argv) for word in ("float32", "--prefill"))
+    parser = common.bench_parser(
+        __doc__, f"batched-floor{'-prefill' if prefill else ''}-{'float32' if f32 else 'bfloat16'}.json", "")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument("--prefill", action="store_true", help=f"time a {PREFILL}-token prefill, not decode steps")
     args = parser.parse_args()
     if common.rendered(args, markdown):
         return
@@ -134,7 +150,7 @@ def main():
     runs = {label: serve_bench.EagerRun(paths[label], args.dtype) for label in MODELS}
     dtype = getattr(torch, args.dtype)
     batches = {}
-    for batch in BATCHES:
+    for batch in (PREFILL,) if args.prefill else BATCHES:
         batches[batch] = measure(runs, batch, dtype)
         print(batch, batches[batch], flush=True)
     result = {"protocol": __doc__.split("\n\n")[2], "machine": common.machine(), "load_average": os.getloadavg(),
