@@ -626,7 +626,8 @@ class InputGroup:
     The stacked weight is the storage: the members' parameters become views of its row blocks (no second copy;
     in-place writes, load_state_dict's and an optimizer's, reach it). If they stop being its views (`.to()`,
     `param.data = ...`), the next call on the kernel's path stacks them again, and any other call lets the old
-    stack go once the first member's weight is no longer its view (until then it lives on through that view). The first member called with a new input computes every member's part; the others take theirs while
+    stack go once the first member's weight is no longer its view (until then it lives on through that view).
+    The first member called with a new input computes every member's part; the others take theirs while
     the input is the same tensor, unchanged (its version counter), and the parts are dropped once all were served.
     A member called with another input while parts wait (cross-attention's k/v read the encoder's states; a layer
     a model skips; two threads sharing the model) switches the group off for good: each member then runs alone.
