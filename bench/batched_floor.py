@@ -40,6 +40,7 @@ import serve_bench
 MODELS = ("dense", "keep 0.8", "keep 0.5", "keep 0.8 bf16-b8-speed-aware")
 BATCHES = (1, 4, 8, 16)
 PREFILL = 512  # --prefill: one prompt of this many tokens
+PREFILL_KEY = str(PREFILL)  # the results file's key (JSON keys are strings)
 WALL_REPS, PROFILED_STEPS, ROUNDS, SMALL_CALLS = 60, 4, 10, 2000  # decode steps: grouped_downs.decode_step
 
 
@@ -120,6 +121,22 @@ def measure(runs, batch, dtype):
     return {"models": models, "small_call_us": small_call_us(batch, dtype)}
 
 
+def ceilings(models):
+    """Prefill: each model's time had its mm calls run at dense's multiply-adds per ms, and its speed-up then: how
+    far a factorization can take a prefill here while everything else (attention, norms, activations, Python, the
+    allocator: the wall time less the profiled mm time) stays what it is."""
+    dense = models["dense"]
+    per_gmac = dense["mm_ms"] / dense["mm_gmac"]
+    lines = ["| model | mm GMAC vs dense | mm time vs dense | non-mm ms | ms at dense's MAC rate | speed-up ceiling |",
+             "|---|---|---|---|---|---|"]
+    for label, row in models.items():
+        rest = row["wall_ms"] - row["mm_ms"]
+        ideal = rest + row["mm_gmac"] * per_gmac
+        lines.append(f"| {label} | {dense['mm_gmac'] / row['mm_gmac']:.2f}x | {dense['mm_ms'] / row['mm_ms']:.2f}x | "
+                     f"{rest:.0f} | {ideal:.0f} | {dense['wall_ms'] / ideal:.3f}x |")
+    return lines
+
+
 def markdown(result):
     lines = ["| batch | model | step ms | vs dense | mm calls | mm ms | weight MB | mm GMAC | other aten ms | "
              "rest ms |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -129,6 +146,8 @@ def markdown(result):
                          f"{row['mm_calls']:.0f} | {row['mm_ms']:.1f} | {row['mm_weight_mb']:.0f} | "
                          f"{row.get('mm_gmac', float('nan')):.2f} | {row['other_aten_ms']:.1f} | "
                          f"{row['python_and_rest_ms']:.1f} |")
+    if PREFILL_KEY in result["batches"]:
+        lines += ["", *ceilings(result["batches"][PREFILL_KEY]["models"])]
     lines += ["", "| batch | F.linear, 64 x 64 weight, us per call |", "|---|---|"]
     lines += [f"| {batch} | {measured['small_call_us']} |" for batch, measured in result["batches"].items()]
     return "\n".join(lines)
