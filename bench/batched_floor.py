@@ -170,8 +170,8 @@ def main():
     dtype = getattr(torch, args.dtype)
     batches = {}
     for batch in (PREFILL,) if args.prefill else BATCHES:
-        batches[batch] = measure(runs, batch, dtype)
-        print(batch, batches[batch], flush=True)
+        batches[str(batch)] = measure(runs, batch, dtype)  # keyed as the results file keys it
+        print(batch, batches[str(batch)], flush=True)
     result = {"protocol": __doc__.split("\n\n")[2], "machine": common.machine(), "load_average": os.getloadavg(),
               "dtype": args.dtype, "batches": batches}
     print(common.save(args.out, result))

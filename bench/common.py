@@ -124,9 +124,11 @@ def machine():
 
     facts = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
              "python": platform.python_version(), "platform": platform.platform()}
-    # the allocator moves CPU timings by up to 15% (BENCHMARKS, "Batched bfloat16 decode"): say which one ran
-    allocator = {key: value for key, value in os.environ.items() if key == "LD_PRELOAD" or key.startswith("MALLOC_")}
-    return {**facts, "allocator": allocator} if allocator else facts
+    # the allocator moves a CPU prefill by 15-20% (BENCHMARKS, "The allocator, and the prefill ceiling"): say which
+    # one ran (empty: glibc's defaults)
+    allocator = {key: value for key, value in os.environ.items()
+                 if key in ("LD_PRELOAD", "GLIBC_TUNABLES") or key.startswith(("MALLOC_", "TCMALLOC_"))}
+    return {**facts, "allocator": allocator}
 
 
 def save(name, data):
