@@ -172,10 +172,7 @@ def main():
     for batch in (PREFILL,) if args.prefill else BATCHES:
         batches[str(batch)] = measure(runs, batch, dtype)  # keyed as the results file keys it
         print(batch, batches[str(batch)], flush=True)
-    result = {"protocol": __doc__.split("\n\n")[2], "machine": common.machine(), "load_average": os.getloadavg(),
-              "dtype": args.dtype, "batches": batches}
-    print(common.save(args.out, result))
-    print(markdown(result))
+    common.finish(args, __doc__, markdown, dtype=args.dtype, batches=batches)
 
 
 if __name__ == "__main__":

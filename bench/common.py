@@ -207,6 +207,13 @@ def bench_parser(doc, out, ratios):
     return parser
 
 
+def finish(args, doc, markdown, **fields):
+    """Save --out (the protocol, this machine, its load and `fields`) and print its path and table."""
+    result = {"protocol": doc.split("\n\n")[2], "machine": machine(), "load_average": os.getloadavg(), **fields}
+    print(save(args.out, result))
+    print(markdown(result))
+
+
 def rendered(args, markdown):
     """With --render, print --out's table and say so (the caller then stops)."""
     if args.render:

@@ -149,10 +149,7 @@ def main():
     for measure in MEASURES:
         measures[measure] = summary(steps(runs, measure))
         print(measure, measures[measure], flush=True)
-    result = {"protocol": __doc__.split("\n\n")[2], "machine": common.machine(), "load_average": os.getloadavg(),
-              "dtype": args.dtype, "measures": measures}
-    print(common.save(args.out, result))
-    print(markdown(result))
+    common.finish(args, __doc__, markdown, dtype=args.dtype, measures=measures)
 
 
 if __name__ == "__main__":
